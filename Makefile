@@ -1,0 +1,43 @@
+# Taskerman: `make demo` or `make test` on a fresh Debian machine with Python 3.11+.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: venv install zookeeper test lint typecheck demo clean
+
+venv: $(BIN)/python
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ required"'
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv; }
+	$(PYTHON) -m venv $(VENV)
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+zookeeper:
+	bash scripts/install-zookeeper.sh
+
+lint: install
+	$(BIN)/ruff check .
+
+typecheck: install
+	$(BIN)/mypy
+
+test: install zookeeper
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/pytest -q -m "not slow"
+
+demo: install zookeeper
+	$(BIN)/python -m taskcore.demo
+
+clean:
+	rm -rf $(VENV) .taskerman .pytest_cache .mypy_cache .ruff_cache

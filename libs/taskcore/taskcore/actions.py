@@ -1,0 +1,90 @@
+"""The action API: reviewed classes with pre_check, execute_action and post_check, found by entry point.
+
+The queue can only choose among installed actions and pass arguments that validate against the
+action's schema: it can never make a node run an arbitrary command."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+import msgspec
+
+from taskcore.errors import InvalidTask, UnknownAction
+from taskcore.model import Task, parse_version
+
+ENTRY_POINT_GROUP = "taskerman.actions"
+
+
+class NoArgs(msgspec.Struct, forbid_unknown_fields=True):
+    """The arguments of an action that takes none."""
+
+
+@dataclass
+class ActionContext:
+    """What a running action may see: its task, its node, validated args, its fencing token,
+    the node operator's settings for its pack, and a signal that fires when it must stop."""
+
+    task: Task
+    cluster: str
+    node: str
+    args: Any
+    token: int
+    attempt: int
+    pack_config: Mapping[str, Any] = field(default_factory=dict)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Action:
+    """Base class of every action. A step fails by raising; returning means it passed."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1.0"
+    Args: ClassVar[type[msgspec.Struct]] = NoArgs
+
+    async def pre_check(self, ctx: ActionContext) -> None:
+        """Is it safe to act on this node of the cluster now? Raise if not."""
+
+    async def execute_action(self, ctx: ActionContext) -> None:
+        """Do the work."""
+        raise NotImplementedError
+
+    async def post_check(self, ctx: ActionContext) -> None:
+        """Is the cluster healthy after the action? Raise if it is not."""
+
+
+class ActionRegistry:
+    """The installed actions by name."""
+
+    def __init__(self, actions: Mapping[str, type[Action]]) -> None:
+        self._actions = dict(actions)
+
+    @classmethod
+    def installed(cls) -> ActionRegistry:
+        """Every action registered under the `taskerman.actions` entry point group."""
+        return cls({ep.name: ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+    def names(self) -> list[str]:
+        return sorted(self._actions)
+
+    def resolve(self, task: Task) -> tuple[type[Action], msgspec.Struct]:
+        """The action class and its validated arguments; InvalidTask naming the field otherwise."""
+        cls = self._actions.get(task.action)
+        if cls is None:
+            known = ", ".join(self.names()) or "none"
+            raise UnknownAction(f"unknown action {task.action!r} (installed: {known})", field="action")
+        if task.version is not None:
+            want, have = parse_version(task.version), parse_version(cls.version)
+            if want[0] != have[0] or want[1] > have[1]:
+                raise InvalidTask(
+                    f"{task.action} {task.version} is not compatible with installed {cls.version}",
+                    field="version",
+                )
+        try:
+            args = msgspec.convert(task.action_args, cls.Args, strict=True)
+        except msgspec.ValidationError as e:
+            raise InvalidTask(str(e), field="taskerman_params.action_args") from e
+        return cls, args

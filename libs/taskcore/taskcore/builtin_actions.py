@@ -1,0 +1,62 @@
+"""Built-in actions: `test:sleep` for testing the machinery, `demo:restart` for the demo fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import msgspec
+
+from taskcore.actions import Action, ActionContext
+from taskcore.errors import ActionFailed
+
+WITNESS_ENV = "TASKERMAN_WITNESS_FILE"
+
+
+def witness(event: dict[str, object]) -> None:
+    """Append one line to the witness file, if one is configured: an independent record of what acted."""
+    path = os.environ.get(WITNESS_ENV)
+    if not path:
+        return
+    line = json.dumps(event, sort_keys=True) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())  # one write of a short line under O_APPEND: atomic on Linux
+    finally:
+        os.close(fd)
+
+
+class SleepArgs(msgspec.Struct, forbid_unknown_fields=True):
+    seconds: float = 1.0
+    fail: bool = False
+    fail_nodes: list[str] = []
+
+
+class TestSleep(Action):
+    """Sleeps; raises when `fail` is true or this node is in `fail_nodes`. Records its interval."""
+
+    name = "test:sleep"
+    version = "1.0"
+    Args = SleepArgs
+
+    async def execute_action(self, ctx: ActionContext) -> None:
+        args: SleepArgs = ctx.args
+        start = time.time()
+        try:
+            await asyncio.sleep(args.seconds)
+        finally:
+            witness(
+                {
+                    "task_id": ctx.task.task_id,
+                    "cluster": ctx.cluster,
+                    "node": ctx.node,
+                    "start": start,
+                    "end": time.time(),
+                    "token": ctx.token,
+                    "attempt": ctx.attempt,
+                }
+            )
+        if args.fail or ctx.node in args.fail_nodes:
+            raise ActionFailed("execute_action", f"test:sleep told to fail on {ctx.node}")

@@ -1,0 +1,199 @@
+"""ZooKeeper coordination: a session that knows when it can no longer be trusted, and our own
+m-of-n semaphore with fencing tokens (aiozk's `Lease` lets limit+1 holders in; see DESIGN.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from types import TracebackType
+from typing import Self
+
+import msgspec
+from aiozk import ZKClient, exc
+from aiozk.protocol import WatchEvent
+from aiozk.states import States
+
+from taskcore.errors import LeaseLost
+from taskcore.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SAFETY_MARGIN = 0.25  # fraction of the session timeout we refuse to act in, before it could expire
+REPOLL_SECONDS = 5.0  # a watch is the wake-up; this is only a backstop against a lost notification
+
+
+class ZkSession:
+    """An aiozk session plus a monotonic-clock guard.
+
+    aiozk only logs a lost session and keeps reporting locks held, so we track it ourselves: the
+    session is trusted only while connected and until `last successful round trip + session
+    timeout - margin`. A process paused past that point is untrusted the moment it resumes."""
+
+    def __init__(self, hosts: str, chroot: str, session_timeout: float) -> None:
+        self.client = ZKClient(hosts, chroot=chroot, session_timeout=session_timeout)
+        self.timeout = session_timeout
+        self._last_ok = 0.0
+        self._monitor: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ZkSession:
+        return cls(settings.zk_hosts, settings.zk_chroot, settings.zk_session_timeout)
+
+    async def __aenter__(self) -> Self:
+        started = time.monotonic()
+        await self.client.start()
+        self._last_ok = started
+        self.timeout = float(self.client.session.timeout or self.timeout)
+        self._monitor = asyncio.create_task(self._watch_liveness(), name="zk-liveness")
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._monitor:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.close(), self.timeout)
+
+    async def _watch_liveness(self) -> None:
+        while True:
+            sent = time.monotonic()
+            try:
+                await asyncio.wait_for(self.client.exists("/"), self.timeout / 3)
+                self._last_ok = sent
+            except (TimeoutError, exc.ZKError) as e:
+                log.warning("zk liveness check failed error=%r", e)
+            await asyncio.sleep(self.timeout / 6)
+
+    @property
+    def session_id(self) -> int | None:
+        sid: int | None = self.client.session.session_id
+        return sid
+
+    def safe_until(self) -> float:
+        """Monotonic time after which the session may have expired without our knowing."""
+        return self._last_ok + self.timeout * (1 - SAFETY_MARGIN)
+
+    def is_safe(self) -> bool:
+        """Connected, and not possibly expired."""
+        return self.client.session.state == States.CONNECTED and time.monotonic() < self.safe_until()
+
+    def check(self) -> None:
+        """Raise LeaseLost unless the session can be trusted right now."""
+        if not self.is_safe():
+            raise LeaseLost(
+                f"zookeeper session untrusted (state={self.client.session.state.current_state}, "
+                f"{time.monotonic() - self._last_ok:.1f}s since last round trip)"
+            )
+
+
+class Slot(msgspec.Struct, frozen=True):
+    """One held slot: its znode, our holder id, the session that owns it and the fencing token."""
+
+    path: str
+    holder: str
+    session_id: int
+    token: int
+
+
+class SlotSemaphore:
+    """At most `limit` holders under `path`, as slot znodes `slot-0` … `slot-<limit-1>`.
+
+    A create is atomic, so no count-then-create race; each slot is ephemeral so a crashed holder's
+    slot frees when its session expires; the slot's czxid is the fencing token (strictly
+    increasing across successive holders). A create retried after connection loss finds its own
+    node again by the unique holder id in the node's data, instead of holding two."""
+
+    def __init__(self, zk: ZkSession, path: str, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        self.zk = zk
+        self.path = path.rstrip("/")
+        self.limit = limit
+
+    async def acquire(self, holder_name: str, max_wait: float | None = None) -> Slot:
+        """Wait (on a children watch) until a slot is ours; TimeoutError after `max_wait` seconds."""
+        holder = f"{holder_name}#{uuid.uuid4().hex}"
+        deadline = None if max_wait is None else time.monotonic() + max_wait
+        client = self.zk.client
+        while True:
+            await client.ensure_path(self.path)
+            changed = client.wait_for_events([WatchEvent.CHILDREN_CHANGED], self.path)
+            try:
+                slot = await self._try_slots(holder)
+                if slot:
+                    return slot
+                with contextlib.suppress(exc.NoNode):
+                    await client.get_children(self.path, watch=True)
+                wait = REPOLL_SECONDS
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise TimeoutError(f"no free slot of {self.limit} under {self.path} in {max_wait}s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(changed), wait)
+            finally:
+                if not changed.done():
+                    changed.cancel()
+
+    async def _try_slots(self, holder: str) -> Slot | None:
+        client = self.zk.client
+        for i in range(self.limit):
+            path = f"{self.path}/slot-{i}"
+            try:
+                await client.create(path, data=holder.encode(), ephemeral=True)
+            except exc.NodeExists:
+                pass
+            except exc.NoNode:  # the parent (a container) was reaped; ensure_path again
+                return None
+            slot = await self._own(path, holder)
+            if slot:
+                return slot
+        return None
+
+    async def _own(self, path: str, holder: str) -> Slot | None:
+        """The slot at `path` if its data names us (also after a create retried by aiozk)."""
+        try:
+            data, stat = await self.zk.client.get(path)
+        except exc.NoNode:
+            return None
+        if data != holder.encode():
+            return None
+        return Slot(path=path, holder=holder, session_id=stat.ephemeral_owner, token=stat.created_zxid)
+
+    async def verify(self, slot: Slot) -> None:
+        """Raise LeaseLost unless the session is trusted and the slot znode is still ours."""
+        self.zk.check()
+        try:
+            data, stat = await asyncio.wait_for(self.zk.client.get(slot.path), self.zk.timeout / 3)
+        except (TimeoutError, exc.NoNode) as e:
+            raise LeaseLost(f"slot {slot.path} is gone ({e!r})") from e
+        if data != slot.holder.encode() or stat.created_zxid != slot.token:
+            raise LeaseLost(f"slot {slot.path} now belongs to someone else")
+        self.zk.check()
+
+    async def release(self, slot: Slot) -> None:
+        """Delete the slot if it is still ours; a slot already gone is fine."""
+        try:
+            data, stat = await self.zk.client.get(slot.path)
+            if data == slot.holder.encode() and stat.created_zxid == slot.token:
+                await self.zk.client.delete(slot.path, force=True)
+        except exc.NoNode:
+            pass
+
+    async def holders(self) -> list[str]:
+        """Holder ids of the slots held now (for tests and `taskerman leases`)."""
+        out = []
+        try:
+            children = await self.zk.client.get_children(self.path)
+        except exc.NoNode:
+            return []
+        for child in sorted(children):
+            with contextlib.suppress(exc.NoNode):
+                out.append((await self.zk.client.get_data(f"{self.path}/{child}")).decode())
+        return out

@@ -1,0 +1,172 @@
+"""The task (the wire contract), the work item, tracking records and dead letters; decoded in one place."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from taskcore.errors import InvalidTask
+
+MAX_RETRIES = 50
+ActionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+$")]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
+class WorkqueueArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the work queue treats one node's item."""
+
+    retry_count: Annotated[int, msgspec.Meta(ge=0, le=MAX_RETRIES)] = 3
+    backoff: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
+
+
+class TaskermanParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Arguments for the action and for the queue."""
+
+    action_args: dict[str, Any] = {}
+    workqueue_args: WorkqueueArgs = WorkqueueArgs()
+
+
+class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A task as published on `tasks.global`; field names are the original design's."""
+
+    action: ActionName
+    cluster_name: Name
+    version: float | str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1)] = 1
+    discovery: str = "static"
+    owner: str = ""
+    task_id: Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[^\s*>]*$")] = ""
+    taskerman_params: TaskermanParams = TaskermanParams()
+    nodes: tuple[Name, ...] = ()
+    destnode: str = ""
+
+    @property
+    def retry_count(self) -> int:
+        return self.taskerman_params.workqueue_args.retry_count
+
+    @property
+    def action_args(self) -> dict[str, Any]:
+        return self.taskerman_params.action_args
+
+
+class WorkItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One node's share of a task, published by the router on the node's subject."""
+
+    task: Task
+    node: Name
+    routed_at: float
+
+
+NodeStateName = Literal["pending", "running", "retrying", "succeeded", "failed", "dead"]
+TaskStateName = Literal["pending", "routed", "running", "succeeded", "failed", "dead"]
+
+
+class NodeRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Tracking state of one node of one task (JSON in the status bucket)."""
+
+    state: NodeStateName = "pending"
+    attempts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    token: int | None = None
+
+
+class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Tracking state of a task as a whole, written by submit and the router."""
+
+    task: Task | None
+    state: TaskStateName
+    nodes: tuple[str, ...] = ()
+    created_at: float = 0.0
+    routed_at: float | None = None
+    error: str | None = None
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A dead letter on `tasks.dead.>`: the original payload, the reason, the delivery count, the trace id."""
+
+    task_id: str
+    cluster: str
+    node: str
+    reason: str
+    deliveries: int
+    payload: str
+    trace_id: str = ""
+    source_subject: str = ""
+    dead_at: float = msgspec.field(default_factory=time.time)
+
+
+_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_NAMED = re.compile(r"(missing required|unknown) field `(?P<name>[^`]+)`")
+
+
+def _invalid_from(e: msgspec.ValidationError) -> InvalidTask:
+    """Turn msgspec's message into an InvalidTask naming the field."""
+    text = str(e)
+    m = _PATH.search(text)
+    path = m.group("path").lstrip(".") if m else ""
+    problem = text[: m.start()] if m else text
+    named = _NAMED.search(problem)
+    if named:
+        path = f"{path}.{named.group('name')}" if path else named.group("name")
+    return InvalidTask(problem, field=path or None)
+
+
+def decode_task(data: bytes | str) -> Task:
+    """Decode and validate a task from JSON; raises InvalidTask naming the field and the problem."""
+    try:
+        task = msgspec.json.decode(data, type=Task)
+    except msgspec.ValidationError as e:
+        raise _invalid_from(e) from e
+    except msgspec.DecodeError as e:
+        raise InvalidTask(f"not valid JSON ({e})") from e
+    check_task(task)
+    return task
+
+
+def check_task(task: Task) -> None:
+    """Checks msgspec's schema cannot express."""
+    if not task.cluster_name.strip():
+        raise InvalidTask("must not be blank", field="cluster_name")
+    for i, node in enumerate(task.nodes):
+        if not node.strip():
+            raise InvalidTask("must not be blank", field=f"nodes[{i}]")
+    if task.version is not None:
+        parse_version(task.version, field="version")
+
+
+def parse_version(value: float | str, field: str = "version") -> tuple[int, int]:
+    """`1.2` or "1.2" as (major, minor)."""
+    m = re.fullmatch(r"(\d+)(?:\.(\d+))?", str(value).strip())
+    if not m:
+        raise InvalidTask(f"expected MAJOR.MINOR, got {value!r}", field=field)
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+def with_task_id(task: Task, task_id: str | None = None) -> Task:
+    """The task with its id filled in (given, kept, or freshly generated)."""
+    if task.task_id and not task_id:
+        return task
+    return msgspec.structs.replace(task, task_id=task_id or uuid.uuid4().hex[:16])
+
+
+def encode(obj: Any) -> bytes:
+    """JSON-encode any of this module's structs."""
+    return msgspec.json.encode(obj)
+
+
+def decode_work_item(data: bytes) -> WorkItem:
+    """Decode a work item; raises InvalidTask naming the field."""
+    try:
+        item = msgspec.json.decode(data, type=WorkItem)
+    except msgspec.ValidationError as e:
+        raise _invalid_from(e) from e
+    except msgspec.DecodeError as e:
+        raise InvalidTask(f"not valid JSON ({e})") from e
+    check_task(item.task)
+    return item

@@ -1,0 +1,46 @@
+"""One settings object, built from the environment; no module-level globals."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Connection and tuning settings shared by every component."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    zk_hosts: str = "127.0.0.1:2181"
+    zk_chroot: str = "/taskerman"
+    zk_session_timeout: float = 10.0
+    home: Path = Path(".taskerman")
+    ack_wait: float = 30.0
+    duplicate_window: float = 3600.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read `TASKERMAN_*` variables; anything unset keeps its default."""
+        env = os.environ if env is None else env
+        d = cls()
+        return cls(
+            nats_url=env.get("TASKERMAN_NATS_URL", d.nats_url),
+            zk_hosts=env.get("TASKERMAN_ZK_HOSTS", d.zk_hosts),
+            zk_chroot=env.get("TASKERMAN_ZK_CHROOT", d.zk_chroot),
+            zk_session_timeout=float(env.get("TASKERMAN_ZK_SESSION_TIMEOUT", d.zk_session_timeout)),
+            home=Path(env.get("TASKERMAN_HOME", str(d.home))),
+            ack_wait=float(env.get("TASKERMAN_ACK_WAIT", d.ack_wait)),
+        )
+
+    def env(self) -> dict[str, str]:
+        """The variables that reproduce these settings in a child process."""
+        return {
+            "TASKERMAN_NATS_URL": self.nats_url,
+            "TASKERMAN_ZK_HOSTS": self.zk_hosts,
+            "TASKERMAN_ZK_CHROOT": self.zk_chroot,
+            "TASKERMAN_ZK_SESSION_TIMEOUT": str(self.zk_session_timeout),
+            "TASKERMAN_HOME": str(self.home),
+            "TASKERMAN_ACK_WAIT": str(self.ack_wait),
+        }
