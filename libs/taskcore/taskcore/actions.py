@@ -6,6 +6,7 @@ action's schema: it can never make a node run an arbitrary command."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -17,6 +18,7 @@ from taskcore.errors import InvalidTask, UnknownAction
 from taskcore.model import Task, parse_version
 
 ENTRY_POINT_GROUP = "taskerman.actions"
+log = logging.getLogger(__name__)
 
 
 class NoArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -64,8 +66,15 @@ class ActionRegistry:
 
     @classmethod
     def installed(cls) -> ActionRegistry:
-        """Every action registered under the `taskerman.actions` entry point group."""
-        return cls({ep.name: ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)})
+        """Every action registered under the `taskerman.actions` entry point group; one that fails
+        to load is logged and left out (its tasks then fail as unknown actions, with a reason)."""
+        actions: dict[str, type[Action]] = {}
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                actions[ep.name] = ep.load()
+            except Exception as e:
+                log.error("action %s (%s) failed to load: %r", ep.name, ep.value, e)
+        return cls(actions)
 
     def names(self) -> list[str]:
         return sorted(self._actions)

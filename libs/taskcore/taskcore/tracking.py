@@ -79,6 +79,14 @@ class StatusStore:
     async def put_node(self, task_id: str, node: str, rec: NodeRecord) -> None:
         await self.kv.put(node_key(task_id, node), msgspec.json.encode(rec))
 
+    async def create_node(self, task_id: str, node: str, rec: NodeRecord) -> bool:
+        """Write the node's first record unless its runner got there first."""
+        try:
+            await self.kv.create(node_key(task_id, node), msgspec.json.encode(rec))
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
     async def get_node(self, task_id: str, node: str) -> NodeRecord | None:
         try:
             entry = await self.kv.get(node_key(task_id, node))

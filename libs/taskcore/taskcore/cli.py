@@ -1,0 +1,281 @@
+"""The `taskerman` command: submit, status, dlq, dev."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from taskcore import bus, deadletter, subjects, tracing
+from taskcore.actions import ActionRegistry
+from taskcore.errors import InvalidTask, TaskermanError
+from taskcore.model import Task, TaskRecord, WorkqueueArgs, check_task, with_task_id
+from taskcore.settings import Settings
+from taskcore.tracking import StatusStore, TaskView
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+FINAL_OK = {"succeeded"}
+FINAL_BAD = {"failed", "dead"}
+
+
+def parse_arg(text: str) -> tuple[str, Any]:
+    """`k=v`: v as JSON when it parses (numbers, true/false, lists), else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise InvalidTask(f"expected key=value, got {text!r}", field="--arg")
+    try:
+        return key, msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return key, raw
+
+
+def build_task(args: argparse.Namespace, registry: ActionRegistry) -> Task:
+    """The task the submit flags describe, fully validated (exit 2 material otherwise)."""
+    action_args = dict(parse_arg(a) for a in args.arg)
+    params: dict[str, Any] = {"action_args": action_args}
+    if args.retries is not None:
+        params["workqueue_args"] = msgspec.structs.asdict(WorkqueueArgs(retry_count=args.retries))
+    raw = {
+        "action": args.action,
+        "cluster_name": args.cluster,
+        "limit": args.limit,
+        "owner": args.owner,
+        "task_id": args.task_id or "",
+        "nodes": args.node,
+        "taskerman_params": params,
+    }
+    try:
+        task = msgspec.convert(raw, Task)
+    except msgspec.ValidationError as e:
+        raise InvalidTask(str(e)) from e
+    check_task(task)
+    registry.resolve(task)
+    return with_task_id(task)
+
+
+async def _connect(settings: Settings) -> tuple[NATS, JetStreamContext, StatusStore]:
+    nc = await bus.connect(settings, "taskerman-cli")
+    js = nc.jetstream()
+    await bus.provision(js, settings)
+    return nc, js, StatusStore(await bus.status_bucket(js))
+
+
+async def submit(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        task = build_task(args, ActionRegistry.installed())
+    except InvalidTask as e:
+        print(f"taskerman submit: invalid task: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    tracing.setup("taskerman-cli")
+    nc, js, status = await _connect(settings)
+    try:
+        with tracing.tracer(__name__).start_as_current_span("submit", attributes={"task_id": task.task_id}):
+            fresh = await status.create_task(
+                task.task_id, TaskRecord(task=task, state="pending", created_at=time.time())
+            )
+            if fresh:
+                await bus.publish(js, subjects.GLOBAL, msgspec.json.encode(task), msg_id=task.task_id)
+            elif not args.json:
+                print(f"task {task.task_id} was already submitted; not submitting it again", file=sys.stderr)
+        print(msgspec.json.encode({"task_id": task.task_id}).decode() if args.json else task.task_id)
+        if args.wait:
+            return await wait_for(status, task.task_id, quiet=args.json)
+        return EXIT_OK
+    finally:
+        await nc.drain()
+
+
+def progress_line(view: TaskView) -> str:
+    counts = Counter(rec.state for rec in view.nodes.values())
+    done = counts.get("succeeded", 0)
+    parts = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    return f"[{view.state:>9}] {done}/{len(view.nodes)} nodes succeeded  {parts}"
+
+
+async def wait_for(status: StatusStore, task_id: str, quiet: bool = False, poll: float = 0.5) -> int:
+    """Print progress until the task ends; 0 on success, 1 on failure or dead letter."""
+    last = ""
+    while True:
+        view = await status.view(task_id)
+        if view is not None:
+            line = progress_line(view)
+            if line != last and not quiet:
+                print(line, flush=True)
+                last = line
+            if view.state in FINAL_OK:
+                return EXIT_OK
+            if view.state in FINAL_BAD:
+                if not quiet:
+                    for node, rec in sorted(view.nodes.items()):
+                        if rec.state in FINAL_BAD:
+                            print(f"  {node}: {rec.state}: {rec.error}", flush=True)
+                    if view.error:
+                        print(f"  task: {view.error}", flush=True)
+                return EXIT_FAILED
+        await asyncio.sleep(poll)
+
+
+async def status_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    nc, _js, status = await _connect(settings)
+    try:
+        view = await status.view(args.task_id)
+    finally:
+        await nc.drain()
+    if view is None:
+        print(f"taskerman status: unknown task {args.task_id!r}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(msgspec.json.encode(view).decode())
+        return EXIT_OK
+    print(
+        f"task {view.task_id}  {view.action} on {view.cluster_name}  limit {view.limit}  state {view.state}"
+    )
+    if view.error:
+        print(f"  error: {view.error}")
+    for node, rec in sorted(view.nodes.items()):
+        took = f"{rec.finished_at - rec.started_at:.1f}s" if rec.started_at and rec.finished_at else "-"
+        err = f"  {rec.error}" if rec.error else ""
+        print(f"  {node:<24} {rec.state:<10} attempts={rec.attempts} took={took}{err}")
+    return EXIT_OK
+
+
+async def dlq_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    nc, js, _status = await _connect(settings)
+    try:
+        return await _dlq(args, js)
+    finally:
+        await nc.drain()
+
+
+async def _dlq(args: argparse.Namespace, js: JetStreamContext) -> int:
+    if args.dlq_cmd == "list":
+        rows = [
+            {
+                "id": seq,
+                "task_id": d.task_id,
+                "cluster": d.cluster,
+                "node": d.node,
+                "reason": d.reason,
+                "deliveries": d.deliveries,
+                "trace_id": d.trace_id,
+                "dead_at": d.dead_at,
+            }
+            for seq, d in await deadletter.entries(js)
+        ]
+        if args.json:
+            print(msgspec.json.encode(rows).decode())
+        else:
+            for r in rows:
+                node = r["node"] or "-"
+                print(f"{r['id']:>6}  {r['task_id']:<20} {node:<16} x{r['deliveries']}  {r['reason']}")
+            print(f"{len(rows)} dead letter(s)")
+        return EXIT_OK
+    if args.dlq_cmd == "show":
+        letter = await deadletter.get(js, args.id)
+        if letter is None:
+            print(f"taskerman dlq: no dead letter {args.id}", file=sys.stderr)
+            return EXIT_FAILED
+        print(msgspec.json.format(msgspec.json.encode(letter)).decode())
+        return EXIT_OK
+    if args.dlq_cmd == "replay":
+        ids = [seq for seq, _ in await deadletter.entries(js)] if args.all else [args.id]
+        if not args.all and args.id is None:
+            print("taskerman dlq replay: give an ID or --all", file=sys.stderr)
+            return EXIT_INVALID
+        missing = 0
+        for seq in ids:
+            letter = await deadletter.replay(js, seq)
+            if letter is None:
+                print(f"no dead letter {seq}", file=sys.stderr)
+                missing += 1
+            else:
+                print(f"replayed {seq} (task {letter.task_id}, node {letter.node or '-'})")
+        return EXIT_FAILED if missing else EXIT_OK
+    # purge
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("taskerman dlq purge: refusing without --yes (no terminal to confirm on)", file=sys.stderr)
+            return EXIT_INVALID
+        answer = await asyncio.to_thread(input, "Remove every dead letter? [y/N] ")
+        if answer.strip().lower() != "y":
+            print("nothing removed")
+            return EXIT_OK
+    print(f"purged {await deadletter.purge(js)} dead letter(s)")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="taskerman", description="Safe rolling maintenance for datastore fleets."
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("submit", help="submit a task")
+    s.add_argument("action", help="installed action, <pack>:<name>")
+    s.add_argument("--cluster", required=True)
+    s.add_argument("--limit", type=int, default=1, help="at most this many nodes act at once (m)")
+    s.add_argument("--node", action="append", default=[], help="target node (skips discovery); repeatable")
+    s.add_argument("--arg", action="append", default=[], help="action argument key=value; repeatable")
+    s.add_argument("--retries", type=int, help="retries per node before dead-lettering")
+    s.add_argument("--owner", default="")
+    s.add_argument("--task-id")
+    s.add_argument("--wait", action="store_true", help="show progress; exit 0 on success, 1 on failure")
+    s.add_argument("--json", action="store_true")
+
+    st = sub.add_parser("status", help="a task's state and its nodes")
+    st.add_argument("task_id")
+    st.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("dlq", help="the dead-letter queue")
+    dsub = d.add_subparsers(dest="dlq_cmd", required=True)
+    dl = dsub.add_parser("list")
+    dl.add_argument("--json", action="store_true")
+    dsub.add_parser("show").add_argument("id", type=int)
+    dr = dsub.add_parser("replay")
+    dr.add_argument("id", type=int, nargs="?")
+    dr.add_argument("--all", action="store_true")
+    dsub.add_parser("purge").add_argument("--yes", action="store_true")
+
+    dev = sub.add_parser("dev", help="the local stack")
+    devsub = dev.add_subparsers(dest="dev_cmd", required=True)
+    devsub.add_parser("up").add_argument("--runners", type=int, default=4)
+    devsub.add_parser("down")
+    devsub.add_parser("status").add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env()
+    commands: dict[str, Callable[[argparse.Namespace, Settings], Awaitable[int]]] = {
+        "submit": submit,
+        "status": status_cmd,
+        "dlq": dlq_cmd,
+    }
+    try:
+        if args.cmd == "dev":
+            return dev_cmd(args, settings)
+        return asyncio.run(commands[args.cmd](args, settings))
+    except TaskermanError as e:
+        print(f"taskerman: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def dev_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from taskcore import devstack  # noqa: PLC0415 - only the dev commands need the launchers
+
+    if args.dev_cmd == "up":
+        return devstack.up(settings, runners=args.runners)
+    if args.dev_cmd == "down":
+        return devstack.down(settings)
+    return devstack.status(settings, as_json=args.json)

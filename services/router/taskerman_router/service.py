@@ -1,0 +1,201 @@
+"""The router: a durable consumer of `tasks.global` that validates, discovers and fans out; it also
+turns MAX_DELIVERIES advisories into dead letters. Stateless: any number may run."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from taskcore import bus, deadletter, subjects, tracing
+from taskcore.actions import ActionRegistry
+from taskcore.errors import DiscoveryError, InvalidTask
+from taskcore.model import (
+    DeadLetter,
+    NodeRecord,
+    Task,
+    TaskRecord,
+    decode_task,
+    decode_work_item,
+    with_task_id,
+)
+from taskcore.tracking import StatusStore
+from taskerman_router import routing
+from taskerman_router.discovery import Discovery
+
+log = logging.getLogger(__name__)
+
+
+class Advisory(msgspec.Struct):
+    """The fields we use of a JetStream MAX_DELIVERIES advisory."""
+
+    stream: str
+    consumer: str
+    stream_seq: int
+    deliveries: int
+
+
+class Router:
+    """Routes tasks to node subjects, once per node."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        status: StatusStore,
+        registry: ActionRegistry,
+        discovery: dict[str, Discovery],
+    ) -> None:
+        self.nc = nc
+        self.js = js
+        self.status = status
+        self.registry = registry
+        self.discovery = discovery
+        self._tracer = tracing.tracer(__name__)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume `tasks.global` and advisories until `stop` is set."""
+        sub = await self.js.pull_subscribe_bind(durable=subjects.ROUTER_DURABLE, stream=subjects.TASKS_STREAM)
+        adv = await self.nc.subscribe(f"{subjects.MAX_DELIVERIES_ADVISORY}.>", cb=self._on_advisory)
+        try:
+            while not stop.is_set():
+                try:
+                    batch = await sub.fetch(10, timeout=1.0)
+                except TimeoutError:
+                    continue
+                for msg in batch:
+                    await self.handle(msg)
+        finally:
+            await adv.unsubscribe()
+
+    async def handle(self, msg: Msg) -> None:
+        """Route one message of `tasks.global`; an invalid task becomes a dead letter, never a crash."""
+        headers = dict(msg.headers or {})
+        with self._tracer.start_as_current_span("route", context=tracing.extract_context(headers)) as span:
+            task: Task | None = None
+            try:
+                task = decode_task(msg.data)
+                task_id = routing.derive_task_id(
+                    task.task_id or headers.get("Nats-Msg-Id"),
+                    msg.metadata.sequence.stream,
+                    msg.metadata.timestamp.timestamp(),
+                )
+                task = with_task_id(task, task_id)
+                span.set_attribute("task_id", task.task_id)
+                self.registry.resolve(task)
+                await self._route(task)
+            except (InvalidTask, DiscoveryError) as e:
+                await self._reject(msg, task, str(e))
+            except Exception:
+                log.exception("routing failed, will be redelivered seq=%s", msg.metadata.sequence.stream)
+                await msg.nak(delay=2)
+                return
+            await msg.ack_sync()
+
+    async def _route(self, task: Task) -> None:
+        known = await self.status.get_task(task.task_id)
+        if known is not None and known.state == "routed" and known.nodes:
+            nodes = list(known.nodes)  # a repeat: route to the same nodes, never rediscover
+        else:
+            nodes = routing.explicit_nodes(task) or await self._discover(task)
+        now = time.time()
+        created = known.created_at if known else now
+        await self.status.put_task(
+            task.task_id,
+            TaskRecord(
+                task=task, state="routed", nodes=tuple(sorted(nodes)), created_at=created, routed_at=now
+            ),
+        )
+        published = 0
+        for route in routing.plan(task, nodes, now):
+            if await self.status.get_node(task.task_id, route.node) is not None:
+                continue  # already routed once (a duplicate submission or a redelivery)
+            await bus.publish(self.js, route.subject, msgspec.json.encode(route.item), msg_id=route.msg_id)
+            await self.status.create_node(task.task_id, route.node, NodeRecord(state="pending"))
+            published += 1
+        log.info("routed task_id=%s nodes=%d published=%d", task.task_id, len(nodes), published)
+
+    async def _discover(self, task: Task) -> list[str]:
+        plugin = self.discovery.get(task.discovery)
+        if plugin is None:
+            known = ", ".join(sorted(self.discovery)) or "none"
+            raise InvalidTask(
+                f"unknown discovery plugin {task.discovery!r} (installed: {known})", "discovery"
+            )
+        nodes = await plugin.nodes(task.cluster_name)
+        if not nodes:
+            raise DiscoveryError(f"discovery {task.discovery!r} found no nodes for {task.cluster_name!r}")
+        return nodes
+
+    async def _reject(self, msg: Msg, task: Task | None, reason: str) -> None:
+        seq = msg.metadata.sequence.stream
+        task_id = task.task_id if task else ""
+        letter = DeadLetter(
+            task_id=task_id,
+            cluster=task.cluster_name if task else "",
+            node="",
+            reason=reason,
+            deliveries=msg.metadata.num_delivered,
+            payload=msg.data.decode(errors="replace"),
+            trace_id=tracing.current_trace_id(),
+            source_subject=msg.subject,
+        )
+        await deadletter.send(self.js, letter, msg_id=f"global:{seq}")
+        if task_id:
+            await self.status.put_task(
+                task_id, TaskRecord(task=task, state="dead", created_at=time.time(), error=reason)
+            )
+        log.warning("rejected task seq=%d task_id=%s reason=%s", seq, task_id, reason)
+
+    async def _on_advisory(self, msg: Msg) -> None:
+        try:
+            adv = msgspec.json.decode(msg.data, type=Advisory)
+            await self.dead_letter_max_delivered(adv)
+        except Exception:
+            log.exception("could not handle advisory %r", msg.data[:200])
+
+    async def dead_letter_max_delivered(self, adv: Advisory) -> None:
+        """Copy an item that reached max deliveries into the DLQ by stream sequence, then delete it
+        (a WorkQueue stream would keep it forever)."""
+        try:
+            raw = await self.js.get_msg(adv.stream, adv.stream_seq)
+        except NotFoundError:
+            return  # already settled (e.g. the runner dead-lettered it itself)
+        payload = raw.data or b""
+        cluster = node = task_id = ""
+        reason = f"reached max deliveries ({adv.deliveries}) on consumer {adv.consumer}"
+        if adv.stream == subjects.WORK_STREAM:
+            try:
+                item = decode_work_item(payload)
+                cluster, node, task_id = item.task.cluster_name, item.node, item.task.task_id
+                rec = await self.status.get_node(task_id, node)
+                if rec is not None and rec.error:
+                    reason = f"{reason}; last error: {rec.error}"
+            except InvalidTask as e:
+                reason = f"{reason}; undecodable: {e}"
+        headers = dict(raw.headers or {})
+        with self._tracer.start_as_current_span("dead-letter", context=tracing.extract_context(headers)):
+            letter = DeadLetter(
+                task_id=task_id,
+                cluster=cluster,
+                node=node,
+                reason=reason,
+                deliveries=adv.deliveries,
+                payload=payload.decode(errors="replace"),
+                trace_id=tracing.current_trace_id(),
+                source_subject=raw.subject or "",
+            )
+            prefix = "" if adv.stream == subjects.WORK_STREAM else "global:"
+            await deadletter.send(self.js, letter, msg_id=f"{prefix}{adv.stream_seq}")
+        if task_id and node:
+            await self.status.update_node(
+                task_id, node, state="dead", error=reason, attempts=adv.deliveries, finished_at=time.time()
+            )
+        await self.js.delete_msg(adv.stream, adv.stream_seq)
+        log.warning("dead-lettered by advisory stream=%s seq=%d", adv.stream, adv.stream_seq)

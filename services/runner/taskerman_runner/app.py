@@ -1,0 +1,88 @@
+"""taskerman-runner: wires settings, NATS, ZooKeeper and one NodeWorker per node it serves."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+from taskcore import bus, service, tracing
+from taskcore.actions import ActionRegistry
+from taskcore.coordination import ZkSession
+from taskcore.errors import TaskermanError
+from taskcore.settings import Settings
+from taskcore.tracking import StatusStore
+from taskerman_runner import config
+from taskerman_runner.worker import NodeWorker
+
+log = logging.getLogger(__name__)
+SHUTDOWN_GRACE = 30.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="taskerman-runner", description="Run the work items of one or more nodes."
+    )
+    p.add_argument("--config", type=Path, help="node config TOML (cluster, node, [packs.*])")
+    p.add_argument("--cluster", help="cluster name (without --config)")
+    p.add_argument("--node", action="append", default=[], help="node name; repeat to serve several nodes")
+    p.add_argument("--once", action="store_true", help="cron mode: drain what is waiting, then exit")
+    return p.parse_args(argv)
+
+
+def node_configs(args: argparse.Namespace) -> list[config.NodeConfig]:
+    if args.config:
+        return [config.load(args.config)]
+    if not args.cluster or not args.node:
+        raise TaskermanError("give --config FILE, or --cluster C with at least one --node N")
+    return [config.NodeConfig(cluster=args.cluster, node=n) for n in args.node]
+
+
+async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    settings = Settings.from_env()
+    tracing.setup("taskerman-runner")
+    nodes = node_configs(args)
+    async with contextlib.AsyncExitStack() as stack:
+        nc = await bus.connect(settings, f"taskerman-runner:{nodes[0].node}")
+        stack.push_async_callback(nc.drain)
+        js = nc.jetstream()
+        await bus.provision(js, settings)
+        zk = await stack.enter_async_context(ZkSession.from_settings(settings))
+        status = StatusStore(await bus.status_bucket(js))
+        registry = ActionRegistry.installed()
+        workers = [
+            NodeWorker(
+                js=js,
+                status=status,
+                zk=zk,
+                registry=registry,
+                settings=settings,
+                cluster=n.cluster,
+                node=n.node,
+                packs=n.packs,
+            )
+            for n in nodes
+        ]
+        for w in workers:
+            await w.start()
+        log.info("runner started nodes=%s", [f"{n.cluster}/{n.node}" for n in nodes])
+        if args.once:
+            failures = sum([await w.drain() for w in workers])
+            return 1 if failures else 0
+        async with asyncio.TaskGroup() as tg:
+            for w in workers:
+                tg.create_task(w.run(stop))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        node_configs(args)
+    except TaskermanError as e:
+        print(f"taskerman-runner: {e}", file=sys.stderr)
+        return 2
+    return service.run("taskerman-runner", lambda stop: amain(args, stop))

@@ -1,0 +1,171 @@
+"""End-to-end fixtures: a fresh nats-server per test, the session's ZooKeeper under a per-test
+chroot, and real router and runner processes spawned from the installed console scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from taskcore import bus, subjects
+from taskcore.launchers import NatsServer, ZooKeeperServer
+from taskcore.model import Task
+from taskcore.settings import Settings
+from taskcore.tracking import StatusStore, TaskView
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def nats_fresh(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of this test's own: stream names are fixed by the design, so tests do not share one."""
+    with NatsServer(tmp_path / "nats") as server:
+        yield server
+
+
+@pytest.fixture
+def settings(nats_fresh: NatsServer, zk_server: ZooKeeperServer, prefix: str, tmp_path: Path) -> Settings:
+    return Settings(
+        nats_url=nats_fresh.url,
+        zk_hosts=zk_server.hosts,
+        zk_chroot=f"/{prefix}",
+        zk_session_timeout=4.0,
+        home=tmp_path,
+        ack_wait=6.0,
+    )
+
+
+class Stack:
+    """Spawns and tears down real service processes for one test."""
+
+    def __init__(self, settings: Settings, tmp: Path) -> None:
+        self.settings = settings
+        self.tmp = tmp
+        self.witness = tmp / "witness.jsonl"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.settings.env())
+        env["TASKERMAN_WITNESS_FILE"] = str(self.witness)
+        return env
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.tmp / f"{name}.log").open("ab")
+        proc = subprocess.Popen([str(BIN / name), *args], env=self.env(), stdout=log, stderr=log)
+        self.procs.append(proc)
+        return proc
+
+    def inventory(self, clusters: dict[str, list[str]]) -> Path:
+        path = self.tmp / "inventory.toml"
+        lines = []
+        for cluster, nodes in clusters.items():
+            lines.append(f"[clusters.{json.dumps(cluster)}]")
+            lines.append(f"nodes = {json.dumps(nodes)}")
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def router(self, clusters: dict[str, list[str]] | None = None) -> subprocess.Popen[bytes]:
+        args = ["--inventory", str(self.inventory(clusters))] if clusters else []
+        return self.spawn("taskerman-router", *args)
+
+    def runner(self, cluster: str, nodes: list[str]) -> subprocess.Popen[bytes]:
+        args = ["--cluster", cluster]
+        for n in nodes:
+            args += ["--node", n]
+        return self.spawn("taskerman-runner", *args)
+
+    def cli(self, *args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "taskerman"), *args], env=self.env(), capture_output=True, text=True,
+            timeout=timeout, check=check,
+        )
+
+    def intervals(self) -> list[dict[str, Any]]:
+        if not self.witness.exists():
+            return []
+        return [json.loads(line) for line in self.witness.read_text().splitlines() if line.strip()]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.tmp.glob("*.log")))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def stack(settings: Settings, tmp_path: Path) -> Iterator[Stack]:
+    s = Stack(settings, tmp_path)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+async def js(settings: Settings) -> AsyncIterator[tuple[NATS, JetStreamContext]]:
+    nc = await bus.connect(settings, "test")
+    js = nc.jetstream()
+    await bus.provision(js, settings)
+    yield nc, js
+    await nc.close()
+
+
+@pytest.fixture
+async def status(js: tuple[NATS, JetStreamContext]) -> StatusStore:
+    return StatusStore(await bus.status_bucket(js[1]))
+
+
+async def publish_raw(js: JetStreamContext, data: bytes | str, msg_id: str | None = None) -> None:
+    """What `nats pub tasks.global '<json>'` does (plus a message id when given)."""
+    payload = data.encode() if isinstance(data, str) else data
+    await js.publish(subjects.GLOBAL, payload, headers={"Nats-Msg-Id": msg_id} if msg_id else None)
+
+
+def task_json(**fields: Any) -> bytes:
+    return msgspec.json.encode(fields)
+
+
+async def wait_final(status: StatusStore, task_id: str, timeout: float = 60, stack: Stack | None = None) -> TaskView:
+    """Wait until the task reaches a final state."""
+    deadline = time.monotonic() + timeout
+    view = None
+    while time.monotonic() < deadline:
+        view = await status.view(task_id)
+        if view is not None and view.state in ("succeeded", "failed", "dead"):
+            return view
+        await asyncio.sleep(0.2)
+    detail = stack.logs() if stack else ""
+    raise AssertionError(f"task {task_id} did not finish in {timeout}s: {view}\n{detail}")
+
+
+def max_concurrency(intervals: list[dict[str, Any]]) -> int:
+    """Most intervals open at one instant (an end at t closes before a start at t opens)."""
+    events = sorted([(i["start"], 1) for i in intervals] + [(i["end"], -1) for i in intervals])
+    peak = cur = 0
+    for _, delta in events:
+        cur += delta
+        peak = max(peak, cur)
+    return peak
+
+
+__all__ = ["Stack", "Task", "max_concurrency", "publish_raw", "task_json", "wait_final"]
