@@ -89,8 +89,12 @@ class Stack:
 
     def cli(self, *args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(BIN / "taskerman"), *args], env=self.env(), capture_output=True, text=True,
-            timeout=timeout, check=check,
+            [str(BIN / "taskerman"), *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
         )
 
     def intervals(self) -> list[dict[str, Any]]:
@@ -145,9 +149,11 @@ def task_json(**fields: Any) -> bytes:
     return msgspec.json.encode(fields)
 
 
-async def wait_final(status: StatusStore, task_id: str, timeout: float = 60, stack: Stack | None = None) -> TaskView:
+async def wait_final(
+    status: StatusStore, task_id: str, within: float = 60, stack: Stack | None = None
+) -> TaskView:
     """Wait until the task reaches a final state."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     view = None
     while time.monotonic() < deadline:
         view = await status.view(task_id)
@@ -155,7 +161,7 @@ async def wait_final(status: StatusStore, task_id: str, timeout: float = 60, sta
             return view
         await asyncio.sleep(0.2)
     detail = stack.logs() if stack else ""
-    raise AssertionError(f"task {task_id} did not finish in {timeout}s: {view}\n{detail}")
+    raise AssertionError(f"task {task_id} did not finish in {within}s: {view}\n{detail}")
 
 
 def max_concurrency(intervals: list[dict[str, Any]]) -> int:

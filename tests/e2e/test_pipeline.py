@@ -24,7 +24,10 @@ async def test_rolling_sleep_respects_limit(
     await publish_raw(
         js[1],
         task_json(
-            action="test:sleep", cluster_name="demo:web", limit=2, task_id="roll-1",
+            action="test:sleep",
+            cluster_name="demo:web",
+            limit=2,
+            task_id="roll-1",
             taskerman_params={"action_args": {"seconds": 0.6}},
         ),
     )
@@ -52,7 +55,10 @@ async def test_failing_action_dead_letters_after_retries(
     await publish_raw(
         js[1],
         task_json(
-            action="test:sleep", cluster_name="c1", nodes=["n1"], task_id="fail-1",
+            action="test:sleep",
+            cluster_name="c1",
+            nodes=["n1"],
+            task_id="fail-1",
             taskerman_params={
                 "action_args": {"seconds": 0.05, "fail": True},
                 "workqueue_args": {"retry_count": 2, "backoff": 0.1},
@@ -103,7 +109,15 @@ async def test_invalid_tasks_become_dead_letters_and_router_keeps_going(
     letters = [d for _, d in await deadletter.entries(js[1])]
     reasons = [d.reason for d in letters]
     assert len(letters) == len(bad), reasons
-    expect = ["not valid JSON", "not valid JSON", "cluster_name", "limit", "nope:never", "secs", "no-such-cluster"]
+    expect = [
+        "not valid JSON",
+        "not valid JSON",
+        "cluster_name",
+        "limit",
+        "nope:never",
+        "secs",
+        "no-such-cluster",
+    ]
     for needle, reason in zip(expect, reasons, strict=True):
         assert needle in reason, (needle, reason)
     assert all(d.payload for d in letters)  # the original payload is kept
@@ -115,7 +129,10 @@ async def test_same_task_id_runs_once_per_node(
     stack.router({"c1": ["n1", "n2"]})
     stack.runner("c1", ["n1", "n2"])
     payload = task_json(
-        action="test:sleep", cluster_name="c1", limit=2, task_id="twice",
+        action="test:sleep",
+        cluster_name="c1",
+        limit=2,
+        task_id="twice",
         taskerman_params={"action_args": {"seconds": 0.1}},
     )
     await publish_raw(js[1], payload)
@@ -124,7 +141,9 @@ async def test_same_task_id_runs_once_per_node(
     out = stack.cli("submit", "test:sleep", "--cluster", "c1", "--task-id", "twice", "--wait")
     assert out.returncode == 0, out.stderr
     assert "already submitted" in out.stderr
-    await publish_raw(js[1], task_json(action="test:sleep", cluster_name="c1", nodes=["n1"], task_id="marker"))
+    await publish_raw(
+        js[1], task_json(action="test:sleep", cluster_name="c1", nodes=["n1"], task_id="marker")
+    )
     await wait_final(status, "marker", stack=stack)
     runs = [i["node"] for i in stack.intervals() if i["task_id"] == "twice"]
     assert sorted(runs) == ["n1", "n2"]
@@ -138,7 +157,16 @@ async def test_names_with_dots_colons_spaces_and_unicode(
     stack.router({cluster: nodes})
     stack.runner(cluster, nodes)
     out = stack.cli(
-        "submit", "test:sleep", "--cluster", cluster, "--limit", "3", "--arg", "seconds=0.1", "--wait", "--json"
+        "submit",
+        "test:sleep",
+        "--cluster",
+        cluster,
+        "--limit",
+        "3",
+        "--arg",
+        "seconds=0.1",
+        "--wait",
+        "--json",
     )
     assert out.returncode == 0, out.stdout + out.stderr + stack.logs()
     task_id = json.loads(out.stdout.splitlines()[0])["task_id"]

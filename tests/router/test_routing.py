@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from taskcore.model import Task, WorkItem
-from taskcore.subjects import node_subject, parse_node_subject
+from taskcore.subjects import encode_token, node_subject, parse_node_subject
 from taskerman_router.routing import Route, derive_task_id, explicit_nodes, plan
 
 
@@ -63,7 +63,7 @@ def test_plan_one_route_per_node_sorted() -> None:
         assert isinstance(route, Route)
         assert route.subject == node_subject("cassandra:geo counter", route.node)
         assert parse_node_subject(route.subject) == ("cassandra:geo counter", route.node)
-        assert route.msg_id == f"abcd-ef123:{route.node}"
+        assert route.msg_id == f"abcd-ef123:{encode_token(route.node)}"
         assert route.item == WorkItem(task=task, node=route.node, routed_at=1700000000.5)
 
 

@@ -7,7 +7,7 @@ import asyncio
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from taskcore import bus, deadletter, subjects, tracing
 from taskcore.actions import ActionRegistry
 from taskcore.errors import InvalidTask, TaskermanError
-from taskcore.model import Task, TaskRecord, WorkqueueArgs, check_task, with_task_id
+from taskcore.model import Task, TaskRecord, WorkqueueArgs, check_task, invalid_from, with_task_id
 from taskcore.settings import Settings
 from taskcore.tracking import StatusStore, TaskView
 
@@ -55,7 +55,7 @@ def build_task(args: argparse.Namespace, registry: ActionRegistry) -> Task:
     try:
         task = msgspec.convert(raw, Task)
     except msgspec.ValidationError as e:
-        raise InvalidTask(str(e)) from e
+        raise invalid_from(e) from e
     check_task(task)
     registry.resolve(task)
     return with_task_id(task)
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings.from_env()
-    commands: dict[str, Callable[[argparse.Namespace, Settings], Awaitable[int]]] = {
+    commands: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]] = {
         "submit": submit,
         "status": status_cmd,
         "dlq": dlq_cmd,

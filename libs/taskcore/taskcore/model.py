@@ -105,7 +105,7 @@ _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _NAMED = re.compile(r"(missing required|unknown) field `(?P<name>[^`]+)`")
 
 
-def _invalid_from(e: msgspec.ValidationError) -> InvalidTask:
+def invalid_from(e: msgspec.ValidationError) -> InvalidTask:
     """Turn msgspec's message into an InvalidTask naming the field."""
     text = str(e)
     m = _PATH.search(text)
@@ -122,7 +122,7 @@ def decode_task(data: bytes | str) -> Task:
     try:
         task = msgspec.json.decode(data, type=Task)
     except msgspec.ValidationError as e:
-        raise _invalid_from(e) from e
+        raise invalid_from(e) from e
     except msgspec.DecodeError as e:
         raise InvalidTask(f"not valid JSON ({e})") from e
     check_task(task)
@@ -133,6 +133,8 @@ def check_task(task: Task) -> None:
     """Checks msgspec's schema cannot express."""
     if not task.cluster_name.strip():
         raise InvalidTask("must not be blank", field="cluster_name")
+    if task.destnode and not task.destnode.strip():
+        raise InvalidTask("must not be blank", field="destnode")
     for i, node in enumerate(task.nodes):
         if not node.strip():
             raise InvalidTask("must not be blank", field=f"nodes[{i}]")
@@ -165,7 +167,7 @@ def decode_work_item(data: bytes) -> WorkItem:
     try:
         item = msgspec.json.decode(data, type=WorkItem)
     except msgspec.ValidationError as e:
-        raise _invalid_from(e) from e
+        raise invalid_from(e) from e
     except msgspec.DecodeError as e:
         raise InvalidTask(f"not valid JSON ({e})") from e
     check_task(item.task)

@@ -54,9 +54,12 @@ def decode_token(token: str) -> str:
             raw.extend(token[i].encode())
             i += 1
     try:
-        return raw.decode("utf-8")
+        name = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InvalidName(f"token {token!r} does not decode to UTF-8") from e
+    if encode_token(name) != token:
+        raise InvalidName(f"token {token!r} is not in canonical form")
+    return name
 
 
 def node_subject(cluster: str, node: str) -> str:
@@ -86,5 +89,6 @@ def runner_durable(cluster: str, node: str) -> str:
 
 
 def work_msg_id(task_id: str, node: str) -> str:
-    """Idempotent message id of one node's work item: `<task_id>:<node>`."""
-    return f"{task_id}:{node}"
+    """Idempotent message id of one node's work item: `<task_id>:<node token>`. The token never
+    holds `:`, so ids of different (task, node) pairs cannot collide."""
+    return f"{task_id}:{encode_token(node)}"

@@ -19,4 +19,5 @@ def after_failure(deliveries: int, retry_count: int) -> Literal["retry", "dead"]
 
 def backoff_delay(base: float, deliveries: int) -> float:
     """Exponential backoff before the next attempt: base, 2·base, 4·base … capped."""
-    return float(min(base * 2.0 ** max(deliveries - 1, 0), MAX_BACKOFF))
+    exponent = min(max(deliveries - 1, 0), 64)  # past any cap already; avoids OverflowError
+    return float(min(base * 2.0**exponent, MAX_BACKOFF))
