@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import nats
@@ -31,7 +32,7 @@ async def connect(settings: Settings, name: str) -> NATS:
         log.warning("nats error name=%s error=%s", name, e)
 
     async def on_disconnect() -> None:
-        log.warning("nats disconnected name=%s", name)
+        log.info("nats disconnected name=%s", name)
 
     async def on_reconnect() -> None:
         log.info("nats reconnected name=%s", name)
@@ -48,6 +49,14 @@ async def connect(settings: Settings, name: str) -> NATS:
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
     )
+
+
+async def close(nc: NATS) -> None:
+    """Flush what was published and close. Every ack and publish we care about was awaited already,
+    so this does not use drain(), which waits out its whole timeout on an idle pull subscription."""
+    with contextlib.suppress(Exception):
+        await nc.flush(timeout=2)
+    await nc.close()
 
 
 def _stream(name: str, subject: str, settings: Settings, work_queue: bool) -> api.StreamConfig:

@@ -90,7 +90,7 @@ async def submit(args: argparse.Namespace, settings: Settings) -> int:
             return await wait_for(status, task.task_id, quiet=args.json)
         return EXIT_OK
     finally:
-        await nc.drain()
+        await bus.close(nc)
 
 
 def progress_line(view: TaskView) -> str:
@@ -128,7 +128,7 @@ async def status_cmd(args: argparse.Namespace, settings: Settings) -> int:
     try:
         view = await status.view(args.task_id)
     finally:
-        await nc.drain()
+        await bus.close(nc)
     if view is None:
         print(f"taskerman status: unknown task {args.task_id!r}", file=sys.stderr)
         return EXIT_FAILED
@@ -152,7 +152,7 @@ async def dlq_cmd(args: argparse.Namespace, settings: Settings) -> int:
     try:
         return await _dlq(args, js)
     finally:
-        await nc.drain()
+        await bus.close(nc)
 
 
 async def _dlq(args: argparse.Namespace, js: JetStreamContext) -> int:
@@ -279,3 +279,7 @@ def dev_cmd(args: argparse.Namespace, settings: Settings) -> int:
     if args.dev_cmd == "down":
         return devstack.down(settings)
     return devstack.status(settings, as_json=args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -167,13 +167,18 @@ def read_pid(state_dir: Path) -> int | None:
     return pid if SERVICE_MARKER in cmdline else None
 
 
+def service_command(port: int, state_dir: Path, node: str = "") -> list[str]:
+    """The argv that runs the node's service."""
+    state_dir = Path(state_dir).resolve()
+    argv = [sys.executable, "-m", "taskcore.demo_fleet", "serve", "--port", str(port)]
+    return [*argv, "--state-dir", str(state_dir), "--node", node or state_dir.name]
+
+
 def start_service(port: int, state_dir: Path, node: str = "") -> int:
     """Start the node's service in the background (its log in `state_dir/service.log`); return its pid."""
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "taskcore.demo_fleet", "serve", "--port", str(port)]
-    argv += ["--state-dir", str(state_dir), "--node", node or state_dir.name]
-    pid = spawn_detached(argv, state_dir / LOGFILE, cwd=state_dir)
+    pid = spawn_detached(service_command(port, state_dir, node), state_dir / LOGFILE)
     log.info("demo service started: node=%s port=%d pid=%d", node or state_dir.name, port, pid)
     return pid
 

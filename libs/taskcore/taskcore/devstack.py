@@ -254,7 +254,7 @@ class _Starter:
                 StackProcess(
                     name="demo-service",
                     pid=pid,
-                    command=_cmdline(pid),
+                    command=demo_fleet.service_command(port, state_dir, node),
                     cluster=CLUSTER,
                     node=node,
                     log=str(state_dir / demo_fleet.LOGFILE),
@@ -270,7 +270,7 @@ class _Starter:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as f:
             f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} taskerman dev up: {' '.join(argv)}\n")
-        pid = demo_fleet.spawn_detached(argv, log, env=self.env, cwd=self.home)
+        pid = demo_fleet.spawn_detached(argv, log, env=self.env)
         cluster = CLUSTER if node else None
         self.record(StackProcess(name=name, pid=pid, command=argv, cluster=cluster, node=node, log=str(log)))
 

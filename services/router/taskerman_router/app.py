@@ -29,7 +29,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
     tracing.setup("taskerman-router")
     async with contextlib.AsyncExitStack() as stack:
         nc = await bus.connect(settings, "taskerman-router")
-        stack.push_async_callback(nc.drain)
+        stack.push_async_callback(bus.close, nc)
         js = nc.jetstream()
         await bus.provision(js, settings)
         zk = await stack.enter_async_context(ZkSession.from_settings(settings))

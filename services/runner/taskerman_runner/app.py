@@ -47,7 +47,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
     nodes = node_configs(args)
     async with contextlib.AsyncExitStack() as stack:
         nc = await bus.connect(settings, f"taskerman-runner:{nodes[0].node}")
-        stack.push_async_callback(nc.drain)
+        stack.push_async_callback(bus.close, nc)
         js = nc.jetstream()
         await bus.provision(js, settings)
         zk = await stack.enter_async_context(ZkSession.from_settings(settings))
