@@ -13,15 +13,11 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from taskcore import subjects, tracing
-from taskcore.model import MAX_RETRIES
 from taskcore.settings import Settings
 
 log = logging.getLogger(__name__)
 
 PUBLISH_ATTEMPTS = 5
-# The server's cap on deliveries of one work item; the runner enforces each task's own
-# retry_count below it and dead-letters itself, this cap is the backstop (advisory path).
-RUNNER_MAX_DELIVER = MAX_RETRIES + 2
 ROUTER_MAX_DELIVER = 5
 
 
@@ -119,7 +115,7 @@ async def ensure_runner_consumer(js: JetStreamContext, settings: Settings, clust
             durable_name=durable,
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=settings.ack_wait,
-            max_deliver=RUNNER_MAX_DELIVER,
+            max_deliver=settings.max_deliver,
             filter_subject=subjects.node_subject(cluster, node),
         ),
     )

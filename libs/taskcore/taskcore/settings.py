@@ -8,6 +8,8 @@ from pathlib import Path
 
 import msgspec
 
+from taskcore.model import MAX_RETRIES
+
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Connection and tuning settings shared by every component."""
@@ -19,6 +21,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     home: Path = Path(".taskerman")
     ack_wait: float = 30.0
     duplicate_window: float = 3600.0
+    # The server's cap on deliveries of one work item. The runner enforces each task's own
+    # retry_count below it and dead-letters itself; this cap is the backstop (advisory path).
+    max_deliver: int = MAX_RETRIES + 2
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -32,6 +37,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             zk_session_timeout=float(env.get("TASKERMAN_ZK_SESSION_TIMEOUT", d.zk_session_timeout)),
             home=Path(env.get("TASKERMAN_HOME", str(d.home))),
             ack_wait=float(env.get("TASKERMAN_ACK_WAIT", d.ack_wait)),
+            max_deliver=int(env.get("TASKERMAN_MAX_DELIVER", d.max_deliver)),
         )
 
     def env(self) -> dict[str, str]:
@@ -43,4 +49,5 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "TASKERMAN_ZK_SESSION_TIMEOUT": str(self.zk_session_timeout),
             "TASKERMAN_HOME": str(self.home),
             "TASKERMAN_ACK_WAIT": str(self.ack_wait),
+            "TASKERMAN_MAX_DELIVER": str(self.max_deliver),
         }

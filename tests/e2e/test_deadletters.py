@@ -1,0 +1,120 @@
+"""Dead-letter paths beyond the runner's own: the MAX_DELIVERIES advisory, poison items, replay;
+and the trace context that every dead letter keeps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from taskcore import bus, deadletter, subjects
+from taskcore.model import DeadLetter, Task, WorkItem
+from taskcore.settings import Settings
+from taskcore.tracking import StatusStore
+
+from .conftest import Stack, task_json, wait_final
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+
+
+async def _dead_letters_of(js: JetStreamContext, task_id: str, within: float = 20) -> list[DeadLetter]:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        found = [d for _, d in await deadletter.entries(js) if d.task_id == task_id]
+        if found:
+            return found
+        await asyncio.sleep(0.2)
+    return []
+
+
+async def test_max_deliveries_advisory_is_dead_lettered_by_the_router(
+    stack: Stack, settings: Settings, js: tuple[NATS, JetStreamContext]
+) -> None:
+    """A runner that keeps dying before it settles an item: the server gives up at max_deliver and
+    the router, from the advisory, copies the item into the DLQ and deletes it from the work stream."""
+    stack.router()
+    capped = msgspec.structs.replace(settings, max_deliver=2, ack_wait=1.0)
+    durable = await bus.ensure_runner_consumer(js[1], capped, "c1", "crashy")
+    task = Task(action="test:sleep", cluster_name="c1", task_id="adv-1", nodes=("crashy",))
+    item = WorkItem(task=task, node="crashy", routed_at=time.time())
+    await asyncio.sleep(1.0)  # let the router subscribe to advisories
+    await bus.publish(
+        js[1], subjects.node_subject("c1", "crashy"), msgspec.json.encode(item), msg_id="adv-1:crashy"
+    )
+    sub = await js[1].pull_subscribe_bind(durable=durable, stream=subjects.WORK_STREAM)
+    got = 0
+    deadline = time.monotonic() + 15
+    letters: list[DeadLetter] = []
+    while time.monotonic() < deadline and not letters:
+        with contextlib.suppress(TimeoutError):
+            got += len(await sub.fetch(1, timeout=1.5))  # fetched, never acked: like a crash
+        letters = [d for _, d in await deadletter.entries(js[1]) if d.task_id == "adv-1"]
+    assert got == 2
+    assert len(letters) == 1, stack.logs()
+    assert letters[0].deliveries == 2
+    assert "max deliveries" in letters[0].reason
+    assert letters[0].node == "crashy"
+    info = await js[1].stream_info(subjects.WORK_STREAM)
+    assert info.state.messages == 0
+
+
+async def test_poison_work_item_is_dead_lettered_on_first_delivery(
+    stack: Stack, js: tuple[NATS, JetStreamContext]
+) -> None:
+    stack.runner("c1", ["n1"])
+    await asyncio.sleep(1.5)  # the runner creates its consumer
+    subject = subjects.node_subject("c1", "n1")
+    await bus.publish(js[1], subject, b'{"task": {"task_id": "poison-1"}, "node": "n1"}', msg_id="p1")
+    letters = await _dead_letters_of(js[1], "poison-1")
+    assert len(letters) == 1, stack.logs()
+    assert letters[0].deliveries == 1
+    assert "action" in letters[0].reason
+
+
+async def test_trace_context_crosses_every_hop_and_replay_reruns(
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    stack.router()
+    stack.runner("c1", ["n1"])
+    payload = task_json(
+        action="test:sleep",
+        cluster_name="c1",
+        nodes=["n1"],
+        task_id="traced",
+        taskerman_params={"action_args": {"fail": True, "seconds": 0}, "workqueue_args": {"retry_count": 0}},
+    )
+    await js[1].publish(subjects.GLOBAL, payload, headers={"traceparent": TRACEPARENT})
+    view = await wait_final(status, "traced", stack=stack)
+    assert view.state == "dead"
+    [(seq, letter)] = [(s, d) for s, d in await deadletter.entries(js[1]) if d.task_id == "traced"]
+    assert letter.trace_id == TRACE_ID  # publisher → router → runner, carried in headers
+
+    # the operator fixes the cause (here: the payload says fail; replay reruns it as it was) …
+    out = stack.cli("dlq", "replay", str(seq))
+    assert out.returncode == 0, out.stderr
+    assert await deadletter.get(js[1], seq) is None
+    again = await _dead_letters_of(js[1], "traced")
+    assert len(again) == 1
+    assert again[0].deliveries == 1  # a fresh budget, not the old count
+    runs = [i for i in stack.intervals() if i["task_id"] == "traced"]
+    assert len(runs) == 2
+
+
+async def test_unknown_task_status_and_bad_submit_exit_codes(stack: Stack) -> None:
+    out = stack.cli("status", "no-such-task")
+    assert out.returncode == 1
+    assert "unknown task" in out.stderr
+    out = stack.cli("submit", "test:sleep", "--cluster", "c1", "--limit", "0")
+    assert out.returncode == 2
+    assert "limit" in out.stderr
+    out = stack.cli("submit", "nope:never", "--cluster", "c1")
+    assert out.returncode == 2
+    assert "unknown action" in out.stderr
+    out = stack.cli("submit", "test:sleep", "--cluster", "c1", "--arg", "seconds=abc")
+    assert out.returncode == 2
+    assert "seconds" in out.stderr
