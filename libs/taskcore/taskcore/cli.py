@@ -5,20 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore import bus, deadletter, subjects, tracing
+from taskcore import bus, deadletter, subjects, submission, tracing
 from taskcore.actions import ActionRegistry
 from taskcore.errors import InvalidTask, TaskermanError
-from taskcore.model import Task, TaskRecord, WorkqueueArgs, check_task, invalid_from, with_task_id
+from taskcore.model import Task, WorkqueueArgs, check_task, invalid_from, with_task_id
 from taskcore.settings import Settings
+from taskcore.submission import SubmitReply
 from taskcore.tracking import StatusStore, TaskView
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -78,19 +79,29 @@ async def submit(args: argparse.Namespace, settings: Settings) -> int:
     nc, js, status = await _connect(settings)
     try:
         with tracing.tracer(__name__).start_as_current_span("submit", attributes={"task_id": task.task_id}):
-            fresh = await status.create_task(
-                task.task_id, TaskRecord(task=task, state="pending", created_at=time.time())
-            )
-            if fresh:
-                await bus.publish(js, subjects.GLOBAL, msgspec.json.encode(task), msg_id=task.task_id)
-            elif not args.json:
-                print(f"task {task.task_id} was already submitted; not submitting it again", file=sys.stderr)
+            reply = await _submit_via_api(nc, task) or await submission.submit(js, status, task)
+        if reply.error:
+            print(f"taskerman submit: invalid task: {reply.error}", file=sys.stderr)
+            return EXIT_INVALID
+        if reply.duplicate and not args.json:
+            print(f"task {task.task_id} was already submitted; not submitting it again", file=sys.stderr)
         print(msgspec.json.encode({"task_id": task.task_id}).decode() if args.json else task.task_id)
         if args.wait:
             return await wait_for(status, task.task_id, quiet=args.json)
         return EXIT_OK
     finally:
         await bus.close(nc)
+
+
+async def _submit_via_api(nc: NATS, task: Task) -> SubmitReply | None:
+    """Submit through a scheduler's `taskerman.api.submit`; None when no scheduler answers."""
+    try:
+        msg = await nc.request(
+            subjects.SUBMIT_SUBJECT, msgspec.json.encode(task), timeout=10, headers=tracing.inject_headers()
+        )
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        return None
+    return msgspec.json.decode(msg.data, type=SubmitReply)
 
 
 def progress_line(view: TaskView) -> str:

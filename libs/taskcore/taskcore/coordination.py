@@ -171,8 +171,8 @@ class SlotSemaphore:
         self.zk.check()
         try:
             data, stat = await asyncio.wait_for(self.zk.client.get(slot.path), self.zk.timeout / 3)
-        except (TimeoutError, exc.NoNode) as e:
-            raise LeaseLost(f"slot {slot.path} is gone ({e!r})") from e
+        except (TimeoutError, exc.ZKError) as e:  # aiozk's own TimeoutError is a ZKError
+            raise LeaseLost(f"slot {slot.path} is gone or unreachable ({e!r})") from e
         if data != slot.holder.encode() or stat.created_zxid != slot.token:
             raise LeaseLost(f"slot {slot.path} now belongs to someone else")
         self.zk.check()

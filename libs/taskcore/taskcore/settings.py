@@ -38,6 +38,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             home=Path(env.get("TASKERMAN_HOME", str(d.home))),
             ack_wait=float(env.get("TASKERMAN_ACK_WAIT", d.ack_wait)),
             max_deliver=int(env.get("TASKERMAN_MAX_DELIVER", d.max_deliver)),
+            duplicate_window=float(env.get("TASKERMAN_DUPLICATE_WINDOW", d.duplicate_window)),
         )
 
     def env(self) -> dict[str, str]:
@@ -50,4 +51,5 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "TASKERMAN_HOME": str(self.home),
             "TASKERMAN_ACK_WAIT": str(self.ack_wait),
             "TASKERMAN_MAX_DELIVER": str(self.max_deliver),
+            "TASKERMAN_DUPLICATE_WINDOW": str(self.duplicate_window),
         }

@@ -67,6 +67,9 @@ class StatusStore:
             return False
         return True
 
+    async def delete_task(self, task_id: str) -> None:
+        await self.kv.delete(task_key(task_id))
+
     async def get_task(self, task_id: str) -> TaskRecord | None:
         try:
             entry = await self.kv.get(task_key(task_id))

@@ -1,0 +1,129 @@
+"""The Scheduler in-process on real NATS and ZooKeeper, driven tick by tick with a chosen `now`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from taskcore.actions import ActionRegistry
+from taskcore.coordination import ZkSession
+from taskcore.errors import LeaseLost
+from taskcore.model import TaskRecord, decode_task
+from taskcore.tracking import StatusStore
+from taskerman_scheduler.schedules import Schedule, slot_task_id
+from taskerman_scheduler.service import Scheduler, ScheduleState, StateStore
+
+from .helpers import published, slot_of
+
+T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
+TEMPLATE = decode_task(b'{"action": "test:sleep", "cluster_name": "c1", "nodes": ["n1"]}')
+
+
+def _sec(n: int) -> datetime:
+    return T0 + timedelta(seconds=n)
+
+
+def _schedules() -> list[Schedule]:
+    return [
+        Schedule(name="each", cron="* * * * * *", overlap="allow", task=TEMPLATE),
+        Schedule(name="one at a time", cron="* * * * * *", overlap="skip", task=TEMPLATE),
+    ]
+
+
+def _scheduler(
+    js: tuple[NATS, JetStreamContext], zk: ZkSession, status: StatusStore, holder: str
+) -> Scheduler:
+    nc, jsc = js
+    return Scheduler(nc, jsc, zk, status, ActionRegistry.installed(), schedules=_schedules(), holder=holder)
+
+
+async def test_leaders_continue_each_other_and_skip_overlapping_runs(
+    js: tuple[NATS, JetStreamContext], zk: ZkSession, status: StatusStore
+) -> None:
+    a = _scheduler(js, zk, status, "replica-a")
+    b = _scheduler(js, zk, status, "replica-b")
+    slot_a = await a.leader.acquire(a.holder)
+
+    # New schedules without catch-up start about now: two ticks back.
+    assert await a.tick(slot_a, now=_sec(0)) == 3  # "each": -1 and 0; "one at a time": -1 (0 overlaps)
+    first_skip = slot_task_id("one at a time", _sec(-1))
+    assert await a.tick(slot_a, now=_sec(2)) == 2  # the skip schedule's first run is still pending
+    state, _ = await StateStore(zk).load("one at a time")
+    assert state == ScheduleState(last_slot=_sec(2), last_task_id=first_skip)
+
+    record = await status.get_task(first_skip)
+    assert record is not None
+    assert record.state == "pending"
+    await status.put_task(first_skip, msgspec.structs.replace(record, state="succeeded"))
+    assert await a.tick(slot_a, now=_sec(3)) == 2  # finished: the skip schedule runs again
+
+    # Leadership moves: the old holder can no longer emit, the new one continues from the state.
+    b_acquiring = b.leader.acquire(b.holder, max_wait=0.5)
+    with pytest.raises(TimeoutError):
+        await b_acquiring
+    await a.leader.release(slot_a)
+    slot_b = await b.leader.acquire(b.holder, max_wait=10)
+    with pytest.raises(LeaseLost):
+        await a.tick(slot_a, now=_sec(5))
+    assert await b.tick(slot_b, now=_sec(5)) == 2  # "each" at 4 and 5; the run of 3 is pending
+    assert await b.tick(slot_b, now=_sec(5)) == 0  # a repeat tick emits nothing
+
+    published_tasks = await published(js[1])
+    ids = [msg_id for msg_id, _ in published_tasks]
+    assert len(ids) == len(set(ids))
+    for msg_id, task in published_tasks:
+        assert task.task_id == msg_id
+        assert msgspec.structs.replace(task, task_id="") == TEMPLATE
+    each = sorted(s for i in ids if (s := slot_of(i, "each")))
+    assert each == [_sec(n) for n in range(-1, 6)]  # every slot exactly once, no gap
+    skip = sorted(s for i in ids if (s := slot_of(i, "one=20at=20a=20time")))
+    assert skip == [_sec(-1), _sec(3)]
+    for task_id in ids:
+        rec = await status.get_task(task_id)
+        assert isinstance(rec, TaskRecord)
+        assert rec.task is not None
+        assert rec.task.task_id == task_id
+
+
+async def test_catchup_window_for_missed_and_new_schedules(
+    js: tuple[NATS, JetStreamContext], zk: ZkSession, status: StatusStore
+) -> None:
+    window = timedelta(minutes=3)
+    missed = Schedule(name="old", cron="* * * * *", catchup=window, overlap="skip", task=TEMPLATE)
+    new = Schedule(name="new", cron="* * * * *", catchup=window, overlap="allow", task=TEMPLATE)
+    nc, jsc = js
+    s = Scheduler(nc, jsc, zk, status, ActionRegistry.installed(), schedules=[missed, new], holder="x")
+    slot = await s.leader.acquire(s.holder)
+    await StateStore(zk).save("old", ScheduleState(last_slot=T0 - timedelta(hours=5)), -1)
+    assert await s.tick(slot, now=T0 + timedelta(seconds=30)) == 1
+    minutes = [T0 - timedelta(minutes=2), T0 - timedelta(minutes=1), T0]  # within the 3 minutes
+    assert [i for i, _ in await published(jsc)] == [slot_task_id("old", minutes[0])]
+    state, _ = await StateStore(zk).load("old")
+    assert state is not None
+    assert state.last_slot == T0  # the other two overlapped the first run: skipped, not left for later
+    assert await s.tick(slot, now=T0 + timedelta(seconds=59)) == 0
+    # A new schedule starts when first seen, whatever its catch-up window: 12:01 is its first slot.
+    assert await s.tick(slot, now=T0 + timedelta(seconds=60)) == 1
+    assert [i for i, _ in await published(jsc)][1:] == [slot_task_id("new", T0 + timedelta(minutes=1))]
+
+
+async def test_submit_validates_assigns_ids_and_reports_duplicates(
+    js: tuple[NATS, JetStreamContext], zk: ZkSession, status: StatusStore
+) -> None:
+    s = _scheduler(js, zk, status, "x")
+    reply = await s.submit(b'{"action": "test:sleep", "cluster_name": "c1", "limit": 0}')
+    assert reply.field == "limit"
+    assert not reply.task_id
+    reply = await s.submit(b'{"action": "test:sleep", "cluster_name": "c1"}')
+    assert reply.task_id
+    assert not reply.duplicate
+    again = await s.submit(
+        b'{"action": "test:sleep", "cluster_name": "c1", "task_id": "%s"}' % reply.task_id.encode()
+    )
+    assert again.task_id == reply.task_id
+    assert again.duplicate
+    assert [i for i, _ in await published(js[1])] == [reply.task_id]
