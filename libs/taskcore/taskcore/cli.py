@@ -105,6 +105,8 @@ async def _submit_via_api(nc: NATS, task: Task) -> SubmitReply | None:
 
 
 def progress_line(view: TaskView) -> str:
+    if not view.nodes:
+        return f"[{view.state:>9}] waiting for the router"
     counts = Counter(rec.state for rec in view.nodes.values())
     done = counts.get("succeeded", 0)
     parts = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))

@@ -129,22 +129,16 @@ class NodeWorker:
             reason = (previous.error if previous else None) or "attempt budget exhausted"
             await self._dead(msg, item, reason, deliveries)
             return
-        started = previous.started_at if previous and previous.started_at else time.time()
-        await self.status.update_node(
-            task.task_id,
-            self.node,
-            state="running",
-            attempts=deliveries,
-            started_at=started,
-            finished_at=None,
-        )
+        await self.status.update_node(task.task_id, self.node, attempts=deliveries, finished_at=None)
         keepalive = asyncio.create_task(self._keep_claim(msg))
         sem = SlotSemaphore(self.zk, lease_path(task.task_id), task.limit)
         slot: Slot | None = None
         try:
             with self._tracer.start_as_current_span("lease wait"):
                 slot = await sem.acquire(self.node, max_wait=LEASE_WAIT_MAX)
-            await self.status.update_node(task.task_id, self.node, token=slot.token)
+            await self.status.update_node(  # started: the action's own interval, not the lease wait
+                task.task_id, self.node, state="running", started_at=time.time(), token=slot.token
+            )
             ctx = ActionContext(
                 task=task,
                 cluster=self.cluster,
