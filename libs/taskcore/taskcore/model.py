@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
 from taskcore.errors import InvalidTask
 
 MAX_RETRIES = 50
+_T = TypeVar("_T")
 ActionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+$")]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 
@@ -117,14 +118,18 @@ def invalid_from(e: msgspec.ValidationError) -> InvalidTask:
     return InvalidTask(problem, field=path or None)
 
 
-def decode_task(data: bytes | str) -> Task:
-    """Decode and validate a task from JSON; raises InvalidTask naming the field and the problem."""
+def _decode(data: bytes | str, kind: type[_T]) -> _T:
     try:
-        task = msgspec.json.decode(data, type=Task)
+        return msgspec.json.decode(data, type=kind)
     except msgspec.ValidationError as e:
         raise invalid_from(e) from e
     except msgspec.DecodeError as e:
         raise InvalidTask(f"not valid JSON ({e})") from e
+
+
+def decode_task(data: bytes | str) -> Task:
+    """Decode and validate a task from JSON; raises InvalidTask naming the field and the problem."""
+    task = _decode(data, Task)
     check_task(task)
     return task
 
@@ -164,11 +169,6 @@ def encode(obj: Any) -> bytes:
 
 def decode_work_item(data: bytes) -> WorkItem:
     """Decode a work item; raises InvalidTask naming the field."""
-    try:
-        item = msgspec.json.decode(data, type=WorkItem)
-    except msgspec.ValidationError as e:
-        raise invalid_from(e) from e
-    except msgspec.DecodeError as e:
-        raise InvalidTask(f"not valid JSON ({e})") from e
+    item = _decode(data, WorkItem)
     check_task(item.task)
     return item

@@ -3,15 +3,46 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import msgspec
 import uvloop
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from taskcore import bus, tracing
+from taskcore.coordination import ZkSession
+from taskcore.settings import Settings
+from taskcore.tracking import StatusStore
 
 log = logging.getLogger(__name__)
+
+
+class Connections(msgspec.Struct, frozen=True):
+    """What a service holds open while it runs."""
+
+    nc: NATS
+    js: JetStreamContext
+    zk: ZkSession
+    status: StatusStore
+
+
+@contextlib.asynccontextmanager
+async def connected(settings: Settings, name: str) -> AsyncIterator[Connections]:
+    """NATS (streams provisioned), ZooKeeper and the status bucket, closed in reverse on exit."""
+    tracing.setup(name)
+    async with contextlib.AsyncExitStack() as stack:
+        nc = await bus.connect(settings, name)
+        stack.push_async_callback(bus.close, nc)
+        js = nc.jetstream()
+        await bus.provision(js, settings)
+        zk = await stack.enter_async_context(ZkSession.from_settings(settings))
+        yield Connections(nc=nc, js=js, zk=zk, status=StatusStore(await bus.status_bucket(js)))
 
 
 def configure_logging(name: str) -> None:

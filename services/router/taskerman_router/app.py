@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 from pathlib import Path
 
-from taskcore import bus, service, tracing
+from taskcore import service
 from taskcore.actions import ActionRegistry
-from taskcore.coordination import ZkSession
 from taskcore.settings import Settings
-from taskcore.tracking import StatusStore
 from taskerman_router.discovery import DiscoveryContext, load_plugins
 from taskerman_router.service import Router
 
@@ -25,17 +22,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
-    settings = Settings.from_env()
-    tracing.setup("taskerman-router")
-    async with contextlib.AsyncExitStack() as stack:
-        nc = await bus.connect(settings, "taskerman-router")
-        stack.push_async_callback(bus.close, nc)
-        js = nc.jetstream()
-        await bus.provision(js, settings)
-        zk = await stack.enter_async_context(ZkSession.from_settings(settings))
-        status = StatusStore(await bus.status_bucket(js))
-        plugins = load_plugins(DiscoveryContext(inventory=args.inventory, zk=zk))
-        await Router(nc, js, status, ActionRegistry.installed(), plugins).run(stop)
+    async with service.connected(Settings.from_env(), "taskerman-router") as c:
+        plugins = load_plugins(DiscoveryContext(inventory=args.inventory, zk=c.zk))
+        await Router(c.nc, c.js, c.status, ActionRegistry.installed(), plugins).run(stop)
     return 0
 
 

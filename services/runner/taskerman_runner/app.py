@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
 from pathlib import Path
 
-from taskcore import bus, service, tracing
+from taskcore import service
 from taskcore.actions import ActionRegistry
-from taskcore.coordination import ZkSession
 from taskcore.errors import TaskermanError
 from taskcore.settings import Settings
-from taskcore.tracking import StatusStore
 from taskerman_runner import config
 from taskerman_runner.worker import NodeWorker
 
@@ -43,21 +40,14 @@ def node_configs(args: argparse.Namespace) -> list[config.NodeConfig]:
 
 async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
     settings = Settings.from_env()
-    tracing.setup("taskerman-runner")
     nodes = node_configs(args)
-    async with contextlib.AsyncExitStack() as stack:
-        nc = await bus.connect(settings, f"taskerman-runner:{nodes[0].node}")
-        stack.push_async_callback(bus.close, nc)
-        js = nc.jetstream()
-        await bus.provision(js, settings)
-        zk = await stack.enter_async_context(ZkSession.from_settings(settings))
-        status = StatusStore(await bus.status_bucket(js))
+    async with service.connected(settings, "taskerman-runner") as c:
         registry = ActionRegistry.installed()
         workers = [
             NodeWorker(
-                js=js,
-                status=status,
-                zk=zk,
+                js=c.js,
+                status=c.status,
+                zk=c.zk,
                 registry=registry,
                 settings=settings,
                 cluster=n.cluster,

@@ -220,17 +220,7 @@ class NodeWorker:
         await self._settle(msg.nak(delay=delay))
 
     async def _dead(self, msg: Msg, item: WorkItem, reason: str, deliveries: int) -> None:
-        letter = DeadLetter(
-            task_id=item.task.task_id,
-            cluster=self.cluster,
-            node=self.node,
-            reason=reason,
-            deliveries=deliveries,
-            payload=msg.data.decode(errors="replace"),
-            trace_id=tracing.current_trace_id(),
-            source_subject=msg.subject,
-        )
-        await deadletter.send(self.js, letter, msg_id=f"{msg.metadata.sequence.stream}")
+        await self._dead_letter(msg, item.task.task_id, reason, deliveries)
         await self.status.update_node(
             item.task.task_id,
             self.node,
@@ -239,7 +229,6 @@ class NodeWorker:
             attempts=deliveries,
             finished_at=time.time(),
         )
-        await self._settle(msg.ack_sync())
         log.warning(
             "dead-lettered task_id=%s node=%s deliveries=%d", item.task.task_id, self.node, deliveries
         )
@@ -247,8 +236,13 @@ class NodeWorker:
     async def _poison(self, msg: Msg, deliveries: int, reason: str) -> None:
         """An item that can never run: dead-letter it at once, never spin through retries."""
         self.failures += 1
+        await self._dead_letter(msg, _task_id_of(msg.data), reason, deliveries)
+        log.warning("poison item dead-lettered node=%s reason=%s", self.node, reason)
+
+    async def _dead_letter(self, msg: Msg, task_id: str, reason: str, deliveries: int) -> None:
+        """Copy the item into the DLQ (its stream sequence is the message id), then ack it away."""
         letter = DeadLetter(
-            task_id=_task_id_of(msg.data),
+            task_id=task_id,
             cluster=self.cluster,
             node=self.node,
             reason=reason,
@@ -259,7 +253,6 @@ class NodeWorker:
         )
         await deadletter.send(self.js, letter, msg_id=f"{msg.metadata.sequence.stream}")
         await self._settle(msg.ack_sync())
-        log.warning("poison item dead-lettered node=%s reason=%s", self.node, reason)
 
     @staticmethod
     async def _settle(op: Awaitable[Any]) -> None:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
 from pathlib import Path
 
-from taskcore import bus, service, tracing
+from taskcore import service
 from taskcore.actions import ActionRegistry
-from taskcore.coordination import ZkSession
 from taskcore.settings import Settings
-from taskcore.tracking import StatusStore
 from taskerman_scheduler.schedules import Schedule, ScheduleError, load_schedules
 from taskerman_scheduler.service import Scheduler
 
@@ -30,17 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def amain(schedules: list[Schedule], registry: ActionRegistry, stop: asyncio.Event) -> int:
-    settings = Settings.from_env()
-    tracing.setup("taskerman-scheduler")
-    async with contextlib.AsyncExitStack() as stack:
-        nc = await bus.connect(settings, "taskerman-scheduler")
-        stack.push_async_callback(bus.close, nc)
-        js = nc.jetstream()
-        await bus.provision(js, settings)
-        zk = await stack.enter_async_context(ZkSession.from_settings(settings))
-        status = StatusStore(await bus.status_bucket(js))
+    async with service.connected(Settings.from_env(), "taskerman-scheduler") as c:
         log.info("scheduler started schedules=%s", [s.name for s in schedules])
-        await Scheduler(nc, js, zk, status, registry, schedules=schedules).run(stop)
+        await Scheduler(c.nc, c.js, c.zk, c.status, registry, schedules=schedules).run(stop)
     return 0
 
 
