@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
@@ -38,6 +38,12 @@ class ActionContext:
     attempt: int
     pack_config: Mapping[str, Any] = field(default_factory=dict)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    tokens: Mapping[str, int] = field(default_factory=dict)
+    checkpoint: Callable[[], None] = lambda: None
+
+    # `token` is the fencing token of the task's slot (the slot znode's czxid: it only grows);
+    # `tokens` has one per lease held. Call `checkpoint()` before each side effect: it raises
+    # LeaseLost once the runner can no longer vouch for its leases; `cancelled` is set then too.
 
 
 class Action:
@@ -46,6 +52,10 @@ class Action:
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1.0"
     Args: ClassVar[type[msgspec.Struct]] = NoArgs
+    # Tasks whose actions share a group never act on the same cluster at the same time.
+    exclusion_groups: ClassVar[tuple[str, ...]] = ()
+    # At most this many clusters run this action at once, fleet-wide (None: no such lease).
+    global_limit: ClassVar[int | None] = None
 
     async def pre_check(self, ctx: ActionContext) -> None:
         """Is it safe to act on this node of the cluster now? Raise if not."""

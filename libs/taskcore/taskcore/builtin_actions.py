@@ -13,6 +13,7 @@ from taskcore.actions import Action, ActionContext
 from taskcore.errors import ActionFailed
 
 WITNESS_ENV = "TASKERMAN_WITNESS_FILE"
+CHECKPOINT_EVERY = 0.05
 
 
 def witness(event: dict[str, object]) -> None:
@@ -42,10 +43,16 @@ class TestSleep(Action):
     Args = SleepArgs
 
     async def execute_action(self, ctx: ActionContext) -> None:
+        """Sleep in short steps, checkpointing before each; the interval it records ends at the last
+        moment it could vouch for its lease, so a paused runner's record stays honest."""
         args: SleepArgs = ctx.args
-        start = time.time()
+        start = end = time.time()
         try:
-            await asyncio.sleep(args.seconds)
+            ctx.checkpoint()
+            while (left := start + args.seconds - time.time()) > 0:
+                await asyncio.sleep(min(left, CHECKPOINT_EVERY))
+                ctx.checkpoint()
+                end = time.time()
         finally:
             witness(
                 {
@@ -53,7 +60,7 @@ class TestSleep(Action):
                     "cluster": ctx.cluster,
                     "node": ctx.node,
                     "start": start,
-                    "end": time.time(),
+                    "end": end,
                     "token": ctx.token,
                     "attempt": ctx.attempt,
                 }

@@ -161,14 +161,14 @@ async def status_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def dlq_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    nc, js, _status = await _connect(settings)
+    nc, js, status = await _connect(settings)
     try:
-        return await _dlq(args, js)
+        return await _dlq(args, js, status)
     finally:
         await bus.close(nc)
 
 
-async def _dlq(args: argparse.Namespace, js: JetStreamContext) -> int:
+async def _dlq(args: argparse.Namespace, js: JetStreamContext, status: StatusStore) -> int:
     if args.dlq_cmd == "list":
         rows = [
             {
@@ -205,7 +205,7 @@ async def _dlq(args: argparse.Namespace, js: JetStreamContext) -> int:
             return EXIT_INVALID
         missing = 0
         for seq in ids:
-            letter = await deadletter.replay(js, seq)
+            letter = await deadletter.replay(js, status, seq)
             if letter is None:
                 print(f"no dead letter {seq}", file=sys.stderr)
                 missing += 1

@@ -8,8 +8,9 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 import msgspec
 from aiozk import ZKClient, exc
@@ -20,6 +21,7 @@ from taskcore.errors import LeaseLost
 from taskcore.settings import Settings
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SAFETY_MARGIN = 0.25  # fraction of the session timeout we refuse to act in, before it could expire
 REPOLL_SECONDS = 5.0  # a watch is the wake-up; this is only a backstop against a lost notification
@@ -168,14 +170,19 @@ class SlotSemaphore:
 
     async def verify(self, slot: Slot) -> None:
         """Raise LeaseLost unless the session is trusted and the slot znode is still ours."""
-        self.zk.check()
+        await self.verify_node(self.zk, slot)
+
+    @staticmethod
+    async def verify_node(zk: ZkSession, slot: Slot) -> None:
+        """Raise LeaseLost unless `zk` is trusted and `slot`'s znode is still the one we created."""
+        zk.check()
         try:
-            data, stat = await asyncio.wait_for(self.zk.client.get(slot.path), self.zk.timeout / 3)
+            data, stat = await asyncio.wait_for(zk.client.get(slot.path), zk.timeout / 3)
         except (TimeoutError, exc.ZKError) as e:  # aiozk's own TimeoutError is a ZKError
             raise LeaseLost(f"slot {slot.path} is gone or unreachable ({e!r})") from e
         if data != slot.holder.encode() or stat.created_zxid != slot.token:
             raise LeaseLost(f"slot {slot.path} now belongs to someone else")
-        self.zk.check()
+        zk.check()
 
     async def release(self, slot: Slot) -> None:
         """Delete the slot if it is still ours; a slot already gone is fine."""
@@ -197,3 +204,34 @@ class SlotSemaphore:
             with contextlib.suppress(exc.NoNode):
                 out.append((await self.zk.client.get_data(f"{self.path}/{child}")).decode())
         return out
+
+
+async def read_json(zk: ZkSession, path: str, kind: type[_T]) -> _T | None:
+    """The JSON document at `path`, or None when there is none."""
+    try:
+        data = await zk.client.get_data(path)
+    except exc.NoNode:
+        return None
+    return msgspec.json.decode(data, type=kind) if data else None
+
+
+async def update_json(zk: ZkSession, path: str, kind: type[_T], update: Callable[[_T | None], _T]) -> _T:
+    """Atomic read-modify-write of a JSON znode (compare-and-set on its version; retried on races)."""
+    client = zk.client
+    while True:
+        try:
+            data, stat = await client.get(path)
+        except exc.NoNode:
+            new = update(None)
+            await client.ensure_path(path.rsplit("/", 1)[0] or "/")
+            try:
+                await client.create(path, data=msgspec.json.encode(new))
+            except exc.NodeExists:
+                continue
+            return new
+        new = update(msgspec.json.decode(data, type=kind) if data else None)
+        try:
+            await client.set(path, msgspec.json.encode(new), stat.version)
+        except exc.BadVersion:
+            continue
+        return new

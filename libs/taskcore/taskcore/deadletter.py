@@ -7,7 +7,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from taskcore import bus, subjects
-from taskcore.model import DeadLetter
+from taskcore.model import DeadLetter, NodeRecord
+from taskcore.tracking import StatusStore
 
 NO_NAME = "-"  # stands for the cluster or node of a task too broken to name them
 
@@ -57,12 +58,14 @@ async def purge(js: JetStreamContext) -> int:
     return int(info.state.messages)
 
 
-async def replay(js: JetStreamContext, seq: int) -> DeadLetter | None:
-    """Republish a dead letter's original payload where it came from, with a fresh delivery
-    budget, then remove the dead letter. None when there is no such dead letter."""
+async def replay(js: JetStreamContext, status: StatusStore, seq: int) -> DeadLetter | None:
+    """Republish a dead letter's original payload where it came from, with a fresh attempt budget
+    (its node's record starts over), then remove the dead letter. None when there is none."""
     letter = await get(js, seq)
     if letter is None:
         return None
+    if letter.task_id and letter.node:
+        await status.put_node(letter.task_id, letter.node, NodeRecord(state="pending"))
     subject = letter.source_subject or subjects.GLOBAL
     await bus.publish(js, subject, letter.payload.encode(), msg_id=f"replay:{seq}:{letter.task_id}")
     await remove(js, seq)

@@ -70,9 +70,11 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True):
     """Tracking state of one node of one task (JSON in the status bucket)."""
 
     state: NodeStateName = "pending"
-    attempts: int = 0
+    attempts: int = 0  # times the action started here (a crash or lost lease does not add a failure)
+    failures: int = 0  # attempts that failed; the item is dead-lettered past retry_count
     started_at: float | None = None
     finished_at: float | None = None
+    first_attempt_at: float | None = None
     error: str | None = None
     token: int | None = None
 
@@ -99,6 +101,8 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     payload: str
     trace_id: str = ""
     source_subject: str = ""
+    first_attempt_at: float | None = None
+    last_attempt_at: float | None = None
     dead_at: float = msgspec.field(default_factory=time.time)
 
 

@@ -24,6 +24,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # The server's cap on deliveries of one work item. The runner enforces each task's own
     # retry_count below it and dead-letters itself; this cap is the backstop (advisory path).
     max_deliver: int = MAX_RETRIES + 2
+    lease_wait: float = 600.0  # upper bound on waiting for leases before the item is released back
+    breaker_threshold: int = 5
+    breaker_window: float = 600.0
+    breaker_cooldown: float = 0.0  # > 0: the breaker half-opens after this many seconds
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -39,6 +43,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ack_wait=float(env.get("TASKERMAN_ACK_WAIT", d.ack_wait)),
             max_deliver=int(env.get("TASKERMAN_MAX_DELIVER", d.max_deliver)),
             duplicate_window=float(env.get("TASKERMAN_DUPLICATE_WINDOW", d.duplicate_window)),
+            lease_wait=float(env.get("TASKERMAN_LEASE_WAIT", d.lease_wait)),
+            breaker_threshold=int(env.get("TASKERMAN_BREAKER_THRESHOLD", d.breaker_threshold)),
+            breaker_window=float(env.get("TASKERMAN_BREAKER_WINDOW", d.breaker_window)),
+            breaker_cooldown=float(env.get("TASKERMAN_BREAKER_COOLDOWN", d.breaker_cooldown)),
         )
 
     def env(self) -> dict[str, str]:
@@ -52,4 +60,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "TASKERMAN_ACK_WAIT": str(self.ack_wait),
             "TASKERMAN_MAX_DELIVER": str(self.max_deliver),
             "TASKERMAN_DUPLICATE_WINDOW": str(self.duplicate_window),
+            "TASKERMAN_LEASE_WAIT": str(self.lease_wait),
+            "TASKERMAN_BREAKER_THRESHOLD": str(self.breaker_threshold),
+            "TASKERMAN_BREAKER_WINDOW": str(self.breaker_window),
+            "TASKERMAN_BREAKER_COOLDOWN": str(self.breaker_cooldown),
         }

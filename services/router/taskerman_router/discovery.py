@@ -8,11 +8,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol
 
-from aiozk import exc
-
+from taskcore import registry
 from taskcore.coordination import ZkSession
 from taskcore.errors import DiscoveryError
-from taskcore.subjects import decode_token, encode_token
 
 ENTRY_POINT_GROUP = "taskerman.discovery"
 
@@ -59,7 +57,8 @@ class StaticDiscovery:
 
 
 class RegistryDiscovery:
-    """Runners that registered themselves (ephemeral znodes under /registry/<cluster>)."""
+    """Runners that registered themselves (ephemeral znodes under /registry/<cluster>) and whose
+    heartbeat is fresh."""
 
     def __init__(self, ctx: DiscoveryContext) -> None:
         self.zk = ctx.zk
@@ -67,13 +66,10 @@ class RegistryDiscovery:
     async def nodes(self, cluster: str) -> list[str]:
         if self.zk is None:
             raise DiscoveryError("registry discovery needs ZooKeeper")
-        try:
-            children = await self.zk.client.get_children(f"/registry/{encode_token(cluster)}")
-        except exc.NoNode:
-            children = []
-        if not children:
-            raise DiscoveryError(f"no runner is registered for cluster {cluster!r}")
-        return [decode_token(c) for c in children]
+        nodes = await registry.live_nodes(self.zk, cluster)
+        if not nodes:
+            raise DiscoveryError(f"no live runner is registered for cluster {cluster!r}")
+        return nodes
 
 
 def load_plugins(ctx: DiscoveryContext) -> dict[str, Discovery]:

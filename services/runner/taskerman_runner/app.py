@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+import msgspec
+
 from taskcore import service
 from taskcore.actions import ActionRegistry
 from taskcore.errors import TaskermanError
@@ -31,11 +33,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def node_configs(args: argparse.Namespace) -> list[config.NodeConfig]:
-    if args.config:
-        return [config.load(args.config)]
-    if not args.cluster or not args.node:
-        raise TaskermanError("give --config FILE, or --cluster C with at least one --node N")
-    return [config.NodeConfig(cluster=args.cluster, node=n) for n in args.node]
+    """One config per node served: --config's node, or each --node with --config's other settings."""
+    base = config.load(args.config) if args.config else None
+    cluster = args.cluster or (base.cluster if base else "")
+    nodes = args.node or ([base.node] if base and base.node else [])
+    if not cluster or not nodes:
+        raise TaskermanError("give --config FILE (with cluster and node), or --cluster C and --node N...")
+    base = base or config.NodeConfig(cluster=cluster)
+    return [msgspec.structs.replace(base, cluster=cluster, node=n) for n in nodes]
 
 
 async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
@@ -53,6 +58,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 cluster=n.cluster,
                 node=n.node,
                 packs=n.packs,
+                overrides=n.actions,
             )
             for n in nodes
         ]

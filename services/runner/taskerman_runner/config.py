@@ -1,4 +1,5 @@
-"""Runner configuration: which node(s) this process serves and the node operator's pack settings."""
+"""Runner configuration: which node(s) this process serves and what only the node's operator decides:
+per-pack settings (service names, paths, ports) and per-action lease overrides."""
 
 from __future__ import annotations
 
@@ -11,12 +12,20 @@ import msgspec
 from taskcore.errors import TaskermanError
 
 
+class ActionOverride(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Overrides of what an action declares about its leases."""
+
+    exclusion_groups: tuple[str, ...] | None = None
+    global_limit: int | None = None
+
+
 class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One node's config file: `cluster`, `node`, and `[packs.<pack>]` tables."""
+    """A node config file: `cluster`, `node`, `[packs.<pack>]` and `[actions."<pack>:<name>"]` tables."""
 
     cluster: str
-    node: str
+    node: str = ""
     packs: dict[str, dict[str, Any]] = {}
+    actions: dict[str, ActionOverride] = {}
 
 
 def load(path: Path) -> NodeConfig:

@@ -1,4 +1,4 @@
-"""One node's runner: pull a work item, take the task's slot, run the action's three steps, settle.
+"""One node's runner: pull a work item, take its leases, run the action's three steps, settle.
 
 Usable without one process per node: a process may run many NodeWorkers."""
 
@@ -7,36 +7,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Mapping
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from taskcore import bus, deadletter, subjects, tracing
+from taskcore import bus, clusters, deadletter, subjects, tracing
 from taskcore.actions import Action, ActionContext, ActionRegistry
-from taskcore.coordination import Slot, SlotSemaphore, ZkSession
-from taskcore.errors import InvalidTask, LeaseLost
-from taskcore.model import DeadLetter, WorkItem, decode_work_item
+from taskcore.clusters import Breaker
+from taskcore.coordination import SlotSemaphore, ZkSession
+from taskcore.errors import InvalidTask, LeaseLost, LeaseWaitTimeout
+from taskcore.leases import Lease, LeaseSet, SemaphoreLease, SharedLease, SharedSlots
+from taskcore.model import DeadLetter, NodeRecord, WorkItem, decode_work_item
+from taskcore.registry import Registration
 from taskcore.settings import Settings
 from taskcore.tracking import StatusStore
 from taskerman_runner import policy
+from taskerman_runner.config import ActionOverride
 
 log = logging.getLogger(__name__)
-LEASE_WAIT_MAX = 600.0
-LEASE_LOST_DELAY = 2.0
+RELEASE_DELAY = 2.0  # a lost lease or a long wait: the item goes back after this delay
 GUARD_INTERVAL = 0.2
+BREAKER_RECHECKS = 100
 
 
 def lease_path(task_id: str) -> str:
     return f"/leases/tasks/{subjects.encode_token(task_id)}"
 
 
-def registry_path(cluster: str, node: str) -> str:
-    return f"/registry/{subjects.encode_token(cluster)}/{subjects.encode_token(node)}"
+def _version() -> str:
+    try:
+        return version("taskerman")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class NodeWorker:
@@ -53,6 +60,7 @@ class NodeWorker:
         cluster: str,
         node: str,
         packs: Mapping[str, Mapping[str, Any]] | None = None,
+        overrides: Mapping[str, ActionOverride] | None = None,
     ) -> None:
         self.js = js
         self.status = status
@@ -62,7 +70,10 @@ class NodeWorker:
         self.cluster = cluster
         self.node = node
         self.packs = packs or {}
+        self.overrides = overrides or {}
         self.failures = 0
+        self.breaker = Breaker(zk, cluster, clusters.breaker_policy(settings))
+        self.registration = Registration(zk, cluster, node, _version(), registry.names())
         self._sub: JetStreamContext.PullSubscription | None = None
         self._tracer = tracing.tracer(__name__)
 
@@ -70,23 +81,17 @@ class NodeWorker:
         """Create this node's durable consumer, bind to it and register in ZooKeeper."""
         durable = await bus.ensure_runner_consumer(self.js, self.settings, self.cluster, self.node)
         self._sub = await self.js.pull_subscribe_bind(durable=durable, stream=subjects.WORK_STREAM)
-        await self._register()
-
-    async def _register(self) -> None:
-        path = registry_path(self.cluster, self.node)
-        await self.zk.client.ensure_path(path.rsplit("/", 1)[0])
-        data = msgspec.json.encode(
-            {"cluster": self.cluster, "node": self.node, "pid": os.getpid(), "since": time.time()}
-        )
-        with contextlib.suppress(Exception):
-            await self.zk.client.delete(path, force=True)  # a previous session's node, if any
-        await self.zk.client.create(path, data=data, ephemeral=True)
+        await self.registration.register()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and handle items until `stop` is set; the item in hand is finished first."""
-        while not stop.is_set():
-            for msg in await self._fetch(wait=1.0):
-                await self.handle(msg)
+        heartbeat = asyncio.create_task(self.registration.heartbeat(stop))
+        try:
+            while not stop.is_set():
+                for msg in await self._fetch(wait=1.0):
+                    await self.handle(msg)
+        finally:
+            heartbeat.cancel()
 
     async def drain(self) -> int:
         """Handle what is waiting now, then return (cron mode); returns the number of failures."""
@@ -111,77 +116,122 @@ class NodeWorker:
         except InvalidTask as e:
             await self._poison(msg, deliveries, f"invalid work item: {e}")
             return
-        ctx_token = tracing.extract_context(dict(msg.headers or {}))
         with self._tracer.start_as_current_span(
             f"run {item.task.action}",
-            context=ctx_token,
+            context=tracing.extract_context(dict(msg.headers or {})),
             attributes={"task_id": item.task.task_id, "node": self.node, "deliveries": deliveries},
         ):
-            await self._run_item(msg, item, action_cls, args, deliveries)
+            await self._run_item(msg, item, action_cls, args)
 
-    async def _run_item(
-        self, msg: Msg, item: WorkItem, action_cls: type[Action], args: Any, deliveries: int
-    ) -> None:
+    def leases_for(self, item: WorkItem, action_cls: type[Action], budget: int | None) -> LeaseSet:
+        """The leases a node needs, in the one global order: global lease, exclusion groups (sorted),
+        the cluster's disruption budget, the task's own m-of-n slot."""
+        task, zk, holder = item.task, self.zk, self.node
+        override = self.overrides.get(task.action, ActionOverride())
+        groups = (
+            override.exclusion_groups
+            if override.exclusion_groups is not None
+            else action_cls.exclusion_groups
+        )
+        global_limit = override.global_limit if override.global_limit is not None else action_cls.global_limit
+        leases: list[Lease] = []
+        if global_limit:
+            path = f"/global/{subjects.encode_token(task.action)}"
+            slots = SharedSlots(zk, path, global_limit)
+            leases.append(SharedLease(f"global:{task.action}", slots, owner=self.cluster, holder=holder))
+        for group in sorted(set(groups)):
+            path = clusters.cluster_path(self.cluster, "exclusion", subjects.encode_token(group))
+            leases.append(SharedLease(f"exclusion:{group}", SharedSlots(zk, path, 1), task.task_id, holder))
+        if budget:
+            sem = SlotSemaphore(zk, clusters.cluster_path(self.cluster, "budget"), budget)
+            leases.append(SemaphoreLease("budget", sem, holder))
+        leases.append(SemaphoreLease("task", SlotSemaphore(zk, lease_path(task.task_id), task.limit), holder))
+        return LeaseSet(leases)
+
+    async def _take_leases(self, item: WorkItem, action_cls: type[Action]) -> LeaseSet:
+        """Wait for a closed breaker and every lease (on watches, keeping the item claimed); a
+        breaker that opened meanwhile sends us back to waiting. LeaseWaitTimeout past the bound."""
+        deadline = time.monotonic() + self.settings.lease_wait
+        for _ in range(BREAKER_RECHECKS):
+            try:
+                await self.breaker.wait_closed(deadline - time.monotonic())
+                budget = (await clusters.read_config(self.zk, self.cluster)).budget
+                leases = self.leases_for(item, action_cls, budget)
+                await leases.acquire(deadline)
+            except TimeoutError as e:
+                raise LeaseWaitTimeout(str(e)) from e
+            if await self.breaker.state() != "open":
+                return leases
+            await leases.release()
+        raise LeaseWaitTimeout(f"breaker of {self.cluster!r} kept opening")
+
+    async def _run_item(self, msg: Msg, item: WorkItem, action_cls: type[Action], args: Any) -> None:
         task = item.task
-        budget = policy.attempt_budget(task.retry_count)
-        previous = await self.status.get_node(task.task_id, self.node)
-        if deliveries > budget:  # the server redelivered past the budget (e.g. a crash in the last try)
-            reason = (previous.error if previous else None) or "attempt budget exhausted"
-            await self._dead(msg, item, reason, deliveries)
+        rec = await self.status.get_node(task.task_id, self.node) or NodeRecord()
+        if rec.failures > task.retry_count:  # settled as failed before, but the ack was lost
+            await self._dead(msg, item, rec, rec.error or "attempt budget exhausted")
             return
-        await self.status.update_node(task.task_id, self.node, attempts=deliveries, finished_at=None)
         keepalive = asyncio.create_task(self._keep_claim(msg))
-        sem = SlotSemaphore(self.zk, lease_path(task.task_id), task.limit)
-        slot: Slot | None = None
+        leases: LeaseSet | None = None
+        step = "lease wait"
         try:
             with self._tracer.start_as_current_span("lease wait"):
-                slot = await sem.acquire(self.node, max_wait=LEASE_WAIT_MAX)
-            await self.status.update_node(  # started: the action's own interval, not the lease wait
-                task.task_id, self.node, state="running", started_at=time.time(), token=slot.token
+                leases = await self._take_leases(item, action_cls)
+            now = time.time()
+            rec = await self.status.update_node(
+                task.task_id,
+                self.node,
+                state="running",
+                attempts=rec.attempts + 1,
+                started_at=now,
+                finished_at=None,
+                first_attempt_at=rec.first_attempt_at or now,
+                token=leases.tokens()["task"],
             )
             ctx = ActionContext(
                 task=task,
                 cluster=self.cluster,
                 node=self.node,
                 args=args,
-                token=slot.token,
-                attempt=deliveries,
+                token=leases.tokens()["task"],
+                attempt=rec.attempts,
                 pack_config=self.packs.get(task.action.split(":", 1)[0], {}),
+                tokens=leases.tokens(),
+                checkpoint=self.zk.check,
             )
             action = action_cls()
-            for step in (action.pre_check, action.execute_action, action.post_check):
-                await sem.verify(slot)
-                with self._tracer.start_as_current_span(step.__name__):
-                    await self._guarded(step(ctx), sem, slot, ctx)
-        except LeaseLost as e:
-            log.warning("lease lost task_id=%s node=%s error=%s", task.task_id, self.node, e)
-            await self._settle(msg.nak(delay=LEASE_LOST_DELAY))
-            await self.status.update_node(task.task_id, self.node, state="retrying", error=f"LeaseLost: {e}")
-            return
-        except TimeoutError as e:
-            await self._settle(msg.nak(delay=LEASE_LOST_DELAY))
-            await self.status.update_node(task.task_id, self.node, state="retrying", error=str(e))
+            for step_fn in (action.pre_check, action.execute_action, action.post_check):
+                step = step_fn.__name__
+                await leases.verify()
+                with self._tracer.start_as_current_span(step):
+                    await self._guarded(step_fn(ctx), ctx)
+        except (LeaseLost, LeaseWaitTimeout) as e:
+            log.warning("released back task_id=%s node=%s step=%s error=%s", task.task_id, self.node, step, e)
+            await self._settle(msg.nak(delay=RELEASE_DELAY))
+            state = "retrying" if isinstance(e, LeaseLost) else "pending"
+            await self.status.update_node(
+                task.task_id, self.node, state=state, error=f"{type(e).__name__}: {e}"
+            )
             return
         except asyncio.CancelledError:
             await self._settle(msg.nak())
             raise
         except Exception as e:
-            await self._failed(msg, item, f"{type(e).__name__}: {e}", deliveries)
+            await self._failed(msg, item, rec, step, f"{type(e).__name__}: {e}", leases=leases)
             return
         finally:
             keepalive.cancel()
-            if slot is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(sem.release(slot))
+            if leases is not None:
+                await asyncio.shield(leases.release())
+        await self._count(task.action, failed=False, leases=leases)
+        await self.breaker.record_success()
         await self.status.update_node(
             task.task_id, self.node, state="succeeded", finished_at=time.time(), error=None
         )
         await self._settle(msg.ack_sync())
-        log.info("succeeded task_id=%s node=%s attempt=%d", task.task_id, self.node, deliveries)
+        log.info("succeeded task_id=%s node=%s attempt=%d", task.task_id, self.node, rec.attempts)
 
-    async def _guarded(
-        self, step: Awaitable[None], sem: SlotSemaphore, slot: Slot, ctx: ActionContext
-    ) -> None:
+    async def _guarded(self, step: Awaitable[None], ctx: ActionContext) -> None:
         """Run a step while watching the session; when it can no longer be trusted, tell the action
         to stop and cancel it."""
         work = asyncio.ensure_future(step)
@@ -193,7 +243,7 @@ class NodeWorker:
                     work.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await work
-                    raise LeaseLost(f"zookeeper session untrusted while running, slot {slot.path}")
+                    raise LeaseLost("zookeeper session untrusted while the action ran")
             work.result()
         finally:
             if not work.done():
@@ -206,50 +256,67 @@ class NodeWorker:
             with contextlib.suppress(Exception):
                 await msg.in_progress()
 
-    async def _failed(self, msg: Msg, item: WorkItem, reason: str, deliveries: int) -> None:
+    async def _count(self, action: str, failed: bool, leases: LeaseSet | None) -> None:
+        waited = sum(leases.waited.values()) if leases else 0.0
+        try:
+            await clusters.count(self.zk, self.cluster, action, failed=failed, lease_wait_s=waited)
+        except Exception as e:  # statistics never decide the outcome of an item
+            log.warning("counters not updated cluster=%s error=%r", self.cluster, e)
+
+    async def _failed(
+        self, msg: Msg, item: WorkItem, rec: NodeRecord, step: str, reason: str, *, leases: LeaseSet | None
+    ) -> None:
         task = item.task
         self.failures += 1
+        failures = rec.failures + 1
         log.warning(
-            "failed task_id=%s node=%s attempt=%d error=%s", task.task_id, self.node, deliveries, reason
+            "failed task_id=%s node=%s step=%s attempt=%d error=%s",
+            task.task_id,
+            self.node,
+            step,
+            rec.attempts,
+            reason,
         )
-        if policy.after_failure(deliveries, task.retry_count) == "dead":
-            await self._dead(msg, item, reason, deliveries)
+        await self._count(task.action, failed=True, leases=leases)
+        await self.breaker.record_failure(
+            f"{task.task_id} on {self.node}: {reason}", trip=step == "post_check"
+        )
+        rec = await self.status.update_node(task.task_id, self.node, failures=failures, error=reason)
+        if policy.after_failure(failures, task.retry_count) == "dead":
+            await self._dead(msg, item, rec, reason)
             return
-        await self.status.update_node(task.task_id, self.node, state="retrying", error=reason)
-        delay = policy.backoff_delay(task.taskerman_params.workqueue_args.backoff, deliveries)
+        await self.status.update_node(task.task_id, self.node, state="retrying")
+        delay = policy.backoff_delay(task.taskerman_params.workqueue_args.backoff, failures)
         await self._settle(msg.nak(delay=delay))
 
-    async def _dead(self, msg: Msg, item: WorkItem, reason: str, deliveries: int) -> None:
-        await self._dead_letter(msg, item.task.task_id, reason, deliveries)
+    async def _dead(self, msg: Msg, item: WorkItem, rec: NodeRecord, reason: str) -> None:
+        await self._dead_letter(msg, item.task.task_id, reason, rec)
         await self.status.update_node(
-            item.task.task_id,
-            self.node,
-            state="dead",
-            error=reason,
-            attempts=deliveries,
-            finished_at=time.time(),
+            item.task.task_id, self.node, state="dead", error=reason, finished_at=time.time()
         )
         log.warning(
-            "dead-lettered task_id=%s node=%s deliveries=%d", item.task.task_id, self.node, deliveries
+            "dead-lettered task_id=%s node=%s attempts=%d", item.task.task_id, self.node, rec.attempts
         )
 
     async def _poison(self, msg: Msg, deliveries: int, reason: str) -> None:
         """An item that can never run: dead-letter it at once, never spin through retries."""
         self.failures += 1
-        await self._dead_letter(msg, _task_id_of(msg.data), reason, deliveries)
+        await self._dead_letter(msg, _task_id_of(msg.data), reason, None)
         log.warning("poison item dead-lettered node=%s reason=%s", self.node, reason)
 
-    async def _dead_letter(self, msg: Msg, task_id: str, reason: str, deliveries: int) -> None:
+    async def _dead_letter(self, msg: Msg, task_id: str, reason: str, rec: NodeRecord | None) -> None:
         """Copy the item into the DLQ (its stream sequence is the message id), then ack it away."""
         letter = DeadLetter(
             task_id=task_id,
             cluster=self.cluster,
             node=self.node,
             reason=reason,
-            deliveries=deliveries,
+            deliveries=msg.metadata.num_delivered,
             payload=msg.data.decode(errors="replace"),
             trace_id=tracing.current_trace_id(),
             source_subject=msg.subject,
+            first_attempt_at=rec.first_attempt_at if rec else None,
+            last_attempt_at=rec.started_at if rec else None,
         )
         await deadletter.send(self.js, letter, msg_id=f"{msg.metadata.sequence.stream}")
         await self._settle(msg.ack_sync())
