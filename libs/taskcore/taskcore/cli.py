@@ -14,7 +14,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore import bus, deadletter, subjects, submission, tracing
+from taskcore import bus, cli_ops, deadletter, subjects, submission, tracing
 from taskcore.actions import ActionRegistry
 from taskcore.errors import InvalidTask, TaskermanError
 from taskcore.model import Task, WorkqueueArgs, check_task, invalid_from, with_task_id
@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--all", action="store_true")
     dsub.add_parser("purge").add_argument("--yes", action="store_true")
 
+    cli_ops.add_parsers(sub)
+
     dev = sub.add_parser("dev", help="the local stack")
     devsub = dev.add_subparsers(dest="dev_cmd", required=True)
     devsub.add_parser("up").add_argument("--runners", type=int, default=4)
@@ -272,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "submit": submit,
         "status": status_cmd,
         "dlq": dlq_cmd,
+        **cli_ops.COMMANDS,
     }
     try:
         if args.cmd == "dev":

@@ -1,0 +1,16 @@
+"""Operator commands on the safety core: cluster budgets, breakers, leases, nodes."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from taskcore.settings import Settings
+
+Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+COMMANDS: dict[str, Command] = {}
+
+
+def add_parsers(sub: Any) -> None:
+    """Add this module's sub-commands to the `taskerman` parser."""
