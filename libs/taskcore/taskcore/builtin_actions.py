@@ -67,3 +67,17 @@ class TestSleep(Action):
             )
         if args.fail or ctx.node in args.fail_nodes:
             raise ActionFailed("execute_action", f"test:sleep told to fail on {ctx.node}")
+
+
+class TestBackup(TestSleep):
+    """`test:sleep` in the `io` exclusion group, standing in for a backup."""
+
+    name = "test:backup"
+    exclusion_groups = ("io",)
+
+
+class TestRepair(TestSleep):
+    """`test:sleep` in the `io` exclusion group, standing in for a repair."""
+
+    name = "test:repair"
+    exclusion_groups = ("io",)
