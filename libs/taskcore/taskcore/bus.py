@@ -83,7 +83,18 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     await _ensure_stream(
         js, _stream(subjects.DEAD_STREAM, f"{subjects.DEAD_PREFIX}.>", settings, work_queue=False)
     )
-    await status_bucket(js)
+    await _ensure_stream(
+        js,
+        api.StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            subjects=[f"{subjects.EVENTS_PREFIX}.>"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            discard=api.DiscardPolicy.OLD,
+            max_age=settings.events_retention,
+        ),
+    )
+    await status_bucket(js, settings)
     await js.add_consumer(
         subjects.TASKS_STREAM,
         api.ConsumerConfig(
@@ -96,14 +107,23 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     )
 
 
-async def status_bucket(js: JetStreamContext) -> KeyValue:
-    """The task-tracking KV bucket (created when missing)."""
+async def status_bucket(js: JetStreamContext, settings: Settings | None = None) -> KeyValue:
+    """The task-tracking KV bucket; created (or its retention updated) when settings are given."""
+    if settings is None:
+        try:
+            return await js.key_value(subjects.STATUS_BUCKET)
+        except NotFoundError:
+            settings = Settings()
+    config = api.KeyValueConfig(
+        bucket=subjects.STATUS_BUCKET, history=1, storage=api.StorageType.FILE, ttl=settings.status_retention
+    )
     try:
+        return await js.create_key_value(config)
+    except BadRequestError:  # exists with another retention: update just that
+        info = await js.stream_info(f"KV_{subjects.STATUS_BUCKET}")
+        window = min(info.config.duplicate_window or 120.0, settings.status_retention)
+        await js.update_stream(info.config.evolve(max_age=settings.status_retention, duplicate_window=window))
         return await js.key_value(subjects.STATUS_BUCKET)
-    except NotFoundError:
-        return await js.create_key_value(
-            api.KeyValueConfig(bucket=subjects.STATUS_BUCKET, history=1, storage=api.StorageType.FILE)
-        )
 
 
 async def ensure_runner_consumer(js: JetStreamContext, settings: Settings, cluster: str, node: str) -> str:

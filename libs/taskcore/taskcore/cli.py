@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -14,13 +16,13 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore import bus, cli_ops, deadletter, subjects, submission, tracing
+from taskcore import audit, bus, cli_ops, deadletter, subjects, submission, tracing
 from taskcore.actions import ActionRegistry
 from taskcore.errors import InvalidTask, TaskermanError
 from taskcore.model import Task, WorkqueueArgs, check_task, invalid_from, with_task_id
 from taskcore.settings import Settings
 from taskcore.submission import SubmitReply
-from taskcore.tracking import StatusStore, TaskView
+from taskcore.tracking import StatusStore, StopRecord, TaskView
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 FINAL_OK = {"succeeded"}
@@ -79,7 +81,9 @@ async def submit(args: argparse.Namespace, settings: Settings) -> int:
     nc, js, status = await _connect(settings)
     try:
         with tracing.tracer(__name__).start_as_current_span("submit", attributes={"task_id": task.task_id}):
-            reply = await _submit_via_api(nc, task) or await submission.submit(js, status, task)
+            reply = await _submit_via_api(nc, task) or await submission.submit(
+                js, status, task, by=audit.actor(f"cli:{getpass.getuser()}")
+            )
         if reply.error:
             print(f"taskerman submit: invalid task: {reply.error}", file=sys.stderr)
             return EXIT_INVALID
@@ -210,6 +214,13 @@ async def _dlq(args: argparse.Namespace, js: JetStreamContext, status: StatusSto
                 print(f"no dead letter {seq}", file=sys.stderr)
                 missing += 1
             else:
+                await audit.Audit(js, _user()).record(
+                    "replayed",
+                    task_id=letter.task_id,
+                    cluster=letter.cluster,
+                    node=letter.node,
+                    detail=f"dead letter {seq} ({letter.reason})",
+                )
                 print(f"replayed {seq} (task {letter.task_id}, node {letter.node or '-'})")
         return EXIT_FAILED if missing else EXIT_OK
     # purge
@@ -222,6 +233,47 @@ async def _dlq(args: argparse.Namespace, js: JetStreamContext, status: StatusSto
             print("nothing removed")
             return EXIT_OK
     print(f"purged {await deadletter.purge(js)} dead letter(s)")
+    return EXIT_OK
+
+
+def _user() -> str:
+    return audit.actor(f"cli:{getpass.getuser()}")
+
+
+async def cancel_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    nc, js, status = await _connect(settings)
+    try:
+        if await status.get_task(args.task_id) is None:
+            print(f"taskerman cancel: unknown task {args.task_id!r}", file=sys.stderr)
+            return EXIT_FAILED
+        rec = StopRecord(reason="cancelled", detail=args.reason or "", by=_user(), at=time.time())
+        if await status.stop(args.task_id, rec):
+            await audit.Audit(js, rec.by).record("cancelled", task_id=args.task_id, detail=rec.detail)
+            print(f"task {args.task_id} cancelled: nodes not yet started will not run")
+        else:
+            prior = await status.stopped(args.task_id)
+            print(f"task {args.task_id} was already stopped ({prior.reason if prior else '?'})")
+        return EXIT_OK
+    finally:
+        await bus.close(nc)
+
+
+async def events_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    nc, js, _status = await _connect(settings)
+    try:
+        events = await audit.task_events(js, args.task_id)
+    finally:
+        await bus.close(nc)
+    if args.json:
+        print(msgspec.json.encode(events).decode())
+        return EXIT_OK
+    if not events:
+        print(f"no events for task {args.task_id!r}", file=sys.stderr)
+        return EXIT_FAILED
+    for e in events:
+        when = time.strftime("%H:%M:%S", time.localtime(e.at)) + f".{int(e.at % 1 * 1000):03d}"
+        where = e.node or "-"
+        print(f"{when}  {e.kind:<18} {where:<16} {e.detail}  [{e.by}]")
     return EXIT_OK
 
 
@@ -246,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="a task's state and its nodes")
     st.add_argument("task_id")
     st.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("cancel", help="stop a task: nodes not yet started will not run")
+    c.add_argument("task_id")
+    c.add_argument("--reason", default="")
+
+    ev = sub.add_parser("events", help="a task's audit trail, in order")
+    ev.add_argument("task_id")
+    ev.add_argument("--json", action="store_true")
 
     d = sub.add_parser("dlq", help="the dead-letter queue")
     dsub = d.add_subparsers(dest="dlq_cmd", required=True)
@@ -274,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         "submit": submit,
         "status": status_cmd,
         "dlq": dlq_cmd,
+        "cancel": cancel_cmd,
+        "events": events_cmd,
         **cli_ops.COMMANDS,
     }
     try:

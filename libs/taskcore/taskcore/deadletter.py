@@ -66,6 +66,7 @@ async def replay(js: JetStreamContext, status: StatusStore, seq: int) -> DeadLet
         return None
     if letter.task_id and letter.node:
         await status.put_node(letter.task_id, letter.node, NodeRecord(state="pending"))
+        await status.forgive(letter.task_id)
     subject = letter.source_subject or subjects.GLOBAL
     await bus.publish(js, subject, letter.payload.encode(), msg_id=f"replay:{seq}:{letter.task_id}")
     await remove(js, seq)

@@ -29,6 +29,8 @@ class TaskermanParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     action_args: dict[str, Any] = {}
     workqueue_args: WorkqueueArgs = WorkqueueArgs()
+    # the task stops once more nodes than this have failed (been dead-lettered)
+    max_failures: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -62,7 +64,9 @@ class WorkItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     routed_at: float
 
 
-NodeStateName = Literal["pending", "running", "retrying", "succeeded", "failed", "dead"]
+NodeStateName = Literal[
+    "pending", "running", "retrying", "succeeded", "failed", "dead", "skipped", "cancelled"
+]
 TaskStateName = Literal["pending", "routed", "running", "succeeded", "failed", "dead"]
 
 

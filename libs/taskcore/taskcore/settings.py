@@ -24,6 +24,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # The server's cap on deliveries of one work item. The runner enforces each task's own
     # retry_count below it and dead-letters itself; this cap is the backstop (advisory path).
     max_deliver: int = MAX_RETRIES + 2
+    status_retention: float = 7 * 86400.0  # tracking records expire this long after their last change
+    events_retention: float = 30 * 86400.0  # the audit trail keeps its own retention
     lease_wait: float = 600.0  # upper bound on waiting for leases before the item is released back
     breaker_threshold: int = 5
     breaker_window: float = 600.0
@@ -44,6 +46,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             max_deliver=int(env.get("TASKERMAN_MAX_DELIVER", d.max_deliver)),
             duplicate_window=float(env.get("TASKERMAN_DUPLICATE_WINDOW", d.duplicate_window)),
             lease_wait=float(env.get("TASKERMAN_LEASE_WAIT", d.lease_wait)),
+            status_retention=float(env.get("TASKERMAN_STATUS_RETENTION", d.status_retention)),
+            events_retention=float(env.get("TASKERMAN_EVENTS_RETENTION", d.events_retention)),
             breaker_threshold=int(env.get("TASKERMAN_BREAKER_THRESHOLD", d.breaker_threshold)),
             breaker_window=float(env.get("TASKERMAN_BREAKER_WINDOW", d.breaker_window)),
             breaker_cooldown=float(env.get("TASKERMAN_BREAKER_COOLDOWN", d.breaker_cooldown)),
@@ -61,6 +65,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "TASKERMAN_MAX_DELIVER": str(self.max_deliver),
             "TASKERMAN_DUPLICATE_WINDOW": str(self.duplicate_window),
             "TASKERMAN_LEASE_WAIT": str(self.lease_wait),
+            "TASKERMAN_STATUS_RETENTION": str(self.status_retention),
+            "TASKERMAN_EVENTS_RETENTION": str(self.events_retention),
             "TASKERMAN_BREAKER_THRESHOLD": str(self.breaker_threshold),
             "TASKERMAN_BREAKER_WINDOW": str(self.breaker_window),
             "TASKERMAN_BREAKER_COOLDOWN": str(self.breaker_cooldown),

@@ -15,10 +15,12 @@ from taskcore.errors import InvalidName
 GLOBAL = "tasks.global"
 CLUSTER_PREFIX = "tasks.cluster"
 DEAD_PREFIX = "tasks.dead"
+EVENTS_PREFIX = "events"
 
 TASKS_STREAM = "TASKS"
 WORK_STREAM = "WORK"
 DEAD_STREAM = "DEAD"
+EVENTS_STREAM = "EVENTS"
 STATUS_BUCKET = "TASK_STATUS"
 ROUTER_DURABLE = "router"
 SUBMIT_SUBJECT = "taskerman.api.submit"

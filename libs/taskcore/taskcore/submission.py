@@ -9,6 +9,7 @@ import msgspec
 from nats.js import JetStreamContext
 
 from taskcore import bus, subjects
+from taskcore.audit import Audit
 from taskcore.model import Task, TaskRecord
 from taskcore.tracking import StatusStore
 
@@ -22,7 +23,9 @@ class SubmitReply(msgspec.Struct, frozen=True, omit_defaults=True):
     field: str | None = None
 
 
-async def submit(js: JetStreamContext, status: StatusStore, task: Task) -> SubmitReply:
+async def submit(
+    js: JetStreamContext, status: StatusStore, task: Task, by: str, kind: str = "submitted"
+) -> SubmitReply:
     """Record and publish a task that has its id; a task id seen before is a duplicate, not resent.
     If the publish fails the pending record is removed, so a retry is not taken for a duplicate."""
     record = TaskRecord(task=task, state="pending", created_at=time.time())
@@ -34,4 +37,7 @@ async def submit(js: JetStreamContext, status: StatusStore, task: Task) -> Submi
         with contextlib.suppress(Exception):
             await status.delete_task(task.task_id)
         raise
+    await Audit(js, by).record(
+        "submitted", task_id=task.task_id, cluster=task.cluster_name, detail=task.action
+    )
     return SubmitReply(task_id=task.task_id)

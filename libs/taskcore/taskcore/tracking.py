@@ -1,7 +1,8 @@
 """Task tracking in a JetStream KV bucket: one key per task, one per node of a task.
 
 Each key has a single writer at a time (submit/router write the task key, the node's runner its
-node key), so plain puts suffice; the task's overall state is derived from the node states."""
+node key), so plain puts suffice; the task's overall state is derived from the node states. Two
+keys are shared and written by compare-and-set: a task's failure count and its stop record."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from nats.js.kv import KeyValue
 from taskcore.model import NodeRecord, TaskRecord, TaskStateName
 from taskcore.subjects import encode_token
 
-_FINISHED = {"succeeded", "failed", "dead"}
+_FINISHED = {"succeeded", "failed", "dead", "skipped", "cancelled"}
+
+
+class StopRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a task stopped before all its nodes ran: cancelled, too many failures, or a post_check failure."""
+
+    reason: str
+    detail: str = ""
+    by: str = ""
+    at: float = 0.0
 
 
 def task_key(task_id: str) -> str:
@@ -23,6 +33,14 @@ def node_key(task_id: str, node: str) -> str:
     return f"node.{encode_token(task_id)}.{encode_token(node)}"
 
 
+def stop_key(task_id: str) -> str:
+    return f"stop.{encode_token(task_id)}"
+
+
+def failures_key(task_id: str) -> str:
+    return f"failures.{encode_token(task_id)}"
+
+
 def derive_state(task: TaskRecord, nodes: dict[str, NodeRecord]) -> TaskStateName:
     """The task's state from its own record and its nodes' records."""
     if task.state in ("pending", "dead") or not task.nodes:
@@ -31,6 +49,8 @@ def derive_state(task: TaskRecord, nodes: dict[str, NodeRecord]) -> TaskStateNam
     if all(s in _FINISHED for s in states):
         if all(s == "succeeded" for s in states):
             return "succeeded"
+        if "skipped" in states or "cancelled" in states:
+            return "failed"  # stopped before every node ran
         return "dead" if "dead" in states else "failed"
     if any(s != "pending" for s in states):
         return "running"
@@ -106,6 +126,48 @@ class StatusStore:
         await self.put_node(task_id, node, rec)
         return rec
 
+    async def add_failure(self, task_id: str, by: int = 1) -> int:
+        """Count one more (or, with by=-1, one fewer) failed node of the task; returns the new count."""
+        key = failures_key(task_id)
+        while True:
+            try:
+                entry = await self.kv.get(key)
+                n = max(int(entry.value or b"0") + by, 0)
+                await self.kv.update(key, str(n).encode(), last=entry.revision)
+            except KeyNotFoundError:
+                n = max(by, 0)
+                try:
+                    await self.kv.create(key, str(n).encode())
+                except KeyWrongLastSequenceError:
+                    continue
+                return n
+            except KeyWrongLastSequenceError:
+                continue
+            return n
+
+    async def stop(self, task_id: str, rec: StopRecord) -> bool:
+        """Stop the task (the first reason wins); False when it was already stopped."""
+        try:
+            await self.kv.create(stop_key(task_id), msgspec.json.encode(rec))
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def forgive(self, task_id: str) -> None:
+        """A failed node is given another chance (a dead letter replayed): it no longer counts,
+        and a stop caused by failures is lifted. A cancel stays."""
+        await self.add_failure(task_id, by=-1)
+        stop = await self.stopped(task_id)
+        if stop is not None and stop.reason != "cancelled":
+            await self.kv.delete(stop_key(task_id))
+
+    async def stopped(self, task_id: str) -> StopRecord | None:
+        try:
+            entry = await self.kv.get(stop_key(task_id))
+        except KeyNotFoundError:
+            return None
+        return msgspec.json.decode(entry.value, type=StopRecord) if entry.value else None
+
     async def view(self, task_id: str) -> TaskView | None:
         """The task and all its nodes, with the derived state."""
         task = await self.get_task(task_id)
@@ -115,6 +177,7 @@ class StatusStore:
         for n in task.nodes:
             nodes[n] = await self.get_node(task_id, n) or NodeRecord()
         t = task.task
+        stop = await self.stopped(task_id)
         return TaskView(
             task_id=task_id,
             state=derive_state(task, nodes),
@@ -122,6 +185,6 @@ class StatusStore:
             cluster_name=t.cluster_name if t else "",
             limit=t.limit if t else 0,
             nodes=nodes,
-            error=task.error,
+            error=task.error or (f"stopped: {stop.reason} {stop.detail}".strip() if stop else None),
             created_at=task.created_at,
         )

@@ -4,6 +4,7 @@ turns MAX_DELIVERIES advisories into dead letters. Stateless: any number may run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -13,8 +14,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from taskcore import bus, deadletter, subjects, tracing
+from taskcore import audit, bus, deadletter, subjects, tracing
 from taskcore.actions import ActionRegistry
+from taskcore.audit import Audit
 from taskcore.errors import DiscoveryError, InvalidTask
 from taskcore.model import (
     DeadLetter,
@@ -51,18 +53,23 @@ class Router:
         status: StatusStore,
         registry: ActionRegistry,
         discovery: dict[str, Discovery],
+        *,
+        reconcile_interval: float = 30.0,
     ) -> None:
         self.nc = nc
         self.js = js
         self.status = status
         self.registry = registry
         self.discovery = discovery
+        self.reconcile_interval = reconcile_interval
+        self.audit = Audit(js, audit.actor("router"))
         self._tracer = tracing.tracer(__name__)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume `tasks.global` and advisories until `stop` is set."""
         sub = await self.js.pull_subscribe_bind(durable=subjects.ROUTER_DURABLE, stream=subjects.TASKS_STREAM)
         adv = await self.nc.subscribe(f"{subjects.MAX_DELIVERIES_ADVISORY}.>", cb=self._on_advisory)
+        reconciler = asyncio.create_task(self._reconcile_every(stop))
         try:
             while not stop.is_set():
                 try:
@@ -72,7 +79,54 @@ class Router:
                 for msg in batch:
                     await self.handle(msg)
         finally:
+            reconciler.cancel()
             await adv.unsubscribe()
+
+    async def _reconcile_every(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.reconcile_interval)
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("reconcile failed")
+
+    async def reconcile(self) -> int:
+        """Dead-letter items that reached max deliveries without one (advisories are fire-and-forget
+        and only sent while someone fetches). Such an item stays in the WorkQueue stream at or below
+        its consumer's ack floor, where every other item has been acked away. Returns how many."""
+        found = 0
+        for stream in (subjects.WORK_STREAM, subjects.TASKS_STREAM):
+            for info in await self.js.consumers_info(stream):
+                subject = info.config.filter_subject
+                if not subject:
+                    continue
+                acked, delivered = info.ack_floor, info.delivered
+                if acked is None or delivered is None:
+                    continue
+                floor = delivered.stream_seq if info.num_ack_pending == 0 else acked.stream_seq
+                seq = 1
+                while seq <= floor:
+                    try:
+                        raw = await self.js.get_msg(stream, seq, subject=subject, next=True)
+                    except NotFoundError:
+                        break
+                    if raw.seq is None or raw.seq > floor:
+                        break
+                    await self.dead_letter_max_delivered(
+                        Advisory(
+                            stream=stream,
+                            consumer=info.name,
+                            stream_seq=raw.seq,
+                            deliveries=info.config.max_deliver or 0,
+                        ),
+                        reconciled=True,
+                    )
+                    found += 1
+                    seq = raw.seq + 1
+        if found:
+            log.warning("reconciler dead-lettered %d stuck item(s)", found)
+        return found
 
     async def handle(self, msg: Msg) -> None:
         """Route one message of `tasks.global`; an invalid task becomes a dead letter, never a crash."""
@@ -119,6 +173,12 @@ class Router:
             await bus.publish(self.js, route.subject, msgspec.json.encode(route.item), msg_id=route.msg_id)
             await self.status.create_node(task.task_id, route.node, NodeRecord(state="pending"))
             published += 1
+        await self.audit.record(
+            "routed",
+            task_id=task.task_id,
+            cluster=task.cluster_name,
+            detail=f"{len(nodes)} node(s), {published} new",
+        )
         log.info("routed task_id=%s nodes=%d published=%d", task.task_id, len(nodes), published)
 
     async def _discover(self, task: Task) -> list[str]:
@@ -151,6 +211,7 @@ class Router:
             await self.status.put_task(
                 task_id, TaskRecord(task=task, state="dead", created_at=time.time(), error=reason)
             )
+            await self.audit.record("rejected", task_id=task_id, cluster=letter.cluster, detail=reason)
         log.warning("rejected task seq=%d task_id=%s reason=%s", seq, task_id, reason)
 
     async def _on_advisory(self, msg: Msg) -> None:
@@ -160,7 +221,7 @@ class Router:
         except Exception:
             log.exception("could not handle advisory %r", msg.data[:200])
 
-    async def dead_letter_max_delivered(self, adv: Advisory) -> None:
+    async def dead_letter_max_delivered(self, adv: Advisory, reconciled: bool = False) -> None:
         """Copy an item that reached max deliveries into the DLQ by stream sequence, then delete it
         (a WorkQueue stream would keep it forever)."""
         try:
@@ -170,6 +231,8 @@ class Router:
         payload = raw.data or b""
         cluster = node = task_id = ""
         reason = f"reached max deliveries ({adv.deliveries}) on consumer {adv.consumer}"
+        if reconciled:
+            reason += " (found by the reconciler)"
         if adv.stream == subjects.WORK_STREAM:
             try:
                 item = decode_work_item(payload)
@@ -194,8 +257,9 @@ class Router:
             prefix = "" if adv.stream == subjects.WORK_STREAM else "global:"
             await deadletter.send(self.js, letter, msg_id=f"{prefix}{adv.stream_seq}")
         if task_id and node:
-            await self.status.update_node(
-                task_id, node, state="dead", error=reason, attempts=adv.deliveries, finished_at=time.time()
+            await self.status.update_node(task_id, node, state="dead", error=reason, finished_at=time.time())
+            await self.audit.record(
+                "dead-lettered", task_id=task_id, cluster=cluster, node=node, detail=reason
             )
         await self.js.delete_msg(adv.stream, adv.stream_seq)
         log.warning("dead-lettered by advisory stream=%s seq=%d", adv.stream, adv.stream_seq)

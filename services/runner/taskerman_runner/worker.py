@@ -16,8 +16,9 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from taskcore import bus, clusters, deadletter, subjects, tracing
+from taskcore import audit, bus, clusters, deadletter, subjects, tracing
 from taskcore.actions import Action, ActionContext, ActionRegistry
+from taskcore.audit import Audit
 from taskcore.clusters import Breaker
 from taskcore.coordination import SlotSemaphore, ZkSession
 from taskcore.errors import InvalidTask, LeaseLost, LeaseWaitTimeout
@@ -25,7 +26,7 @@ from taskcore.leases import Lease, LeaseSet, SemaphoreLease, SharedLease, Shared
 from taskcore.model import DeadLetter, NodeRecord, WorkItem, decode_work_item
 from taskcore.registry import Registration
 from taskcore.settings import Settings
-from taskcore.tracking import StatusStore
+from taskcore.tracking import StatusStore, StopRecord
 from taskerman_runner import policy
 from taskerman_runner.config import ActionOverride
 
@@ -74,6 +75,7 @@ class NodeWorker:
         self.failures = 0
         self.breaker = Breaker(zk, cluster, clusters.breaker_policy(settings))
         self.registration = Registration(zk, cluster, node, _version(), registry.names())
+        self.audit = Audit(js, audit.actor(f"runner:{node}"))
         self._sub: JetStreamContext.PullSubscription | None = None
         self._tracer = tracing.tracer(__name__)
 
@@ -171,12 +173,21 @@ class NodeWorker:
         if rec.failures > task.retry_count:  # settled as failed before, but the ack was lost
             await self._dead(msg, item, rec, rec.error or "attempt budget exhausted")
             return
+        if rec.state == "running":  # the previous delivery never settled: its runner died or lost the ack
+            await self._audit(
+                "attempt-lost", task.task_id, f"attempt {rec.attempts} did not finish; not counted"
+            )
+        if await self._retired(msg, item):
+            return
         keepalive = asyncio.create_task(self._keep_claim(msg))
         leases: LeaseSet | None = None
         step = "lease wait"
         try:
             with self._tracer.start_as_current_span("lease wait"):
                 leases = await self._take_leases(item, action_cls)
+            if await self._retired(msg, item):
+                return
+            await self._audit("lease-acquired", task.task_id, _lease_detail(leases))
             now = time.time()
             rec = await self.status.update_node(
                 task.task_id,
@@ -205,13 +216,14 @@ class NodeWorker:
                 await leases.verify()
                 with self._tracer.start_as_current_span(step):
                     await self._guarded(step_fn(ctx), ctx)
+                await self._audit(f"{step}-passed", task.task_id)
         except (LeaseLost, LeaseWaitTimeout) as e:
             log.warning("released back task_id=%s node=%s step=%s error=%s", task.task_id, self.node, step, e)
             await self._settle(msg.nak(delay=RELEASE_DELAY))
             state = "retrying" if isinstance(e, LeaseLost) else "pending"
-            await self.status.update_node(
-                task.task_id, self.node, state=state, error=f"{type(e).__name__}: {e}"
-            )
+            reason = f"{type(e).__name__}: {e}"
+            await self.status.update_node(task.task_id, self.node, state=state, error=reason)
+            await self._audit("released", task.task_id, f"at {step}: {reason}; not counted as a failure")
             return
         except asyncio.CancelledError:
             await self._settle(msg.nak())
@@ -229,7 +241,26 @@ class NodeWorker:
             task.task_id, self.node, state="succeeded", finished_at=time.time(), error=None
         )
         await self._settle(msg.ack_sync())
+        await self._audit("succeeded", task.task_id, f"attempt {rec.attempts}")
         log.info("succeeded task_id=%s node=%s attempt=%d", task.task_id, self.node, rec.attempts)
+
+    async def _retired(self, msg: Msg, item: WorkItem) -> bool:
+        """A stopped task's item that has not started is retired: acked and recorded as skipped
+        (or cancelled). Nodes already running finish on their own."""
+        stop = await self.status.stopped(item.task.task_id)
+        if stop is None:
+            return False
+        state = "cancelled" if stop.reason == "cancelled" else "skipped"
+        await self.status.update_node(
+            item.task.task_id,
+            self.node,
+            state=state,
+            finished_at=time.time(),
+            error=f"task stopped: {stop.reason}",
+        )
+        await self._settle(msg.ack_sync())
+        await self._audit(state, item.task.task_id, f"task stopped: {stop.reason} {stop.detail}".strip())
+        return True
 
     async def _guarded(self, step: Awaitable[None], ctx: ActionContext) -> None:
         """Run a step while watching the session; when it can no longer be trusted, tell the action
@@ -266,9 +297,13 @@ class NodeWorker:
     async def _failed(
         self, msg: Msg, item: WorkItem, rec: NodeRecord, step: str, reason: str, *, leases: LeaseSet | None
     ) -> None:
+        """An attempt failed: count it, feed the breaker, then retry with backoff or dead-letter.
+        A post_check failure is different: the cluster may be on fire, so the breaker trips, the
+        node is dead-lettered at once and the whole task stops."""
         task = item.task
         self.failures += 1
         failures = rec.failures + 1
+        on_fire = step == "post_check"
         log.warning(
             "failed task_id=%s node=%s step=%s attempt=%d error=%s",
             task.task_id,
@@ -277,26 +312,49 @@ class NodeWorker:
             rec.attempts,
             reason,
         )
+        await self._audit(f"{step}-failed", task.task_id, reason)
         await self._count(task.action, failed=True, leases=leases)
-        await self.breaker.record_failure(
-            f"{task.task_id} on {self.node}: {reason}", trip=step == "post_check"
-        )
+        await self.breaker.record_failure(f"{task.task_id} on {self.node}: {reason}", trip=on_fire)
         rec = await self.status.update_node(task.task_id, self.node, failures=failures, error=reason)
-        if policy.after_failure(failures, task.retry_count) == "dead":
+        if on_fire or policy.after_failure(failures, task.retry_count) == "dead":
             await self._dead(msg, item, rec, reason)
+            await self._node_failed(item, reason if on_fire else "")
             return
         await self.status.update_node(task.task_id, self.node, state="retrying")
         delay = policy.backoff_delay(task.taskerman_params.workqueue_args.backoff, failures)
         await self._settle(msg.nak(delay=delay))
+        await self._audit(
+            "retried", task.task_id, f"failure {failures} of {task.retry_count + 1}, in {delay:g}s"
+        )
+
+    async def _node_failed(self, item: WorkItem, post_check_reason: str) -> None:
+        """Count a failed node against the task's max_failures; stop the task past it (or at once
+        after a post_check failure)."""
+        task = item.task
+        failed = await self.status.add_failure(task.task_id)
+        allowed = task.taskerman_params.max_failures
+        if post_check_reason:
+            reason, detail = "post_check", f"post_check failed on {self.node}: {post_check_reason}"
+        elif failed > allowed:
+            reason, detail = "failures", f"{failed} failed node(s), max_failures {allowed}"
+        else:
+            return
+        stop = StopRecord(reason=reason, detail=detail, by=self.audit.by, at=time.time())
+        if await self.status.stop(task.task_id, stop):
+            await self._audit("stopped", task.task_id, detail)
 
     async def _dead(self, msg: Msg, item: WorkItem, rec: NodeRecord, reason: str) -> None:
         await self._dead_letter(msg, item.task.task_id, reason, rec)
         await self.status.update_node(
             item.task.task_id, self.node, state="dead", error=reason, finished_at=time.time()
         )
+        await self._audit("dead-lettered", item.task.task_id, reason)
         log.warning(
             "dead-lettered task_id=%s node=%s attempts=%d", item.task.task_id, self.node, rec.attempts
         )
+
+    async def _audit(self, kind: str, task_id: str, detail: str = "") -> None:
+        await self.audit.record(kind, task_id=task_id, cluster=self.cluster, node=self.node, detail=detail)
 
     async def _poison(self, msg: Msg, deliveries: int, reason: str) -> None:
         """An item that can never run: dead-letter it at once, never spin through retries."""
@@ -325,6 +383,13 @@ class NodeWorker:
     async def _settle(op: Awaitable[Any]) -> None:
         """Acks and naks must happen even while we are being cancelled."""
         await asyncio.shield(op)
+
+
+def _lease_detail(leases: LeaseSet) -> str:
+    tokens = leases.tokens()
+    return ", ".join(
+        f"{name} token {tokens[name]} after {waited:.2f}s" for name, waited in leases.waited.items()
+    )
 
 
 def _task_id_of(data: bytes) -> str:

@@ -25,8 +25,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from taskcore import bus, subjects, submission, tracing
+from taskcore import audit, bus, subjects, submission, tracing
 from taskcore.actions import ActionRegistry
+from taskcore.audit import Audit
 from taskcore.coordination import Slot, SlotSemaphore, ZkSession
 from taskcore.errors import InvalidTask, LeaseLost
 from taskcore.model import TaskRecord, decode_task, encode, with_task_id
@@ -118,6 +119,7 @@ class Scheduler:
         self.schedules = list(schedules)
         self.tick_seconds = tick
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
+        self.audit = Audit(js, audit.actor("scheduler"))
         self.leader = SlotSemaphore(zk, LEADER_PATH, 1)
         self.state = StateStore(zk)
         self._tracer = tracing.tracer(__name__)
@@ -263,6 +265,13 @@ class Scheduler:
                     log.info("slot already emitted schedule=%s task_id=%s", sched.name, task_id)
                     return
             ack = await bus.publish(self.js, subjects.GLOBAL, encode(task), msg_id=task_id)
+            if not ack.duplicate:
+                await self.audit.record(
+                    "emitted",
+                    task_id=task_id,
+                    cluster=task.cluster_name,
+                    detail=f"schedule {sched.name}, slot {when.isoformat()}",
+                )
         log.info(
             "emitted schedule=%s slot=%s task_id=%s duplicate=%s",
             sched.name,
@@ -310,7 +319,7 @@ class Scheduler:
                 return SubmitReply(error=str(e), field=e.field)
             task = with_task_id(task)
             span.set_attribute("task_id", task.task_id)
-            reply = await submission.submit(self.js, self.status, task)
+            reply = await submission.submit(self.js, self.status, task, by=self.audit.by)
         log.info(
             "submitted task_id=%s action=%s cluster=%s duplicate=%s",
             task.task_id,
