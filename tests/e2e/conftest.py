@@ -82,19 +82,24 @@ class Stack:
         return self.spawn("taskerman-router", *args)
 
     def runner(
-        self, cluster: str, nodes: list[str], actions: dict[str, dict[str, Any]] | None = None
+        self,
+        cluster: str,
+        nodes: list[str],
+        actions: dict[str, dict[str, Any]] | None = None,
+        packs: dict[str, dict[str, Any]] | None = None,
     ) -> subprocess.Popen[bytes]:
         """A runner process serving `nodes`; `actions` are per-action overrides for its config file
         (e.g. {"test:sleep": {"exclusion_groups": ["backup"]}})."""
         args = ["--cluster", cluster]
         for n in nodes:
             args += ["--node", n]
-        if actions:
+        if actions or packs:
             path = self.tmp / f"runner-{len(self.procs)}.toml"
             lines = [f"cluster = {json.dumps(cluster)}"]
-            for name, fields in actions.items():
-                lines.append(f"[actions.{json.dumps(name)}]")
-                lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
+            for table, entries in (("actions", actions or {}), ("packs", packs or {})):
+                for name, fields in entries.items():
+                    lines.append(f"[{table}.{json.dumps(name)}]")
+                    lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
             path.write_text("\n".join(lines) + "\n")
             args += ["--config", str(path)]
         return self.spawn("taskerman-runner", *args)

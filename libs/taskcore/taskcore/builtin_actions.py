@@ -33,10 +33,14 @@ class SleepArgs(msgspec.Struct, forbid_unknown_fields=True):
     seconds: float = 1.0
     fail: bool = False
     fail_nodes: list[str] = []
+    post_check_fail_nodes: list[str] = []
 
 
 class TestSleep(Action):
-    """Sleeps; raises when `fail` is true or this node is in `fail_nodes`. Records its interval."""
+    """Sleeps; raises when `fail` is true or this node is in `fail_nodes`; its post_check fails on
+    `post_check_fail_nodes`. Records its interval in the witness file. The node's operator may set
+    `[packs.test] fail_marker = "/path"`: while that file exists the action fails (a fault that an
+    operator can fix, for replay drills)."""
 
     name = "test:sleep"
     version = "1.0"
@@ -67,6 +71,14 @@ class TestSleep(Action):
             )
         if args.fail or ctx.node in args.fail_nodes:
             raise ActionFailed("execute_action", f"test:sleep told to fail on {ctx.node}")
+        marker = ctx.pack_config.get("fail_marker")
+        if isinstance(marker, str) and await asyncio.to_thread(os.path.exists, marker):
+            raise ActionFailed("execute_action", f"fault marker {marker} is present on {ctx.node}")
+
+    async def post_check(self, ctx: ActionContext) -> None:
+        args: SleepArgs = ctx.args
+        if ctx.node in args.post_check_fail_nodes:
+            raise ActionFailed("post_check", f"cluster unhealthy after {ctx.node} (told to fail)")
 
 
 class TestBackup(TestSleep):
