@@ -33,7 +33,7 @@ from taskerman_runner.config import ActionOverride
 log = logging.getLogger(__name__)
 RELEASE_DELAY = 2.0  # a lost lease or a long wait: the item goes back after this delay
 GUARD_INTERVAL = 0.2
-BREAKER_RECHECKS = 100
+STOP_POLL = 3.0  # how often a waiting item looks whether its task was stopped
 
 
 def lease_path(task_id: str) -> str:
@@ -150,22 +150,27 @@ class NodeWorker:
         leases.append(SemaphoreLease("task", SlotSemaphore(zk, lease_path(task.task_id), task.limit), holder))
         return LeaseSet(leases)
 
-    async def _take_leases(self, item: WorkItem, action_cls: type[Action]) -> LeaseSet:
+    async def _take_leases(self, item: WorkItem, action_cls: type[Action]) -> LeaseSet | None:
         """Wait for a closed breaker and every lease (on watches, keeping the item claimed); a
-        breaker that opened meanwhile sends us back to waiting. LeaseWaitTimeout past the bound."""
+        breaker that opened meanwhile sends us back to waiting. Every few seconds the wait looks
+        whether the task was stopped (then None). LeaseWaitTimeout past the upper bound."""
         deadline = time.monotonic() + self.settings.lease_wait
-        for _ in range(BREAKER_RECHECKS):
+        while True:
+            if await self.status.stopped(item.task.task_id):
+                return None
+            round_end = min(deadline, time.monotonic() + STOP_POLL)
             try:
-                await self.breaker.wait_closed(deadline - time.monotonic())
+                await self.breaker.wait_closed(round_end - time.monotonic())
                 budget = (await clusters.read_config(self.zk, self.cluster)).budget
                 leases = self.leases_for(item, action_cls, budget)
-                await leases.acquire(deadline)
+                await leases.acquire(round_end)
             except TimeoutError as e:
-                raise LeaseWaitTimeout(str(e)) from e
+                if time.monotonic() >= deadline:
+                    raise LeaseWaitTimeout(str(e)) from e
+                continue
             if await self.breaker.state() != "open":
                 return leases
             await leases.release()
-        raise LeaseWaitTimeout(f"breaker of {self.cluster!r} kept opening")
 
     async def _run_item(self, msg: Msg, item: WorkItem, action_cls: type[Action], args: Any) -> None:
         task = item.task
@@ -185,7 +190,9 @@ class NodeWorker:
         try:
             with self._tracer.start_as_current_span("lease wait"):
                 leases = await self._take_leases(item, action_cls)
-            if await self._retired(msg, item):
+            if leases is None or await self._retired(msg, item):
+                if leases is None:  # stopped while we waited
+                    await self._retired(msg, item)
                 return
             await self._audit("lease-acquired", task.task_id, _lease_detail(leases))
             now = time.time()
