@@ -39,5 +39,9 @@ test: install zookeeper
 demo: install zookeeper
 	$(BIN)/python -m taskcore.demo
 
+.PHONY: bench
+bench: install zookeeper
+	$(BIN)/python benchmarks/handoff.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .taskerman .pytest_cache .mypy_cache .ruff_cache

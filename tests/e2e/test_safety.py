@@ -50,27 +50,19 @@ async def wait_registered(
     raise AssertionError(f"runners did not register in {within}s\n{stack.logs()}")
 
 
-async def operator_cli(stack: Stack, *args: str) -> bool:
-    """Run an operator command; False when this `taskerman` does not know the command yet."""
+async def operator_cli(stack: Stack, *args: str) -> None:
+    """Run an operator command as a user would; it must succeed."""
     out = await asyncio.to_thread(stack.cli, *args)
-    if out.returncode == 2 and "invalid choice" in out.stderr:
-        return False
     assert out.returncode == 0, out.stdout + out.stderr
-    return True
 
 
 async def set_budget(stack: Stack, zk: ZkSession, cluster: str, budget: int) -> None:
-    if not await operator_cli(stack, "cluster", "budget", cluster, str(budget)):
-        # `taskerman cluster budget` is still being written: set the budget in ZooKeeper directly
-        # (under this test's chroot). Drop this fallback once the command exists.
-        await clusters.set_budget(zk, cluster, budget)
+    await operator_cli(stack, "cluster", "budget", cluster, str(budget))
     assert (await clusters.read_config(zk, cluster)).budget == budget
 
 
 async def reset_breaker(stack: Stack, breaker: Breaker) -> None:
-    if not await operator_cli(stack, "breaker", "reset", breaker.cluster):
-        # `taskerman breaker reset` is still being written: reset it in ZooKeeper directly.
-        await breaker.reset()
+    await operator_cli(stack, "breaker", "reset", breaker.cluster)
     assert await breaker.state() == "closed"
 
 
