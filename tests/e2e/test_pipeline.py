@@ -46,6 +46,13 @@ async def test_rolling_sleep_respects_limit(
     tokens = [i["token"] for i in intervals]
     assert len(set(tokens)) == len(tokens)  # every slot grant has its own fencing token
 
+    watched = stack.cli("watch", "roll-1")
+    assert watched.returncode == 0, watched.stderr
+    assert "6/6 nodes succeeded" in watched.stdout
+    listed = json.loads(stack.cli("tasks", "--json", "--state", "succeeded").stdout)
+    assert [t["task_id"] for t in listed] == ["roll-1"]
+    assert json.loads(stack.cli("tasks", "--json", "--state", "failed").stdout) == []
+
 
 async def test_failing_action_dead_letters_after_retries(
     stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore

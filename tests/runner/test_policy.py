@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from taskerman_runner.policy import MAX_BACKOFF, after_failure, attempt_budget, backoff_delay
+from taskcore.errors import InvalidTask
+from taskcore.model import WorkqueueArgs, decode_task
+from taskerman_runner.policy import MAX_BACKOFF, after_failure, attempt_budget, backoff_delay, retry_delay
 
 
 def test_attempt_budget_is_first_attempt_plus_retries() -> None:
@@ -54,3 +56,23 @@ def test_backoff_zero_base() -> None:
 
 def test_backoff_is_a_float() -> None:
     assert isinstance(backoff_delay(1, 3), float)
+
+
+def test_retry_delay_from_a_list_repeats_its_last_value() -> None:
+    args = WorkqueueArgs(retry_count=5, backoff=[0.5, 2.0, 10.0])
+    assert [retry_delay(args, f) for f in range(1, 6)] == [0.5, 2.0, 10.0, 10.0, 10.0]
+
+
+def test_retry_delay_base_factor_and_max() -> None:
+    args = WorkqueueArgs(backoff=1.0, backoff_factor=3.0, backoff_max=20.0)
+    assert [retry_delay(args, f) for f in range(1, 5)] == [1.0, 3.0, 9.0, 20.0]
+
+
+def test_backoff_list_is_validated_on_the_wire() -> None:
+    with pytest.raises(InvalidTask) as e:
+        decode_task(
+            b'{"action": "a:b", "cluster_name": "c", '
+            b'"taskerman_params": {"workqueue_args": {"backoff": [1, -2]}}}'
+        )
+    assert e.value.field is not None
+    assert "backoff" in e.value.field

@@ -7,7 +7,6 @@ import asyncio
 import getpass
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -15,18 +14,17 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from rich.console import Console
 
-from taskcore import audit, bus, cli_ops, deadletter, subjects, submission, tracing
+from taskcore import audit, bus, cli_ops, deadletter, subjects, submission, tracing, views
 from taskcore.actions import ActionRegistry
 from taskcore.errors import InvalidTask, TaskermanError
 from taskcore.model import Task, WorkqueueArgs, check_task, invalid_from, with_task_id
 from taskcore.settings import Settings
 from taskcore.submission import SubmitReply
-from taskcore.tracking import StatusStore, StopRecord, TaskView
+from taskcore.tracking import StatusStore, StopRecord
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
-FINAL_OK = {"succeeded"}
-FINAL_BAD = {"failed", "dead"}
 
 
 def parse_arg(text: str) -> tuple[str, Any]:
@@ -91,7 +89,7 @@ async def submit(args: argparse.Namespace, settings: Settings) -> int:
             print(f"task {task.task_id} was already submitted; not submitting it again", file=sys.stderr)
         print(msgspec.json.encode({"task_id": task.task_id}).decode() if args.json else task.task_id)
         if args.wait:
-            return await wait_for(status, task.task_id, quiet=args.json)
+            return await views.watch(status, task.task_id, quiet=args.json)
         return EXIT_OK
     finally:
         await bus.close(nc)
@@ -106,38 +104,6 @@ async def _submit_via_api(nc: NATS, task: Task) -> SubmitReply | None:
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
         return None
     return msgspec.json.decode(msg.data, type=SubmitReply)
-
-
-def progress_line(view: TaskView) -> str:
-    if not view.nodes:
-        return f"[{view.state:>9}] waiting for the router"
-    counts = Counter(rec.state for rec in view.nodes.values())
-    done = counts.get("succeeded", 0)
-    parts = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-    return f"[{view.state:>9}] {done}/{len(view.nodes)} nodes succeeded  {parts}"
-
-
-async def wait_for(status: StatusStore, task_id: str, quiet: bool = False, poll: float = 0.5) -> int:
-    """Print progress until the task ends; 0 on success, 1 on failure or dead letter."""
-    last = ""
-    while True:
-        view = await status.view(task_id)
-        if view is not None:
-            line = progress_line(view)
-            if line != last and not quiet:
-                print(line, flush=True)
-                last = line
-            if view.state in FINAL_OK:
-                return EXIT_OK
-            if view.state in FINAL_BAD:
-                if not quiet:
-                    for node, rec in sorted(view.nodes.items()):
-                        if rec.state in FINAL_BAD:
-                            print(f"  {node}: {rec.state}: {rec.error}", flush=True)
-                    if view.error:
-                        print(f"  task: {view.error}", flush=True)
-                return EXIT_FAILED
-        await asyncio.sleep(poll)
 
 
 async def status_cmd(args: argparse.Namespace, settings: Settings) -> int:
@@ -236,6 +202,39 @@ async def _dlq(args: argparse.Namespace, js: JetStreamContext, status: StatusSto
     return EXIT_OK
 
 
+async def watch_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    nc, _js, status = await _connect(settings)
+    try:
+        if await status.get_task(args.task_id) is None:
+            print(f"taskerman watch: unknown task {args.task_id!r}", file=sys.stderr)
+            return EXIT_FAILED
+        return await views.watch(status, args.task_id)
+    finally:
+        await bus.close(nc)
+
+
+async def tasks_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    nc, _js, status = await _connect(settings)
+    try:
+        records = sorted(await status.tasks(), key=lambda r: r.created_at, reverse=True)
+        if args.cluster:
+            records = [r for r in records if r.task and r.task.cluster_name == args.cluster]
+        found = []
+        for rec in records:
+            view = await status.view(rec.task.task_id) if rec.task else None
+            if view is not None and (not args.state or view.state == args.state):
+                found.append(view)
+            if len(found) >= args.limit:
+                break
+    finally:
+        await bus.close(nc)
+    if args.json:
+        print(msgspec.json.encode(found).decode())
+    else:
+        Console().print(views.tasks_table(found))
+    return EXIT_OK
+
+
 def _user() -> str:
     return audit.actor(f"cli:{getpass.getuser()}")
 
@@ -299,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("task_id")
     st.add_argument("--json", action="store_true")
 
+    w = sub.add_parser("watch", help="live progress of a task; exits with its outcome")
+    w.add_argument("task_id")
+
+    tl = sub.add_parser("tasks", help="recent tasks, newest first")
+    tl.add_argument("--state", choices=["pending", "routed", "running", "succeeded", "failed", "dead"])
+    tl.add_argument("--cluster")
+    tl.add_argument("--limit", type=int, default=50)
+    tl.add_argument("--json", action="store_true")
+
     c = sub.add_parser("cancel", help="stop a task: nodes not yet started will not run")
     c.add_argument("task_id")
     c.add_argument("--reason", default="")
@@ -335,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         "status": status_cmd,
         "dlq": dlq_cmd,
         "cancel": cancel_cmd,
+        "watch": watch_cmd,
+        "tasks": tasks_cmd,
         "events": events_cmd,
         **cli_ops.COMMANDS,
     }

@@ -21,7 +21,13 @@ class WorkqueueArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How the work queue treats one node's item."""
 
     retry_count: Annotated[int, msgspec.Meta(ge=0, le=MAX_RETRIES)] = 3
-    backoff: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
+    # seconds before a retry: a base growing by `backoff_factor` up to `backoff_max`, or one delay
+    # per retry as a list (its last value repeats)
+    backoff: (
+        Annotated[float, msgspec.Meta(ge=0, le=3600)] | list[Annotated[float, msgspec.Meta(ge=0, le=3600)]]
+    ) = 1.0
+    backoff_factor: Annotated[float, msgspec.Meta(ge=1, le=10)] = 2.0
+    backoff_max: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 300.0
 
 
 class TaskermanParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -168,6 +168,20 @@ class StatusStore:
             return None
         return msgspec.json.decode(entry.value, type=StopRecord) if entry.value else None
 
+    async def tasks(self) -> list[TaskRecord]:
+        """Every task record still in the bucket (finished ones expire with its retention)."""
+        out: list[TaskRecord] = []
+        watcher = await self.kv.watch("task.>", ignore_deletes=True)
+        try:
+            while (entry := await watcher.updates(timeout=5)) is not None:  # type: ignore[no-untyped-call]
+                if entry.value:
+                    out.append(msgspec.json.decode(entry.value, type=TaskRecord))
+        except TimeoutError:
+            pass
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        return out
+
     async def view(self, task_id: str) -> TaskView | None:
         """The task and all its nodes, with the derived state."""
         task = await self.get_task(task_id)

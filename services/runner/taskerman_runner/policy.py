@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from taskcore.model import WorkqueueArgs
+
 MAX_BACKOFF = 300.0
 
 
@@ -17,7 +19,16 @@ def after_failure(deliveries: int, retry_count: int) -> Literal["retry", "dead"]
     return "dead" if deliveries >= attempt_budget(retry_count) else "retry"
 
 
-def backoff_delay(base: float, deliveries: int) -> float:
-    """Exponential backoff before the next attempt: base, 2·base, 4·base … capped."""
+def retry_delay(args: WorkqueueArgs, failures: int) -> float:
+    """The delay before the retry that follows failure number `failures` (1-based)."""
+    if isinstance(args.backoff, list):
+        if not args.backoff:
+            return 0.0
+        return float(args.backoff[min(max(failures, 1), len(args.backoff)) - 1])
+    return min(backoff_delay(args.backoff, failures, args.backoff_factor), args.backoff_max)
+
+
+def backoff_delay(base: float, deliveries: int, factor: float = 2.0) -> float:
+    """Exponential backoff before the next attempt: base, factor·base, factor²·base … capped."""
     exponent = min(max(deliveries - 1, 0), 64)  # past any cap already; avoids OverflowError
-    return float(min(base * 2.0**exponent, MAX_BACKOFF))
+    return float(min(base * factor**exponent, MAX_BACKOFF))

@@ -328,7 +328,7 @@ class NodeWorker:
             await self._node_failed(item, reason if on_fire else "")
             return
         await self.status.update_node(task.task_id, self.node, state="retrying")
-        delay = policy.backoff_delay(task.taskerman_params.workqueue_args.backoff, failures)
+        delay = policy.retry_delay(task.taskerman_params.workqueue_args, failures)
         await self._settle(msg.nak(delay=delay))
         await self._audit(
             "retried", task.task_id, f"failure {failures} of {task.retry_count + 1}, in {delay:g}s"

@@ -1,0 +1,106 @@
+"""Operator views: live progress of a task (a rich progress bar on a terminal, plain lines
+otherwise) and the list of recent tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections import Counter
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from taskcore.tracking import StatusStore, TaskView
+
+FINAL_OK = {"succeeded"}
+FINAL_BAD = {"failed", "dead"}
+FINISHED_NODE = {"succeeded", "failed", "dead", "skipped", "cancelled"}
+STATE_STYLE = {"succeeded": "green", "running": "cyan", "failed": "red", "dead": "red", "pending": "white"}
+
+
+def counts_text(view: TaskView) -> str:
+    counts = Counter(rec.state for rec in view.nodes.values())
+    return " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+
+
+def progress_line(view: TaskView) -> str:
+    """One plain line of progress (for logs, pipes and CI)."""
+    if not view.nodes:
+        return f"[{view.state:>9}] waiting for the router"
+    done = sum(1 for rec in view.nodes.values() if rec.state == "succeeded")
+    return f"[{view.state:>9}] {done}/{len(view.nodes)} nodes succeeded  {counts_text(view)}"
+
+
+def outcome(view: TaskView, console: Console) -> int:
+    """Print why a finished task failed; 0 on success, 1 otherwise."""
+    if view.state in FINAL_OK:
+        return 0
+    for node, rec in sorted(view.nodes.items()):
+        if rec.state in FINAL_BAD:
+            console.print(f"  {node}: {rec.state}: {rec.error}", markup=False, highlight=False)
+    if view.error:
+        console.print(f"  task: {view.error}", markup=False, highlight=False)
+    return 1
+
+
+async def watch(status: StatusStore, task_id: str, quiet: bool = False, poll: float = 0.5) -> int:
+    """Show progress until the task ends; 0 on success, 1 on failure or dead letter."""
+    console = Console(file=sys.stdout, quiet=quiet)
+    if console.is_terminal:
+        return await _watch_live(status, task_id, console, poll)
+    last = ""
+    while True:
+        view = await status.view(task_id)
+        if view is not None:
+            line = progress_line(view)
+            if line != last:
+                console.print(line, markup=False, highlight=False)
+                last = line
+            if view.state in FINAL_OK | FINAL_BAD:
+                return outcome(view, console)
+        await asyncio.sleep(poll)
+
+
+async def _watch_live(status: StatusStore, task_id: str, console: Console, poll: float) -> int:
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[counts]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task(task_id, total=None, counts="waiting for the router")
+        while True:
+            view = await status.view(task_id)
+            if view is not None and view.nodes:
+                finished = sum(1 for rec in view.nodes.values() if rec.state in FINISHED_NODE)
+                progress.update(
+                    bar,
+                    total=len(view.nodes),
+                    completed=finished,
+                    description=f"{task_id} [{STATE_STYLE.get(view.state, 'white')}]{view.state}",
+                    counts=counts_text(view),
+                )
+            if view is not None and view.state in FINAL_OK | FINAL_BAD:
+                break
+            await asyncio.sleep(poll)
+    return outcome(view, console)
+
+
+def tasks_table(views: list[TaskView]) -> Table:
+    table = Table("task", "state", "action", "cluster", "limit", "nodes", "created")
+    for v in views:
+        style = STATE_STYLE.get(v.state, "white")
+        created = f"{v.created_at:.0f}"
+        table.add_row(
+            v.task_id,
+            f"[{style}]{v.state}",
+            v.action,
+            v.cluster_name,
+            str(v.limit),
+            counts_text(v) or "-",
+            created,
+        )
+    return table
