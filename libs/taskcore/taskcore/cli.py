@@ -16,7 +16,18 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from rich.console import Console
 
-from taskcore import audit, bus, cli_ops, deadletter, subjects, submission, tracing, views
+from taskcore import (
+    audit,
+    bus,
+    cli_ops,
+    cli_plan,
+    cli_sched,
+    deadletter,
+    subjects,
+    submission,
+    tracing,
+    views,
+)
 from taskcore.actions import ActionRegistry
 from taskcore.errors import InvalidTask, TaskermanError
 from taskcore.model import Task, WorkqueueArgs, check_task, invalid_from, with_task_id
@@ -25,6 +36,7 @@ from taskcore.submission import SubmitReply
 from taskcore.tracking import StatusStore, StopRecord
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+COMMAND_MODULES = (cli_ops, cli_plan, cli_sched)  # each: add_parsers(sub) and COMMANDS
 
 
 def parse_arg(text: str) -> tuple[str, Any]:
@@ -325,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--all", action="store_true")
     dsub.add_parser("purge").add_argument("--yes", action="store_true")
 
-    cli_ops.add_parsers(sub)
+    for module in COMMAND_MODULES:
+        module.add_parsers(sub)
 
     dev = sub.add_parser("dev", help="the local stack")
     devsub = dev.add_subparsers(dest="dev_cmd", required=True)
@@ -346,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         "watch": watch_cmd,
         "tasks": tasks_cmd,
         "events": events_cmd,
-        **cli_ops.COMMANDS,
+        **{name: cmd for module in COMMAND_MODULES for name, cmd in module.COMMANDS.items()},
     }
     try:
         if args.cmd == "dev":
