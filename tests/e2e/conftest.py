@@ -60,6 +60,7 @@ class Stack:
         env = dict(os.environ)
         env.update(self.settings.env())
         env["TASKERMAN_WITNESS_FILE"] = str(self.witness)
+        env["TASKERMAN_LOG_FORMAT"] = "text"  # the tests read the logs as text
         return env
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:

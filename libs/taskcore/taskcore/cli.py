@@ -8,6 +8,7 @@ import getpass
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -87,7 +88,7 @@ async def submit(args: argparse.Namespace, settings: Settings) -> int:
     except InvalidTask as e:
         print(f"taskerman submit: invalid task: {e}", file=sys.stderr)
         return EXIT_INVALID
-    tracing.setup("taskerman-cli")
+    tracing.setup("taskerman-cli", settings.home)
     nc, js, status = await _connect(settings)
     try:
         with tracing.tracer(__name__).start_as_current_span("submit", attributes={"task_id": task.task_id}):
@@ -247,6 +248,24 @@ async def tasks_cmd(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def trace_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    """Render a task's traces from the local span file (or a file given with --spans)."""
+    home = args.spans.parent.parent if args.spans else settings.home
+    traces = views.task_traces(tracing.read_spans(home), args.task_id)
+    if not traces:
+        where = home / tracing.SPAN_FILE
+        print(f"taskerman trace: no spans for task {args.task_id!r} in {where}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(msgspec.json.encode(traces).decode())
+        return EXIT_OK
+    for trace_id, spans in sorted(traces.items(), key=lambda kv: min(s.start for s in kv[1])):
+        print(f"trace {trace_id}  ({len(spans)} spans)")
+        for line in views.waterfall(spans):
+            print(f"  {line}")
+    return EXIT_OK
+
+
 def _user() -> str:
     return audit.actor(f"cli:{getpass.getuser()}")
 
@@ -319,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--limit", type=int, default=50)
     tl.add_argument("--json", action="store_true")
 
+    tr = sub.add_parser("trace", help="a task's traces as a waterfall (from the local span file)")
+    tr.add_argument("task_id")
+    tr.add_argument("--spans", type=Path, help="a spans.jsonl file (default: $TASKERMAN_HOME/traces/)")
+    tr.add_argument("--json", action="store_true")
+
     c = sub.add_parser("cancel", help="stop a task: nodes not yet started will not run")
     c.add_argument("task_id")
     c.add_argument("--reason", default="")
@@ -364,12 +388,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "dev":
             return dev_cmd(args, settings)
+        if args.cmd == "trace":
+            return trace_cmd(args, settings)
         return asyncio.run(commands[args.cmd](args, settings))
     except TaskermanError as e:
         print(f"taskerman: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    finally:
+        tracing.shutdown()
 
 
 def dev_cmd(args: argparse.Namespace, settings: Settings) -> int:

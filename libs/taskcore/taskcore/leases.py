@@ -23,6 +23,7 @@ from typing import Protocol
 from aiozk import exc
 from aiozk.protocol import WatchEvent
 
+from taskcore import tracing
 from taskcore.coordination import REPOLL_SECONDS, Slot, SlotSemaphore, ZkSession
 from taskcore.errors import LeaseLost
 
@@ -210,7 +211,8 @@ class LeaseSet:
         try:
             for lease in self.leases:
                 started = time.monotonic()
-                slot = await lease.acquire(max(deadline - started, 0.001))
+                with tracing.tracer(__name__).start_as_current_span(f"lease {lease.name}"):
+                    slot = await lease.acquire(max(deadline - started, 0.001))
                 self.waited[lease.name] = time.monotonic() - started
                 self.held.append((lease, slot))
         except BaseException:

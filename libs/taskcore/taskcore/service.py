@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
@@ -15,7 +14,7 @@ import uvloop
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore import bus, tracing
+from taskcore import bus, logs, tracing
 from taskcore.coordination import ZkSession
 from taskcore.settings import Settings
 from taskcore.tracking import StatusStore
@@ -35,8 +34,9 @@ class Connections(msgspec.Struct, frozen=True):
 @contextlib.asynccontextmanager
 async def connected(settings: Settings, name: str) -> AsyncIterator[Connections]:
     """NATS (streams provisioned), ZooKeeper and the status bucket, closed in reverse on exit."""
-    tracing.setup(name)
+    tracing.setup(name, settings.home)
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(tracing.shutdown)
         nc = await bus.connect(settings, name)
         stack.push_async_callback(bus.close, nc)
         js = nc.jetstream()
@@ -45,20 +45,10 @@ async def connected(settings: Settings, name: str) -> AsyncIterator[Connections]
         yield Connections(nc=nc, js=js, zk=zk, status=StatusStore(await bus.status_bucket(js)))
 
 
-def configure_logging(name: str) -> None:
-    """One greppable line per event, to stderr."""
-    logging.basicConfig(
-        level=os.environ.get("TASKERMAN_LOG_LEVEL", "INFO"),
-        format=f"%(asctime)s %(levelname)s {name}[%(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("aiozk").setLevel(logging.WARNING)
-
-
 def run(name: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     """Run `main(stop)` on uvloop. The first SIGTERM/SIGINT sets `stop` (stop taking work, finish
     what is in hand); a second one exits at once."""
-    configure_logging(name)
+    logs.configure(name)
 
     async def wrapper() -> int:
         stop = asyncio.Event()

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from taskcore.tracing import SpanRecord
 from taskcore.tracking import StatusStore, TaskView
 
 FINAL_OK = {"succeeded"}
@@ -104,3 +105,46 @@ def tasks_table(views: list[TaskView]) -> Table:
             created,
         )
     return table
+
+
+def waterfall(spans: list[SpanRecord], width: int = 40) -> list[str]:
+    """A trace as text: one line per span, indented under its parent, with a bar placed on the
+    trace's time line and the span's duration."""
+    if not spans:
+        return []
+    by_id = {s.span_id: s for s in spans}
+    children: dict[str, list[SpanRecord]] = {}
+    roots: list[SpanRecord] = []
+    for s in sorted(spans, key=lambda s: s.start):
+        if s.parent_id and s.parent_id in by_id:
+            children.setdefault(s.parent_id, []).append(s)
+        else:
+            roots.append(s)
+    t0 = min(s.start for s in spans)
+    total = max(max(s.end for s in spans) - t0, 1e-6)
+    lines: list[str] = []
+
+    def walk(s: SpanRecord, depth: int) -> None:
+        lo = int((s.start - t0) / total * width)
+        hi = max(int((s.end - t0) / total * width), lo + 1)
+        bar = " " * lo + "█" * (hi - lo) + " " * (width - hi)
+        where = s.attributes.get("node", "")
+        label = ("  " * depth + s.name + (f" [{where}]" if where else ""))[:44]
+        flag = " ERROR" if s.status == "ERROR" else ""
+        lines.append(f"{label:<44} |{bar}| {(s.end - s.start) * 1000:8.1f} ms  {s.service}{flag}")
+        for c in children.get(s.span_id, []):
+            walk(c, depth + 1)
+
+    for r in roots:
+        walk(r, 0)
+    return lines
+
+
+def task_traces(spans: list[SpanRecord], task_id: str) -> dict[str, list[SpanRecord]]:
+    """The spans of every trace that touched the task (a replay starts a trace of its own)."""
+    ids = {s.trace_id for s in spans if s.attributes.get("task_id") == task_id}
+    out: dict[str, list[SpanRecord]] = {}
+    for s in spans:
+        if s.trace_id in ids:
+            out.setdefault(s.trace_id, []).append(s)
+    return out
