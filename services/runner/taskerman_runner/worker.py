@@ -16,7 +16,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from taskcore import audit, bus, clusters, deadletter, subjects, tracing
+from taskcore import audit, bus, clusters, deadletter, logs, subjects, tracing
 from taskcore.actions import Action, ActionContext, ActionRegistry
 from taskcore.audit import Audit
 from taskcore.clusters import Breaker
@@ -118,10 +118,13 @@ class NodeWorker:
         except InvalidTask as e:
             await self._poison(msg, deliveries, f"invalid work item: {e}")
             return
-        with self._tracer.start_as_current_span(
-            f"run {item.task.action}",
-            context=tracing.extract_context(dict(msg.headers or {})),
-            attributes={"task_id": item.task.task_id, "node": self.node, "deliveries": deliveries},
+        with (
+            logs.task_context(item.task.task_id, self.node),
+            self._tracer.start_as_current_span(
+                f"run {item.task.action}",
+                context=tracing.extract_context(dict(msg.headers or {})),
+                attributes={"task_id": item.task.task_id, "node": self.node, "deliveries": deliveries},
+            ),
         ):
             await self._run_item(msg, item, action_cls, args)
 
@@ -247,7 +250,8 @@ class NodeWorker:
         await self.status.update_node(
             task.task_id, self.node, state="succeeded", finished_at=time.time(), error=None
         )
-        await self._settle(msg.ack_sync())
+        with self._tracer.start_as_current_span("ack"):
+            await self._settle(msg.ack_sync())
         await self._audit("succeeded", task.task_id, f"attempt {rec.attempts}")
         log.info("succeeded task_id=%s node=%s attempt=%d", task.task_id, self.node, rec.attempts)
 
@@ -329,7 +333,8 @@ class NodeWorker:
             return
         await self.status.update_node(task.task_id, self.node, state="retrying")
         delay = policy.retry_delay(task.taskerman_params.workqueue_args, failures)
-        await self._settle(msg.nak(delay=delay))
+        with self._tracer.start_as_current_span("retry", attributes={"delay_s": delay, "failures": failures}):
+            await self._settle(msg.nak(delay=delay))
         await self._audit(
             "retried", task.task_id, f"failure {failures} of {task.retry_count + 1}, in {delay:g}s"
         )
@@ -383,8 +388,9 @@ class NodeWorker:
             first_attempt_at=rec.first_attempt_at if rec else None,
             last_attempt_at=rec.started_at if rec else None,
         )
-        await deadletter.send(self.js, letter, msg_id=f"{msg.metadata.sequence.stream}")
-        await self._settle(msg.ack_sync())
+        with self._tracer.start_as_current_span("dead-letter", attributes={"reason": reason}):
+            await deadletter.send(self.js, letter, msg_id=f"{msg.metadata.sequence.stream}")
+            await self._settle(msg.ack_sync())
 
     @staticmethod
     async def _settle(op: Awaitable[Any]) -> None:
