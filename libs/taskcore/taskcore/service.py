@@ -14,7 +14,7 @@ import uvloop
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore import bus, logs, tracing
+from taskcore import bus, logs, metrics, tracing
 from taskcore.coordination import ZkSession
 from taskcore.settings import Settings
 from taskcore.tracking import StatusStore
@@ -35,6 +35,7 @@ class Connections(msgspec.Struct, frozen=True):
 async def connected(settings: Settings, name: str) -> AsyncIterator[Connections]:
     """NATS (streams provisioned), ZooKeeper and the status bucket, closed in reverse on exit."""
     tracing.setup(name, settings.home)
+    metrics.setup(name, settings.metrics_port, settings.metrics_addr)
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(tracing.shutdown)
         nc = await bus.connect(settings, name)

@@ -26,6 +26,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_deliver: int = MAX_RETRIES + 2
     status_retention: float = 7 * 86400.0  # tracking records expire this long after their last change
     events_retention: float = 30 * 86400.0  # the audit trail keeps its own retention
+    metrics_port: int = 0  # > 0: serve Prometheus metrics on this port
+    metrics_addr: str = "127.0.0.1"
     lease_wait: float = 600.0  # upper bound on waiting for leases before the item is released back
     breaker_threshold: int = 5
     breaker_window: float = 600.0
@@ -46,6 +48,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             max_deliver=int(env.get("TASKERMAN_MAX_DELIVER", d.max_deliver)),
             duplicate_window=float(env.get("TASKERMAN_DUPLICATE_WINDOW", d.duplicate_window)),
             lease_wait=float(env.get("TASKERMAN_LEASE_WAIT", d.lease_wait)),
+            metrics_port=int(env.get("TASKERMAN_METRICS_PORT", d.metrics_port)),
+            metrics_addr=env.get("TASKERMAN_METRICS_ADDR", d.metrics_addr),
             status_retention=float(env.get("TASKERMAN_STATUS_RETENTION", d.status_retention)),
             events_retention=float(env.get("TASKERMAN_EVENTS_RETENTION", d.events_retention)),
             breaker_threshold=int(env.get("TASKERMAN_BREAKER_THRESHOLD", d.breaker_threshold)),

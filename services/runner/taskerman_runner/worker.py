@@ -23,6 +23,7 @@ from taskcore.clusters import Breaker
 from taskcore.coordination import SlotSemaphore, ZkSession
 from taskcore.errors import InvalidTask, LeaseLost, LeaseWaitTimeout
 from taskcore.leases import Lease, LeaseSet, SemaphoreLease, SharedLease, SharedSlots
+from taskcore.metrics import Instruments
 from taskcore.model import DeadLetter, NodeRecord, WorkItem, decode_work_item
 from taskcore.registry import Registration
 from taskcore.settings import Settings
@@ -76,6 +77,7 @@ class NodeWorker:
         self.breaker = Breaker(zk, cluster, clusters.breaker_policy(settings))
         self.registration = Registration(zk, cluster, node, _version(), registry.names())
         self.audit = Audit(js, audit.actor(f"runner:{node}"))
+        self.metrics = Instruments()
         self._sub: JetStreamContext.PullSubscription | None = None
         self._tracer = tracing.tracer(__name__)
 
@@ -198,6 +200,10 @@ class NodeWorker:
                     await self._retired(msg, item)
                 return
             await self._audit("lease-acquired", task.task_id, _lease_detail(leases))
+            labels = {"cluster": self.cluster, "action": task.action}
+            self.metrics.lease_wait.record(sum(leases.waited.values()), labels)
+            self.metrics.executed.add(1, labels)
+            began = time.monotonic()
             now = time.time()
             rec = await self.status.update_node(
                 task.task_id,
@@ -245,6 +251,9 @@ class NodeWorker:
             keepalive.cancel()
             if leases is not None:
                 await asyncio.shield(leases.release())
+        self.metrics.succeeded.add(1, labels)
+        self.metrics.action_duration.record(time.monotonic() - began, labels)
+        self.metrics.end_to_end.record(max(time.time() - item.routed_at, 0.0), labels)
         await self._count(task.action, failed=False, leases=leases)
         await self.breaker.record_success()
         await self.status.update_node(
@@ -324,6 +333,7 @@ class NodeWorker:
             reason,
         )
         await self._audit(f"{step}-failed", task.task_id, reason)
+        self.metrics.failed.add(1, {"cluster": self.cluster, "action": task.action, "step": step})
         await self._count(task.action, failed=True, leases=leases)
         await self.breaker.record_failure(f"{task.task_id} on {self.node}: {reason}", trip=on_fire)
         rec = await self.status.update_node(task.task_id, self.node, failures=failures, error=reason)
@@ -333,6 +343,7 @@ class NodeWorker:
             return
         await self.status.update_node(task.task_id, self.node, state="retrying")
         delay = policy.retry_delay(task.taskerman_params.workqueue_args, failures)
+        self.metrics.retried.add(1, {"cluster": self.cluster, "action": task.action})
         with self._tracer.start_as_current_span("retry", attributes={"delay_s": delay, "failures": failures}):
             await self._settle(msg.nak(delay=delay))
         await self._audit(
@@ -361,6 +372,7 @@ class NodeWorker:
             item.task.task_id, self.node, state="dead", error=reason, finished_at=time.time()
         )
         await self._audit("dead-lettered", item.task.task_id, reason)
+        self.metrics.dead.add(1, {"cluster": self.cluster, "action": item.task.action})
         log.warning(
             "dead-lettered task_id=%s node=%s attempts=%d", item.task.task_id, self.node, rec.attempts
         )
