@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -124,14 +124,18 @@ class SlotSemaphore:
         deadline = None if max_wait is None else time.monotonic() + max_wait
         client = self.zk.client
         while True:
-            await client.ensure_path(self.path)
             changed = client.wait_for_events([WatchEvent.CHILDREN_CHANGED], self.path)
             try:
+                await client.ensure_path(self.path)
                 slot = await self._try_slots(holder)
                 if slot:
                     return slot
-                with contextlib.suppress(exc.NoNode):
-                    await client.get_children(self.path, watch=True)
+                try:
+                    children = await client.get_children(self.path, watch=True)
+                except exc.NoNode:
+                    continue  # the parent (a container) was reaped: ensure_path and try again
+                if {f"slot-{i}" for i in range(self.limit)} - set(children):
+                    continue  # a slot freed after _try_slots passed it, before the watch was set
                 wait = REPOLL_SECONDS
                 if deadline is not None:
                     wait = min(wait, deadline - time.monotonic())
@@ -139,9 +143,25 @@ class SlotSemaphore:
                         raise TimeoutError(f"no free slot of {self.limit} under {self.path} in {max_wait}s")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(changed), wait)
+            except exc.ZKError as e:
+                # a request cut off with its connection (aiozk raises its own TimeoutError); a create
+                # that did land is found again by our holder id on the next pass
+                log.warning("slot acquire retried path=%s error=%r", self.path, e)
+                if deadline is not None and time.monotonic() >= deadline:
+                    await self._abandon(holder)
+                    raise TimeoutError(f"zookeeper unavailable while waiting for {self.path}") from e
+                await asyncio.sleep(0.2)
             finally:
                 if not changed.done():
                     changed.cancel()
+
+    async def _abandon(self, holder: str) -> None:
+        """Delete any slot a cut-off create of ours may have left."""
+        with contextlib.suppress(exc.ZKError):
+            for i in range(self.limit):
+                slot = await self._own(f"{self.path}/slot-{i}", holder)
+                if slot:
+                    await self.release(slot)
 
     async def _try_slots(self, holder: str) -> Slot | None:
         client = self.zk.client
@@ -186,12 +206,13 @@ class SlotSemaphore:
 
     async def release(self, slot: Slot) -> None:
         """Delete the slot if it is still ours; a slot already gone is fine."""
-        try:
+
+        async def delete() -> None:
             data, stat = await self.zk.client.get(slot.path)
             if data == slot.holder.encode() and stat.created_zxid == slot.token:
                 await self.zk.client.delete(slot.path, force=True)
-        except exc.NoNode:
-            pass
+
+        await retry_while_session(self.zk, slot, delete)
 
     async def holders(self) -> list[str]:
         """Holder ids of the slots held now (for tests and `taskerman leases`)."""
@@ -204,6 +225,23 @@ class SlotSemaphore:
             with contextlib.suppress(exc.NoNode):
                 out.append((await self.zk.client.get_data(f"{self.path}/{child}")).decode())
         return out
+
+
+async def retry_while_session(zk: ZkSession, slot: Slot, op: Callable[[], Awaitable[None]]) -> None:
+    """Run a release `op` until it succeeds or there is nothing left to release. A request cut off
+    with its connection fails with aiozk's own error even when the session then resumes, and a
+    resumed session keeps its ephemeral nodes: so retry while the slot's session lives."""
+    while True:
+        try:
+            await op()
+            return
+        except exc.NoNode:
+            return
+        except exc.ZKError as e:
+            if zk.session_id != slot.session_id:
+                return  # that session is gone, and its ephemeral node with it
+            log.warning("release retried path=%s error=%r", slot.path, e)
+            await asyncio.sleep(0.2)
 
 
 async def read_json(zk: ZkSession, path: str, kind: type[_T]) -> _T | None:

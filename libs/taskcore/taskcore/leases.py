@@ -24,7 +24,7 @@ from aiozk import exc
 from aiozk.protocol import WatchEvent
 
 from taskcore import tracing
-from taskcore.coordination import REPOLL_SECONDS, Slot, SlotSemaphore, ZkSession
+from taskcore.coordination import REPOLL_SECONDS, Slot, SlotSemaphore, ZkSession, retry_while_session
 from taskcore.errors import LeaseLost
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,10 @@ class SharedSlots:
         deadline = None if max_wait is None else time.monotonic() + max_wait
         client = self.zk.client
         while True:
-            await client.ensure_path(self.path)
-            watched = [self.path]
             futures = [client.wait_for_events([WatchEvent.CHILDREN_CHANGED], self.path)]
+            retry_now = False
             try:
+                await client.ensure_path(self.path)
                 slots = await client.get_children(self.path, watch=True)
                 taken: set[str] = set()
                 for name in sorted(slots):
@@ -67,9 +67,11 @@ class SharedSlots:
                         continue
                     taken.add(name)
                     futures.append(client.wait_for_events([WatchEvent.CHILDREN_CHANGED], slot_path))
-                    watched.append(slot_path)
-                    with contextlib.suppress(exc.NoNode):
-                        await client.get_children(slot_path, watch=True)
+                    try:
+                        if not await client.get_children(slot_path, watch=True):
+                            retry_now = True  # emptied after we looked, before the watch was set
+                    except exc.NoNode:
+                        retry_now = True
                 for i in range(self.limit):
                     name = f"slot-{i}"
                     if name in taken:
@@ -80,6 +82,8 @@ class SharedSlots:
                     mine = await self._join(f"{self.path}/{name}", owner, holder)
                     if mine:
                         return mine
+                if retry_now:
+                    continue
                 wait = REPOLL_SECONDS
                 if deadline is not None:
                     wait = min(wait, deadline - time.monotonic())
@@ -89,6 +93,11 @@ class SharedSlots:
                         )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED), wait)
+            except exc.ZKError as e:  # cut off with its connection: look again (our member is found by id)
+                log.warning("shared slot acquire retried path=%s error=%r", self.path, e)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"zookeeper unavailable while waiting for {self.path}") from e
+                await asyncio.sleep(0.2)
             finally:
                 for f in futures:
                     if not f.done():
@@ -130,11 +139,15 @@ class SharedSlots:
 
     async def release(self, slot: Slot) -> None:
         """Leave; the last member out deletes the slot."""
-        with contextlib.suppress(exc.NoNode):
-            data = await self.zk.client.get_data(slot.path)
-            if data == slot.holder.encode():
-                await self.zk.client.delete(slot.path, force=True)
-        await self._delete_if_empty(slot.path.rsplit("/", 1)[0])
+
+        async def leave() -> None:
+            with contextlib.suppress(exc.NoNode):
+                data = await self.zk.client.get_data(slot.path)
+                if data == slot.holder.encode():
+                    await self.zk.client.delete(slot.path, force=True)
+            await self._delete_if_empty(slot.path.rsplit("/", 1)[0])
+
+        await retry_while_session(self.zk, slot, leave)
 
     async def owners(self) -> dict[str, list[str]]:
         """Owner of each slot now held, with its members' holder ids."""
@@ -234,5 +247,5 @@ class LeaseSet:
             lease, slot = self.held.pop()
             try:
                 await lease.release(slot)
-            except Exception as e:  # the slot frees with our session anyway
+            except Exception as e:  # releases retry while our session lives; this is past that
                 log.warning("lease release failed lease=%s error=%r", lease.name, e)

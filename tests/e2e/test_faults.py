@@ -1,0 +1,243 @@
+"""Faults with real processes: a lease holder paused past its ZooKeeper session, and ZooKeeper itself
+killed and restarted in the middle of a rolling task. The witness file (written by `test:sleep`, ending
+each interval at its last successful checkpoint) is the judge: never more than `limit` acting at once,
+nothing lost, and nobody acting once its session could have expired.
+
+What happens in the pause test, step by step (from the runner and ZooKeeper logs; session timeout 4 s,
+trust window 3 s = timeout minus a 25% margin):
+ 1. Runner A takes slot-0 of the task's semaphore (fencing token = the slot's czxid, T1) and starts its
+    8 s sleep; runner B fetches its item, finds the slot taken and waits on a children watch, keeping
+    its item claimed with in-progress acks.
+ 2. A is SIGSTOPped. ZooKeeper hears nothing from it; 4 s after A's last ping (~3.9 s after the stop)
+    it expires the session ("Expiring session 0x…, timeout of 4000ms exceeded") and deletes A's
+    ephemeral slot-0. A's own trust window had closed a second earlier, at last round trip + 3 s.
+ 3. B's watch fires, B creates slot-0 again (token T2 > T1) and starts its own 8 s sleep (~40 ms after
+    the expiry).
+ 4. A is SIGCONTed ~8 s after the stop, while B is mid-sleep. A's event loop first runs its overdue
+    timers: the sleep's checkpoint (or the runner's guard) finds the last ZooKeeper round trip ~8 s old,
+    far past the 3 s trust window, and raises LeaseLost before any further step. The witness interval
+    of A's first attempt ends at its last checkpoint before the stop. The runner logs
+    "released back task_id=… node=n1 step=execute_action error=zookeeper session untrusted
+    (state=connected, 8.4s since last round trip)", naks the item with a 2 s delay and marks the node
+    `retrying`. aiozk still says "connected": the server closed the connection during the pause, and
+    only the next write fails ("Exception during write", "Aborting connection"); ZooKeeper answers the
+    reconnect with "Invalid session 0x…, probably expired", and aiozk opens a new session. A's release
+    then finds slot-0 holding B's id and leaves it alone.
+ 5. The item comes back to A, which waits for the slot until B finishes and releases it, takes slot-0
+    (token T3 > T2) and runs its sleep again from scratch: attempt 2, no failure counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from taskcore import bus
+from taskcore.coordination import SAFETY_MARGIN
+from taskcore.launchers import NatsServer, ZooKeeperServer
+from taskcore.settings import Settings
+from taskcore.tracking import StatusStore
+
+from .conftest import Stack, max_concurrency, publish_raw, task_json, wait_final
+
+_T = TypeVar("_T")
+CLUSTER = "c1"
+PAUSE_SLEEP = 8.0  # the paused holder is still mid-action when it resumes
+PAUSE_FOR = 8.0  # twice the e2e session timeout
+SLACK = 0.5  # scheduling slack on a loaded machine, for bounds read off the witness
+
+
+async def eventually(probe: Callable[[], Awaitable[_T | None]], within: float, what: str, stack: Stack) -> _T:
+    """Poll `probe` until it returns something other than None."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        found = await probe()
+        if found is not None:
+            return found
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not within {within}s: {what}\n{stack.logs()}")
+
+
+def running(status: StatusStore, task_id: str, nodes: list[str]) -> Callable[[], Awaitable[list[str] | None]]:
+    """A probe: the nodes of `task_id` whose runner has its leases and is acting, when there are any."""
+
+    async def probe() -> list[str] | None:
+        found = []
+        for node in nodes:
+            rec = await status.get_node(task_id, node)
+            if rec is not None and rec.state == "running":
+                found.append(node)
+        return found or None
+
+    return probe
+
+
+def complete(interval: dict[str, Any], seconds: float) -> bool:
+    """Whether a witness interval covers the whole sleep (the attempt was not cut short)."""
+    return bool(interval["end"] - interval["start"] >= seconds - 0.01)
+
+
+async def test_paused_holder_loses_its_slot_and_acts_no_more(
+    stack: Stack, settings: Settings, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    task_id = "pause-1"
+    stack.router({CLUSTER: ["n1", "n2"]})
+    procs = {"n1": stack.runner(CLUSTER, ["n1"]), "n2": stack.runner(CLUSTER, ["n2"])}
+    await publish_raw(
+        js[1],
+        task_json(
+            action="test:sleep",
+            cluster_name=CLUSTER,
+            limit=1,
+            task_id=task_id,
+            taskerman_params={
+                "action_args": {"seconds": PAUSE_SLEEP},
+                "workqueue_args": {"retry_count": 2, "backoff": 0.5},
+            },
+        ),
+    )
+    [first] = await eventually(running(status, task_id, ["n1", "n2"]), 30, "a node running", stack)
+    other = "n2" if first == "n1" else "n1"
+    await asyncio.sleep(1.0)  # well inside execute_action
+    paused = procs[first]
+    stopped_at = time.time()
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        # The paused holder's session expires, its ephemeral slot goes, the other node takes over.
+        await eventually(running(status, task_id, [other]), 20, f"{other} taking over", stack)
+        await asyncio.sleep(max(0.5, stopped_at + PAUSE_FOR - time.time()))
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    resumed_at = time.time()
+    view = await wait_final(status, task_id, within=45, stack=stack)
+    logs = stack.logs()
+    runner_log = (stack.tmp / "taskerman-runner.log").read_text()  # both runners log here, with pids
+
+    assert view.state == "succeeded", logs
+    assert {n: r.state for n, r in view.nodes.items()} == {"n1": "succeeded", "n2": "succeeded"}
+    assert view.nodes[first].attempts == 2  # cut short once, then a run from scratch
+    assert view.nodes[first].failures == 0  # a lost lease is not the action's failure
+    assert view.nodes[other].attempts == 1
+    assert paused.poll() is None  # the paused runner survived its lost session
+
+    intervals = sorted((i for i in stack.intervals() if i["task_id"] == task_id), key=lambda i: i["start"])
+    assert [(i["node"], i["attempt"]) for i in intervals] == [(first, 1), (other, 1), (first, 2)], intervals
+    cut, took_over, rerun = intervals
+    assert max_concurrency(intervals) <= 1, intervals
+    # The paused holder did nothing after the stop: its interval ends at its last checkpoint before it.
+    assert cut["end"] <= stopped_at + SLACK, (cut, stopped_at)
+    assert not complete(cut, PAUSE_SLEEP)
+    # The other node acted during the pause, and was still acting when the paused one resumed.
+    assert took_over["start"] < resumed_at < took_over["end"], (took_over, resumed_at)
+    # The rerun came only after the slot was granted again; fencing tokens grow with every grant.
+    assert rerun["start"] >= took_over["end"]
+    assert complete(took_over, PAUSE_SLEEP)
+    assert complete(rerun, PAUSE_SLEEP)
+    tokens = [i["token"] for i in intervals]
+    assert tokens == sorted(tokens)
+    assert len(set(tokens)) == len(tokens), tokens
+    assert view.nodes[first].token == rerun["token"]
+    # LeaseLost (the session is untrusted), then a nak: released back, not failed.
+    assert any(
+        "released back" in line and f"node={first}" in line and "untrusted" in line
+        for line in runner_log.splitlines()
+    ), logs
+
+
+async def test_zookeeper_killed_and_restarted_mid_rollout(
+    nats_fresh: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """A ZooKeeper of this test's own (the session one cannot be killed): kill -9 it while two nodes
+    act, start it again on the same port and data 3 s later; the rollout finishes, nothing is lost.
+
+    Steps sleep 4 s, longer than the 3 s trust window, so the steps in flight at the kill must be
+    cut at a checkpoint. (With 1 s steps they legitimately finish inside the trust window, the
+    session cannot have expired yet; the outage is then caught by the lease check before post_check,
+    the item is released back and the node runs again: at least once, never unguarded.)
+
+    What happens (from the logs): the kill closes every client's connection; aiozk's read loop ends
+    quietly, so the session stays "connected" until a write fails (~2-3 s here) and aiozk suspends it,
+    or until the trust window runs out, whichever comes first; the runner's guard or the next
+    checkpoint raises LeaseLost ("session untrusted (state=suspended, 2.7s since last round trip)"), the
+    witness interval ends there, the item is nak'ed and the release waits for ZooKeeper. aiozk retries
+    the server after 4 s; the restarted server has restored the sessions from its log with a fresh
+    timeout, so the sessions resume (no "Expiring session" in its log), the pending releases delete
+    the old slots, the waiting nodes take them (new, larger czxids) and the rollout finishes."""
+    nodes = [f"node-{i}" for i in range(1, 7)]
+    seconds, limit, task_id = 4.0, 2, "zk-restart-1"
+    with ZooKeeperServer(tmp_path / "zk") as zk:
+        settings = Settings(
+            nats_url=nats_fresh.url,
+            zk_hosts=zk.hosts,
+            zk_chroot=f"/{prefix}",
+            zk_session_timeout=4.0,
+            home=tmp_path,
+            ack_wait=6.0,
+        )
+        stack = Stack(settings, tmp_path)
+        nc = await bus.connect(settings, "test")
+        try:
+            js = nc.jetstream()
+            await bus.provision(js, settings)
+            status = StatusStore(await bus.status_bucket(js))
+            stack.router({CLUSTER: nodes})
+            stack.runner(CLUSTER, nodes[:3])
+            stack.runner(CLUSTER, nodes[3:])
+            await publish_raw(
+                js,
+                task_json(
+                    action="test:sleep",
+                    cluster_name=CLUSTER,
+                    limit=limit,
+                    task_id=task_id,
+                    taskerman_params={
+                        "action_args": {"seconds": seconds},
+                        "workqueue_args": {"retry_count": 3, "backoff": 0.5},
+                    },
+                ),
+            )
+
+            async def two_running() -> list[str] | None:
+                found = await running(status, task_id, nodes)()
+                return found if found and len(found) >= limit else None
+
+            await eventually(two_running, 30, "the first nodes running", stack)
+            await asyncio.sleep(0.1)  # mid-action, well before the steps could finish
+            killed_at = time.time()
+            zk.kill()
+            await asyncio.sleep(3.0)
+            zk.start()
+            await asyncio.to_thread(zk.wait_ready)
+            restarted_at = time.time()
+            view = await wait_final(status, task_id, within=60, stack=stack)
+        finally:
+            stack.stop()
+            await nc.close()
+    logs = stack.logs()
+
+    assert view.state == "succeeded", logs
+    assert {n: r.state for n, r in view.nodes.items()} == dict.fromkeys(nodes, "succeeded")
+    intervals = [i for i in stack.intervals() if i["task_id"] == task_id]
+    assert max_concurrency(intervals) <= limit, intervals
+    for node in nodes:  # nothing lost: each node's successful attempt is a complete interval
+        [done] = [i for i in intervals if i["token"] == view.nodes[node].token and i["node"] == node]
+        assert complete(done, seconds), done
+    # Steps running when ZooKeeper died stopped at a checkpoint within the trust window; nobody acted
+    # while it was down beyond that window.
+    trusted_until = killed_at + settings.zk_session_timeout * (1 - SAFETY_MARGIN) + SLACK
+    hit = [i for i in intervals if i["start"] < killed_at]
+    assert len(hit) == limit, hit  # the kill did hit running steps
+    for i in hit:
+        assert i["end"] <= trusted_until, (i, killed_at)
+        if i["start"] + seconds > trusted_until:  # it would have outlasted the window: it was cut
+            assert not complete(i, seconds), i
+    for i in intervals:
+        acted_while_down = i["start"] < restarted_at and i["end"] > trusted_until
+        assert not acted_while_down, (i, killed_at, restarted_at)
