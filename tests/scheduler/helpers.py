@@ -9,7 +9,7 @@ from nats.js.errors import NotFoundError
 
 from taskcore import subjects
 from taskcore.model import Task, decode_task
-from taskerman_scheduler.schedules import SLOT_ID_PREFIX, SLOT_TIME_FORMAT
+from taskerman_scheduler.schedules import CLUSTER_SEP, SLOT_ID_PREFIX, SLOT_TIME_FORMAT
 
 
 async def published(js: JetStreamContext) -> list[tuple[str, Task]]:
@@ -27,11 +27,12 @@ async def published(js: JetStreamContext) -> list[tuple[str, Task]]:
 
 
 def slot_of(task_id: str, name: str) -> datetime | None:
-    """The slot time of a task id made by `slot_task_id(name, ...)`, or None for another schedule's."""
+    """The slot time of a task id made by `slot_task_id(name, ...)` (with or without a `~<cluster>`
+    suffix), or None for another schedule's or a manual run's."""
     prefix = f"{SLOT_ID_PREFIX}{name}-"
     if not task_id.startswith(prefix):
         return None
-    stamp = task_id.removeprefix(prefix)
-    if "-" in stamp:
+    stamp = task_id.removeprefix(prefix).split(CLUSTER_SEP, 1)[0]
+    if "-" in stamp or "." in stamp:
         return None
     return datetime.strptime(stamp, SLOT_TIME_FORMAT).replace(tzinfo=UTC)

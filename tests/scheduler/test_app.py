@@ -174,3 +174,65 @@ async def test_one_leader_emits_each_slot_once_across_a_sigkill(
     assert nocatch == sorted(set(nocatch))
     gaps = [b - a for a, b in itertools.pairwise(nocatch)]
     assert max(gaps) <= timedelta(seconds=stack.settings.zk_session_timeout + 3), gaps
+
+
+PATTERN = """\
+[[schedule]]
+name = "rep"
+cron = "* * * * * *"
+overlap = "allow"
+cluster_pattern = "cassandra:*"
+[schedule.task]
+action = "test:sleep"
+"""
+
+
+async def test_pattern_schedule_over_an_inventory_and_a_broken_reload(
+    stack: Stack, js: tuple[NATS, JetStreamContext]
+) -> None:
+    jsc = js[1]
+    clusters = ["cassandra:a", "cassandra:b", "cassandra:c"]
+    inventory = stack.inventory({**{c: ["n1"] for c in clusters}, "redis:x": ["n1"]})
+    path = stack.tmp / "schedules.toml"
+    path.write_text(PATTERN)
+    proc = stack.spawn("taskerman-scheduler", "--schedules", str(path), "--inventory", str(inventory))
+    log_path = stack.tmp / "taskerman-scheduler.log"
+
+    async def runs(name: str) -> dict[datetime, list[str]]:
+        """Task clusters per slot, the newest slot left out (its run may be going out now)."""
+        out: dict[datetime, list[str]] = {}
+        for msg_id, task in await published(jsc):
+            if (when := slot_of(msg_id, name)) is not None:
+                out.setdefault(when, []).append(task.cluster_name)
+        return {w: c for w, c in out.items() if w != max(out)}
+
+    async def two_runs() -> bool:
+        return len(await runs("rep")) >= 2
+
+    await _until(two_runs, "two runs of the pattern schedule", 45, stack)
+    for when, run in (await runs("rep")).items():
+        assert run == clusters, (when, run)  # one task per matching cluster, per slot
+
+    path.write_text(PATTERN.replace('cron = "* * * * * *"', 'cron = "61 * * * *"'))
+
+    async def rejected() -> bool:
+        return "schedule file reload rejected" in log_path.read_text()
+
+    await _until(rejected, "the broken reload logged", 20, stack)
+    assert "schedule[0] 'rep' (line 1): cron:" in log_path.read_text()
+    broken_at = datetime.now(UTC)
+
+    async def still_runs() -> bool:
+        return max(await runs("rep")) > broken_at + timedelta(seconds=1)
+
+    await _until(still_runs, "the last good schedule running on", 20, stack)
+    assert proc.poll() is None
+
+    path.write_text(PATTERN.replace('"rep"', '"rep2"'))
+
+    async def reloaded() -> bool:
+        return bool(await runs("rep2"))
+
+    await _until(reloaded, "the fixed file's schedule running", 20, stack)
+    assert "schedules reloaded count=1 added=['rep2'] removed=['rep']" in log_path.read_text()
+    assert _exits_on_sigterm(proc) == 0, stack.logs()

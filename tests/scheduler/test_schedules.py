@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
+import msgspec
 import pytest
 
 from taskcore.actions import ActionRegistry
@@ -13,12 +15,17 @@ from taskcore.subjects import decode_token
 from taskerman_scheduler.schedules import (
     Schedule,
     ScheduleError,
+    ScheduleFile,
     due_slots,
     load_schedules,
+    manual_task_id,
+    next_slots,
     parse_duration,
     parse_schedules,
+    slot_delay,
     slot_task_id,
 )
+from taskerman_scheduler.targets import matching
 
 GOOD = """\
 # maintenance
@@ -256,3 +263,157 @@ def test_slot_task_id() -> None:
     decode_task(b'{"action": "a:b", "cluster_name": "c", "task_id": "%s"}' % odd.encode())  # a valid id
     with pytest.raises(ValueError, match="aware"):
         slot_task_id("x", datetime(2025, 1, 1))
+
+
+TARGETS = """\
+[[schedule]]
+name = "repair"
+cron = "0 * * * *"
+overlap = "queue"
+jitter = "30s"
+cluster_pattern = "cassandra:*"
+[schedule.task]
+action = "test:sleep"
+owner = "gsi"
+
+[[schedule]]
+name = "pair"
+cron = "0 * * * *"
+clusters = ["a", "b c"]
+[schedule.task]
+action = "test:sleep"
+"""
+
+
+def test_parse_targets_queue_and_jitter(registry: ActionRegistry) -> None:
+    pattern, listed = parse_schedules(TARGETS, registry)
+    assert (pattern.overlap, pattern.jitter, pattern.cluster_pattern) == (
+        "queue",
+        timedelta(seconds=30),
+        "cassandra:*",
+    )
+    assert pattern.multi
+    assert pattern.target == "pattern 'cassandra:*'"
+    assert pattern.task.cluster_name == ""  # each task gets its own
+    task = pattern.task_for("cassandra:geo", "t1")
+    assert (task.cluster_name, task.task_id, task.owner) == ("cassandra:geo", "t1", "gsi")
+    assert listed.clusters == ("a", "b c")
+    assert listed.task_for("a", "t2").owner == "schedule:pair"
+    single = parse_schedules(GOOD, registry)[0]
+    assert not single.multi
+    assert single.target == "cluster 'demo:web'"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "needle"),
+    [
+        ('cluster_pattern = "cassandra:*"', "", "task.cluster_name", "exactly one"),
+        (
+            'cluster_pattern = "cassandra:*"',
+            'cluster_pattern = "x"\nclusters = ["a"]',
+            "cluster",
+            "exactly one",
+        ),
+        ('owner = "gsi"', 'owner = "gsi"\ncluster_name = "a"', "cluster_pattern", "exactly one"),
+        ('cluster_pattern = "cassandra:*"', 'cluster_pattern = " "', "cluster_pattern", "blank"),
+        ('cluster_pattern = "cassandra:*"', "clusters = []", "clusters", "at least one"),
+        ('cluster_pattern = "cassandra:*"', 'clusters = ["a", "a"]', "clusters[1]", "twice"),
+        ('cluster_pattern = "cassandra:*"', 'clusters = ["a", ""]', "clusters[1]", "length"),
+        ('owner = "gsi"', 'nodes = ["n1"]', "task.nodes", "one cluster"),
+        ('jitter = "30s"', 'jitter = "soon"', "jitter", "duration"),
+        ('jitter = "30s"', "jitter = -1", "jitter", "negative"),
+    ],
+)
+def test_target_errors(registry: ActionRegistry, old: str, new: str, field: str, needle: str) -> None:
+    e = _error(TARGETS.replace(old, new, 1), registry)
+    assert (e.index, e.name) == (0, "repair")
+    assert e.field is not None
+    assert e.field.startswith(field), e
+    assert needle in e.problem, e
+
+
+def test_jitter_is_deterministic_and_bounded() -> None:
+    jitter = timedelta(seconds=30)
+    slots = [T0 + timedelta(minutes=n) for n in range(200)]
+    delays = [slot_delay("repair", s, jitter) for s in slots]
+    assert delays == [slot_delay("repair", s, jitter) for s in slots]  # what every replica computes
+    assert all(timedelta(0) <= d < jitter for d in delays)
+    assert len(set(delays)) > 150  # spread over the window, per slot
+    assert delays != [slot_delay("other", s, jitter) for s in slots]  # per schedule too
+    assert slot_delay("repair", slots[0].astimezone(ZoneInfo("Asia/Tokyo")), jitter) == delays[0]
+    assert slot_delay("repair", slots[0], timedelta(0)) == timedelta(0)
+
+
+def test_due_slots_wait_for_their_jitter() -> None:
+    s = msgspec.structs.replace(_sched("* * * * *"), jitter=timedelta(seconds=40))
+    delay = slot_delay("s", T0, s.jitter)
+    before = T0 - timedelta(seconds=1)
+    assert due_slots(s, before, T0 + delay - timedelta(milliseconds=1)) == []
+    assert due_slots(s, before, T0 + delay) == [T0]
+    # a jittered slot is not "missed" while it waits: the window widens by the jitter
+    assert due_slots(s, None, T0 + delay, grace=timedelta(seconds=1)) == [T0]
+    assert [slot for slot, _ in next_slots(s, T0, 3)] == [T0 + timedelta(minutes=n) for n in (1, 2, 3)]
+    assert all(emit - slot == slot_delay("s", slot, s.jitter) for slot, emit in next_slots(s, T0, 3))
+
+
+def test_ids_per_cluster_and_manual_runs_never_collide() -> None:
+    slot = datetime(2025, 1, 15, 4, 0, 5, tzinfo=UTC)
+    base = slot_task_id("n", slot)
+    per = {slot_task_id("n", slot, c) for c in ("a", "b", "a~b", "a b", "ü")}
+    assert len(per) == 5
+    assert all(i.startswith(base + "~") for i in per)
+    manual = manual_task_id("n", slot)
+    assert manual == "sched-n-manual-20250115T040005.000"
+    assert manual_task_id("n", slot, "a") == manual + "~a"
+    assert manual != slot_task_id("n-manual", slot)  # a slot id never has a `.`
+    long_cluster = "c" * 400
+    long_id = slot_task_id("n", slot, long_cluster)
+    assert len(long_id) <= 200
+    assert long_id != slot_task_id("n", slot, "d" * 400)
+    decode_task(b'{"action": "a:b", "cluster_name": "c", "task_id": "%s"}' % long_id.encode())
+
+
+def test_too_long_a_name_is_rejected(registry: ActionRegistry) -> None:
+    e = _error(GOOD.replace('"every second"', '"' + "x" * 160 + '"'), registry)
+    assert (e.index, e.field) == (1, "name")
+    assert "too long" in e.problem
+
+
+def test_schedule_file_reload(registry: ActionRegistry, tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(GOOD)
+    source = ScheduleFile(path, registry)
+    assert [s.name for s in source.load()] == ["nightly-restart", "every second"]
+    assert source.poll() is None  # unchanged
+    path.write_text(GOOD.replace('"every second"', '"each second"'))
+    changed = source.poll()
+    assert changed is not None
+    assert [s.name for s in changed] == ["nightly-restart", "each second"]
+    path.write_text(GOOD.replace('cron = "0 3 * * *"', 'cron = "0 25 * * *"'))
+    with pytest.raises(ScheduleError, match="cron"):
+        source.poll()
+    assert source.poll() is None  # a broken change is reported once
+    path.unlink()
+    with pytest.raises(ScheduleError, match="cannot read"):
+        source.poll()
+
+
+def test_matching_clusters() -> None:
+    known = ["cassandra:b", "cassandra:a", "Cassandra:X", "redis:a", "cassandra:a"]
+    assert matching("cassandra:*", known) == ["cassandra:a", "cassandra:b"]
+    assert matching("*:a", known) == ["cassandra:a", "redis:a"]
+    assert matching("nothing", known) == []
+
+
+def test_the_readme_example_parses(registry: ActionRegistry) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Schedules", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    nightly, weekly, hourly = parse_schedules(example, registry, source="README.md")
+    assert (nightly.task.cluster_name, nightly.jitter, nightly.catchup) == (
+        "demo:web",
+        timedelta(minutes=5),
+        timedelta(hours=2),
+    )
+    assert (weekly.overlap, weekly.cluster_pattern) == ("queue", "cassandra:*")
+    assert hourly.clusters == ("redis:sessions", "postgres:billing")

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from taskcore import audit
 from taskcore.actions import ActionRegistry
 from taskcore.coordination import ZkSession
 from taskcore.errors import LeaseLost
 from taskcore.model import TaskRecord, decode_task
+from taskcore.registry import Registration
 from taskcore.tracking import StatusStore
-from taskerman_scheduler.schedules import Schedule, slot_task_id
-from taskerman_scheduler.service import Scheduler, ScheduleState, StateStore
+from taskerman_scheduler import control
+from taskerman_scheduler.control import PauseFlag
+from taskerman_scheduler.schedules import Schedule, UnknownSchedule, slot_task_id
+from taskerman_scheduler.service import Scheduler
+from taskerman_scheduler.state import ScheduleState, StateStore
 
 from .helpers import published, slot_of
 
@@ -53,7 +59,9 @@ async def test_leaders_continue_each_other_and_skip_overlapping_runs(
     first_skip = slot_task_id("one at a time", _sec(-1))
     assert await a.tick(slot_a, now=_sec(2)) == 2  # the skip schedule's first run is still pending
     state, _ = await StateStore(zk).load("one at a time")
-    assert state == ScheduleState(last_slot=_sec(2), last_task_id=first_skip)
+    assert state is not None
+    assert (state.last_slot, state.run_ids, state.skipped) == (_sec(2), (first_skip,), 3)  # 0, 1, 2
+    assert "unfinished" in state.last_skip
 
     record = await status.get_task(first_skip)
     assert record is not None
@@ -77,7 +85,8 @@ async def test_leaders_continue_each_other_and_skip_overlapping_runs(
     assert len(ids) == len(set(ids))
     for msg_id, task in published_tasks:
         assert task.task_id == msg_id
-        assert msgspec.structs.replace(task, task_id="") == TEMPLATE
+        assert task.owner.startswith("schedule:")  # the template has none: the schedule is named
+        assert msgspec.structs.replace(task, task_id="", owner="") == TEMPLATE
     each = sorted(s for i in ids if (s := slot_of(i, "each")))
     assert each == [_sec(n) for n in range(-1, 6)]  # every slot exactly once, no gap
     skip = sorted(s for i in ids if (s := slot_of(i, "one=20at=20a=20time")))
@@ -127,3 +136,120 @@ async def test_submit_validates_assigns_ids_and_reports_duplicates(
     assert again.task_id == reply.task_id
     assert again.duplicate
     assert [i for i, _ in await published(js[1])] == [reply.task_id]
+
+
+async def _finish(status: StatusStore, task_id: str) -> None:
+    record = await status.get_task(task_id)
+    assert record is not None
+    await status.put_task(task_id, msgspec.structs.replace(record, state="succeeded"))
+
+
+async def test_queue_overlap_waits_for_the_run_and_keeps_one(
+    js: tuple[NATS, JetStreamContext], zk: ZkSession, status: StatusStore
+) -> None:
+    nc, jsc = js
+    queued = Schedule(name="q", cron="* * * * * *", overlap="queue", task=TEMPLATE)
+    s = Scheduler(nc, jsc, zk, status, ActionRegistry.installed(), schedules=[queued], holder="x")
+    slot = await s.leader.acquire(s.holder)
+    first, second = slot_task_id("q", _sec(-1)), slot_task_id("q", _sec(0))
+
+    assert await s.tick(slot, now=_sec(0)) == 1  # -1 runs; 0 waits for it
+    state, _ = await StateStore(zk).load("q")
+    assert state is not None
+    assert (state.last_task_id, state.queued_slot, state.skipped) == (first, _sec(0), 0)
+    assert await s.tick(slot, now=_sec(2)) == 0  # 1 and 2: one run waits already, so they are skipped
+    state, _ = await StateStore(zk).load("q")
+    assert state is not None
+    assert (state.queued_slot, state.skipped, state.last_slot) == (_sec(0), 2, _sec(2))
+    assert "queued already" in state.last_skip
+
+    await _finish(status, first)
+    assert await s.tick(slot, now=_sec(2)) == 1  # the run finished: the waiting slot goes out
+    state, _ = await StateStore(zk).load("q")
+    assert state is not None
+    assert (state.last_task_id, state.queued_slot) == (second, None)
+    assert await s.tick(slot, now=_sec(3)) == 0  # and 3 waits for it in turn
+    state, _ = await StateStore(zk).load("q")
+    assert state is not None
+    assert state.queued_slot == _sec(3)
+    assert [i for i, _ in await published(jsc)] == [first, second]  # by its own slot's id
+    kinds = [e.kind for e in await audit.task_events(jsc, slot_task_id("q", _sec(1)))]
+    assert kinds == ["skipped"]
+
+
+async def test_pause_skips_slots_and_trigger_runs_now(
+    js: tuple[NATS, JetStreamContext], zk: ZkSession, status: StatusStore
+) -> None:
+    nc, jsc = js
+    skip = Schedule(name="p", cron="* * * * * *", overlap="skip", task=TEMPLATE)
+    s = Scheduler(nc, jsc, zk, status, ActionRegistry.installed(), schedules=[skip], holder="x")
+    slot = await s.leader.acquire(s.holder)
+    assert await control.pause(zk, "p", PauseFlag(by="ops", reason="maintenance")) is None
+    assert await s.tick(slot, now=_sec(0)) == 0
+    assert await s.tick(slot, now=_sec(3)) == 0
+    state, _ = await StateStore(zk).load("p")
+    assert state is not None
+    assert (state.skipped, state.last_slot, state.run_ids) == (5, _sec(3), ())  # -1 … 3
+    assert "paused by ops (maintenance)" in state.last_skip
+    events = await audit.task_events(jsc, slot_task_id("p", _sec(2)))
+    assert [(e.kind, "paused by ops" in e.detail) for e in events] == [("skipped", True)]
+
+    # A manual run goes out while paused (an operator asked), and is the run `skip` waits for.
+    ids = await s.trigger("p", slot, now=_sec(3) + timedelta(milliseconds=250), by="ops")
+    assert ids == ("sched-p-manual-20300101T120003.250",)
+    assert await control.resume(zk, "p") is not None
+    assert await s.tick(slot, now=_sec(5)) == 0  # 4 and 5: the manual run is unfinished
+    await _finish(status, ids[0])
+    assert await s.tick(slot, now=_sec(6)) == 1  # resumed: only slots after the pause, no catch-up
+    assert [i for i, _ in await published(jsc)] == [*ids, slot_task_id("p", _sec(6))]
+    with pytest.raises(UnknownSchedule, match="'p'"):
+        await s.trigger("nope", slot)
+
+
+async def test_pattern_schedule_targets_inventory_and_registry_clusters(
+    js: tuple[NATS, JetStreamContext], zk: ZkSession, status: StatusStore, tmp_path: Path
+) -> None:
+    nc, jsc = js
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text(
+        '[clusters."cassandra:a"]\nnodes = ["n1"]\n[clusters."cassandra:b"]\nnodes = ["n1"]\n'
+        '[clusters."redis:x"]\nnodes = ["n1"]\n'
+    )
+    await Registration(zk, "cassandra:c", "n1", "1.0", []).register()  # known from the registry only
+    template = msgspec.structs.replace(TEMPLATE, cluster_name="", nodes=())
+    pattern = Schedule(
+        name="rep", cron="* * * * * *", overlap="allow", cluster_pattern="cassandra:*", task=template
+    )
+    none = Schedule(
+        name="none", cron="* * * * * *", overlap="allow", cluster_pattern="kafka:*", task=template
+    )
+    s = Scheduler(
+        nc,
+        jsc,
+        zk,
+        status,
+        ActionRegistry.installed(),
+        schedules=[pattern, none],
+        inventory=inventory,
+        holder="x",
+    )
+    slot = await s.leader.acquire(s.holder)
+    assert await s.tick(slot, now=_sec(0)) == 6  # slots -1 and 0, three clusters each
+
+    tasks = await published(jsc)
+    clusters = ["cassandra:a", "cassandra:b", "cassandra:c"]
+    for n, when in enumerate((_sec(-1), _sec(0))):
+        run = tasks[3 * n : 3 * n + 3]
+        assert [t.cluster_name for _, t in run] == clusters
+        assert [i for i, _ in run] == [slot_task_id("rep", when, c) for c in clusters]
+        assert {slot_of(i, "rep") for i, _ in run} == {when}
+        assert all(t.owner == "schedule:rep" and t.task_id == i for i, t in run)
+    emitted = await audit.task_events(jsc, slot_task_id("rep", _sec(0), "cassandra:b"))
+    assert [e.detail for e in emitted] == [f"schedule rep, slot {_sec(0).isoformat()}, cluster 2 of 3"]
+    state, _ = await StateStore(zk).load("rep")
+    assert state is not None
+    assert state.run_ids == tuple(slot_task_id("rep", _sec(0), c) for c in clusters)
+    nothing, _ = await StateStore(zk).load("none")
+    assert nothing is not None
+    assert nothing.skipped == 2
+    assert "no known cluster matches 'kafka:*'" in nothing.last_skip

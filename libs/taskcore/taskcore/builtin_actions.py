@@ -1,4 +1,5 @@
-"""Built-in actions: `test:sleep` for testing the machinery, `demo:restart` for the demo fleet."""
+"""Built-in actions: `test:sleep` for testing the machinery, `taskerman:ping` for the heartbeat
+canary (`demo:restart`, for the demo fleet, lives in demo_fleet)."""
 
 from __future__ import annotations
 
@@ -93,3 +94,22 @@ class TestRepair(TestSleep):
 
     name = "test:repair"
     exclusion_groups = ("io",)
+
+
+class Ping(Action):
+    """`taskerman:ping`, the heartbeat canary's action: it does nothing, fast, so that a task crossing
+    the whole pipeline (scheduler, router, a runner's leases and steps) measures the pipeline and not
+    the work. Its checks are trivial: each step only confirms that the runner can still vouch for its
+    leases (a runner with an untrusted ZooKeeper session fails the ping, as it should)."""
+
+    name = "taskerman:ping"
+    version = "1.0"
+
+    async def pre_check(self, ctx: ActionContext) -> None:
+        ctx.checkpoint()
+
+    async def execute_action(self, ctx: ActionContext) -> None:
+        ctx.checkpoint()
+
+    async def post_check(self, ctx: ActionContext) -> None:
+        ctx.checkpoint()

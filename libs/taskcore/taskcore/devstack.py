@@ -26,6 +26,7 @@ from taskcore.settings import Settings
 CLUSTER = "demo:web"
 STACK_FILE = "stack.json"
 SERVICE_BASE_PORT = 18080
+CANARY_EVERY = 10  # seconds between the scheduler's taskerman:ping tasks to the demo cluster
 STOP_TIMEOUT = 10.0
 SETTLE_S = 1.0
 NATS_READY_S = 30.0
@@ -275,11 +276,13 @@ class _Starter:
         self.record(StackProcess(name=name, pid=pid, command=argv, cluster=cluster, node=node, log=str(log)))
 
     def services(self, fleet: list[tuple[str, Path, int]]) -> None:
-        """The router (static discovery from the inventory), the scheduler, and one runner per node."""
+        """The router (static discovery from the inventory), the scheduler (pinging the demo cluster
+        as its heartbeat canary), and one runner per node."""
         self.spawn(
             "router", [str(_script("taskerman-router")), "--inventory", str(self.home / "inventory.toml")]
         )
-        self.spawn("scheduler", [str(_script("taskerman-scheduler"))])
+        canary = ["--canary-cluster", CLUSTER, "--canary-every", str(CANARY_EVERY)]
+        self.spawn("scheduler", [str(_script("taskerman-scheduler")), *canary])
         for node, config, _ in fleet:
             self.spawn("runner", [str(_script("taskerman-runner")), "--config", str(config)], node=node)
 

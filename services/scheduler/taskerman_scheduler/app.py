@@ -1,4 +1,4 @@
-"""taskerman-scheduler: wires settings, NATS, ZooKeeper, the schedule file and the Scheduler."""
+"""taskerman-scheduler: wires settings, NATS, ZooKeeper, the schedule file, the canary and the Scheduler."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ from pathlib import Path
 
 from taskcore import service
 from taskcore.actions import ActionRegistry
+from taskcore.errors import InvalidTask
+from taskcore.model import check_task
 from taskcore.settings import Settings
-from taskerman_scheduler.schedules import Schedule, ScheduleError, load_schedules
+from taskerman_scheduler.canary import DEFAULT_EVERY, MIN_EVERY, CanaryConfig, ping_task
+from taskerman_scheduler.schedules import Schedule, ScheduleError, ScheduleFile
 from taskerman_scheduler.service import Scheduler
 
 log = logging.getLogger(__name__)
+EXIT_INVALID = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,23 +26,89 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="taskerman-scheduler",
         description="Emit tasks from cron schedules (one leader among replicas) and serve submissions.",
     )
-    p.add_argument("--schedules", type=Path, help="TOML schedule file ([[schedule]] tables)")
+    p.add_argument(
+        "--schedules", type=Path, help="TOML schedule file ([[schedule]] tables); re-read when it changes"
+    )
+    p.add_argument(
+        "--inventory",
+        type=Path,
+        help="the router's inventory TOML: its clusters (with those of registered runners) are the ones "
+        "a cluster_pattern schedule can match",
+    )
+    p.add_argument("--canary-cluster", help="send a taskerman:ping task to this cluster every period")
+    p.add_argument(
+        "--canary-every",
+        type=float,
+        default=DEFAULT_EVERY,
+        metavar="SECONDS",
+        help=f"the canary's period (default {DEFAULT_EVERY:g}, at least {MIN_EVERY:g})",
+    )
+    p.add_argument(
+        "--canary-discovery", default="static", help="discovery plugin for the canary cluster (static)"
+    )
     return p.parse_args(argv)
 
 
-async def amain(schedules: list[Schedule], registry: ActionRegistry, stop: asyncio.Event) -> int:
+def canary_config(args: argparse.Namespace, registry: ActionRegistry) -> CanaryConfig | None:
+    """The canary the flags ask for; ValueError saying what is wrong."""
+    if args.canary_cluster is None:
+        return None
+    if args.canary_every < MIN_EVERY:
+        raise ValueError(f"--canary-every must be at least {MIN_EVERY:g} seconds, got {args.canary_every:g}")
+    config = CanaryConfig(
+        cluster=args.canary_cluster, every=args.canary_every, discovery=args.canary_discovery
+    )
+    try:
+        task = ping_task(config, "check")
+        check_task(task)
+        registry.resolve(task)
+    except InvalidTask as e:
+        raise ValueError(f"--canary-cluster: the ping task is invalid: {e}") from e
+    return config
+
+
+async def amain(
+    args: argparse.Namespace,
+    stop: asyncio.Event,
+    *,
+    source: ScheduleFile | None,
+    schedules: list[Schedule],
+    canary: CanaryConfig | None,
+    registry: ActionRegistry,
+) -> int:
     async with service.connected(Settings.from_env(), "taskerman-scheduler") as c:
-        log.info("scheduler started schedules=%s", [s.name for s in schedules])
-        await Scheduler(c.nc, c.js, c.zk, c.status, registry, schedules=schedules).run(stop)
+        log.info(
+            "scheduler started schedules=%s canary=%s inventory=%s",
+            [s.name for s in schedules],
+            f"{canary.cluster} every {canary.every:g}s" if canary else None,
+            args.inventory,
+        )
+        scheduler = Scheduler(
+            c.nc,
+            c.js,
+            c.zk,
+            c.status,
+            registry,
+            schedules=schedules,
+            source=source,
+            inventory=args.inventory,
+            canary=canary,
+        )
+        await scheduler.run(stop)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     registry = ActionRegistry.installed()
+    source = ScheduleFile(args.schedules, registry) if args.schedules else None
     try:
-        schedules = load_schedules(args.schedules, registry) if args.schedules else []
-    except ScheduleError as e:
+        schedules = source.load() if source else []
+        canary = canary_config(args, registry)
+    except (ScheduleError, ValueError) as e:
         print(f"taskerman-scheduler: {e}", file=sys.stderr)
-        return 2
-    return service.run("taskerman-scheduler", lambda stop: amain(schedules, registry, stop))
+        return EXIT_INVALID
+    return service.run(
+        "taskerman-scheduler",
+        lambda stop: amain(args, stop, source=source, schedules=schedules, canary=canary, registry=registry),
+    )

@@ -1,15 +1,23 @@
 """Declarative schedules: parsing a TOML schedule file, and which cron slots are due (pure).
 
-A slot is an instant (UTC) at which a schedule's cron expression fires in its time zone. Each slot
-has a deterministic task id, used as both the task's `task_id` and its `Nats-Msg-Id`, so the same
-slot can never be stored twice in `tasks.global`, even by two schedulers that both believe they lead.
+A slot is an instant (UTC) at which a schedule's cron expression fires in its time zone; with
+`jitter` it is emitted a little later, by a delay derived from a hash of the schedule name and the
+slot, so every replica agrees on it. Each slot has a deterministic task id per target cluster, used
+as both the task's `task_id` and its `Nats-Msg-Id`, so the same slot can never be stored twice in
+`tasks.global`, even by two schedulers that both believe they lead.
+
+Task ids (the name is subject-token encoded: it never holds `~`, `.` or whitespace):
+    sched-<name>-<yyyymmddThhmmss>                    a slot of a one-cluster schedule
+    sched-<name>-<yyyymmddThhmmss>~<cluster>          a slot, per cluster of a list or pattern schedule
+    sched-<name>-manual-<yyyymmddThhmmss.mmm>[~<c>]   a manual trigger (`taskerman schedules trigger`)
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -20,14 +28,18 @@ from croniter import CroniterError, croniter  # type: ignore[import-untyped]
 
 from taskcore.actions import ActionRegistry
 from taskcore.errors import InvalidTask, TaskermanError
-from taskcore.model import Task, check_task, invalid_from
+from taskcore.model import Name, Task, check_task, invalid_from
 from taskcore.subjects import encode_token
 
-Overlap = Literal["skip", "allow"]
-OVERLAPS: tuple[Overlap, ...] = ("skip", "allow")
+Overlap = Literal["skip", "allow", "queue"]
+OVERLAPS: tuple[Overlap, ...] = ("skip", "allow", "queue")
 SLOT_ID_PREFIX = "sched-"
 SLOT_TIME_FORMAT = "%Y%m%dT%H%M%S"
+MANUAL_MARK = "manual-"
 MAX_TASK_ID = 200  # `Task.task_id`'s max_length
+CLUSTER_SEP = "~"  # never in an encoded token, so `<id>~<cluster>` cannot be mistaken for another id
+_HASHED_CLUSTER = 2 + 16  # `~#` + 16 hex digits: a cluster token too long for the id is hashed
+_LONGEST_STAMP = len(MANUAL_MARK) + len("20000101T000000.000")
 # Slots later than their time by at most this much are on time, not "missed": it covers the tick
 # period and a leader failover. The scheduler passes its own (session timeout + ticks).
 DEFAULT_GRACE = timedelta(seconds=5)
@@ -70,19 +82,50 @@ class ScheduleError(TaskermanError):
         super().__init__(": ".join([*where, problem]))
 
 
+class UnknownSchedule(TaskermanError):
+    """A request names a schedule that is not in the running set."""
+
+
 class Schedule(msgspec.Struct, frozen=True, kw_only=True):
-    """One validated schedule. `task` is the template: every field of the wire task except the id."""
+    """One validated schedule. `task` is the template: every field of the wire task except the id.
+
+    It targets one cluster (`task.cluster_name`), a list (`clusters`) or every known cluster whose
+    name matches `cluster_pattern` (fnmatch); for the last two the template's `cluster_name` is
+    empty and each emitted task gets its own."""
 
     name: str
     cron: str
     timezone: str = "UTC"
     overlap: Overlap = "skip"
     catchup: timedelta = timedelta(0)
+    jitter: timedelta = timedelta(0)
+    clusters: tuple[str, ...] = ()
+    cluster_pattern: str = ""
     task: Task
 
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    @property
+    def multi(self) -> bool:
+        """Whether the schedule targets a list or a pattern (task ids then name the cluster)."""
+        return bool(self.clusters or self.cluster_pattern)
+
+    @property
+    def target(self) -> str:
+        """The target, for people: `cluster "a"`, `clusters "a", "b"` or `pattern "cassandra:*"`."""
+        if self.cluster_pattern:
+            return f"pattern {self.cluster_pattern!r}"
+        if self.clusters:
+            return "clusters " + ", ".join(repr(c) for c in self.clusters)
+        return f"cluster {self.task.cluster_name!r}"
+
+    def task_for(self, cluster: str, task_id: str) -> Task:
+        """The task of one run on one cluster; a template without an owner names the schedule."""
+        return msgspec.structs.replace(
+            self.task, cluster_name=cluster, task_id=task_id, owner=self.task.owner or f"schedule:{self.name}"
+        )
 
 
 class _RawSchedule(msgspec.Struct, forbid_unknown_fields=True):
@@ -94,6 +137,9 @@ class _RawSchedule(msgspec.Struct, forbid_unknown_fields=True):
     timezone: str = "UTC"
     overlap: str = "skip"
     catchup: str | int | float = 0
+    jitter: str | int | float = 0
+    clusters: list[str] | None = None
+    cluster_pattern: str | None = None
 
 
 class _RawFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -128,19 +174,52 @@ def check_cron(expr: str) -> None:
         raise ValueError(f"invalid cron expression {expr!r}: {e}") from e
 
 
-def slot_task_id(name: str, slot: datetime) -> str:
-    """The task id (and Nats-Msg-Id) of one slot: `sched-<name token>-<UTC yyyymmddThhmmss>`.
+def slot_task_id(name: str, slot: datetime, cluster: str | None = None) -> str:
+    """The task id (and Nats-Msg-Id) of one slot: `sched-<name token>-<UTC yyyymmddThhmmss>`, and
+    `~<cluster token>` after it for one cluster of a list or pattern schedule.
 
-    The name is subject-token encoded (reversible, no whitespace, `*` or `>`) and the time has a
-    fixed width, so different (name, slot) pairs never share an id."""
+    The name is subject-token encoded (reversible, no whitespace, `*`, `>` or `~`) and the time has
+    a fixed width, so different (name, slot, cluster) triples never share an id."""
     if slot.tzinfo is None:
         raise ValueError("slot must be timezone-aware")
-    return f"{SLOT_ID_PREFIX}{encode_token(name)}-{slot.astimezone(UTC).strftime(SLOT_TIME_FORMAT)}"
+    stamp = slot.astimezone(UTC).strftime(SLOT_TIME_FORMAT)
+    return with_cluster(f"{SLOT_ID_PREFIX}{encode_token(name)}-{stamp}", cluster)
+
+
+def manual_task_id(name: str, at: datetime, cluster: str | None = None) -> str:
+    """The task id of a manual run: `sched-<name token>-manual-<yyyymmddThhmmss.mmm>[~<cluster>]`.
+    The `.` never occurs in a slot's id, so a manual run cannot take a slot's id."""
+    if at.tzinfo is None:
+        raise ValueError("the trigger time must be timezone-aware")
+    utc = at.astimezone(UTC)
+    stamp = f"{utc.strftime(SLOT_TIME_FORMAT)}.{utc.microsecond // 1000:03d}"
+    return with_cluster(f"{SLOT_ID_PREFIX}{encode_token(name)}-{MANUAL_MARK}{stamp}", cluster)
+
+
+def with_cluster(base: str, cluster: str | None) -> str:
+    """`<base>~<cluster token>`, or with a hash of the name when the token would not fit in an id."""
+    if cluster is None:
+        return base
+    task_id = f"{base}{CLUSTER_SEP}{encode_token(cluster)}"
+    if len(task_id) > MAX_TASK_ID:
+        task_id = f"{base}{CLUSTER_SEP}#{hashlib.sha256(cluster.encode()).hexdigest()[:16]}"
+    return task_id
+
+
+def slot_delay(name: str, slot: datetime, jitter: timedelta) -> timedelta:
+    """How long after `slot` it is emitted: a fraction of `jitter` fixed by a hash of the schedule
+    name and the slot (in [0, jitter), millisecond steps), so every replica computes the same."""
+    if jitter <= timedelta(0):
+        return timedelta(0)
+    key = f"{name}\n{slot.astimezone(UTC).isoformat()}".encode()
+    fraction = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
+    return timedelta(milliseconds=int(jitter / timedelta(milliseconds=1) * fraction))
 
 
 def window_start(schedule: Schedule, now: datetime, grace: timedelta = DEFAULT_GRACE) -> datetime:
-    """The oldest instant (exclusive) a slot may have and still be emitted at `now`."""
-    return now - max(schedule.catchup, grace)
+    """The oldest instant (exclusive) a slot may have and still be emitted at `now` (its jitter
+    delays a slot's emission, so it widens the window by as much)."""
+    return now - max(schedule.catchup, grace) - schedule.jitter
 
 
 def due_slots(
@@ -151,29 +230,49 @@ def due_slots(
     grace: timedelta = DEFAULT_GRACE,
     limit: int = MAX_SLOTS_PER_CALL,
 ) -> list[datetime]:
-    """The schedule's slots in `(last_emitted, now]`, oldest first, as UTC datetimes.
+    """The schedule's slots in `(last_emitted, now]` that are due, oldest first, as UTC datetimes.
 
-    Slots before `now - max(catchup, grace)` were missed while no scheduler ran and are left out,
-    whether `last_emitted` is older than that or unknown (None). When a repeated local hour (DST
-    ends) makes a fixed-time job fire twice at the same wall-clock time, only the first counts, as
-    in Vixie cron; jobs with a wildcard hour keep running in real time. At most `limit` slots."""
+    Slots before `now - max(catchup, grace) - jitter` were missed while no scheduler ran and are
+    left out, whether `last_emitted` is older than that or unknown (None). With jitter a slot is
+    due once its delay has passed too; the first slot not yet due ends the list (slots go out in
+    order). When a repeated local hour (DST ends) makes a fixed-time job fire twice at the same
+    wall-clock time, only the first counts, as in Vixie cron; jobs with a wildcard hour keep running
+    in real time. At most `limit` slots."""
     if now.tzinfo is None or (last_emitted is not None and last_emitted.tzinfo is None):
         raise ValueError("due_slots needs timezone-aware datetimes")
     start = window_start(schedule, now, grace)
     if last_emitted is not None and last_emitted > start:
         start = last_emitted
+    out: list[datetime] = []
+    for slot in slots_after(schedule, start):
+        if len(out) >= limit or slot + slot_delay(schedule.name, slot, schedule.jitter) > now:
+            break
+        out.append(slot)
+    return out
+
+
+def slots_after(schedule: Schedule, start: datetime) -> Iterator[datetime]:
+    """The schedule's slots after `start`, for ever, as UTC datetimes (repeated hours as above)."""
+    if start.tzinfo is None:
+        raise ValueError("slots_after needs a timezone-aware datetime")
     tz = schedule.tz
     fixed_hour = _fixed_hour(schedule.cron)
     it = croniter(schedule.cron, start.astimezone(tz))
-    out: list[datetime] = []
-    while len(out) < limit:
+    while True:
         slot: datetime = it.get_next(datetime)
-        if slot > now:
-            break
         local = slot.astimezone(tz)
         if fixed_hour and local.fold == 1 and _wall_time_repeats(schedule.cron, local):
             continue
-        out.append(slot.astimezone(UTC))
+        yield slot.astimezone(UTC)
+
+
+def next_slots(schedule: Schedule, start: datetime, count: int) -> list[tuple[datetime, datetime]]:
+    """The next `count` slots after `start`, each with the instant it will be emitted (jitter)."""
+    out: list[tuple[datetime, datetime]] = []
+    for slot in slots_after(schedule, start):
+        if len(out) >= count:
+            break
+        out.append((slot, slot + slot_delay(schedule.name, slot, schedule.jitter)))
     return out
 
 
@@ -229,6 +328,36 @@ def load_schedules(path: Path, registry: ActionRegistry) -> list[Schedule]:
     return parse_schedules(text, registry, source=str(path))
 
 
+class ScheduleFile:
+    """A schedule file that is re-read when it changes (its mtime, size or inode).
+
+    `load()` reads it now; `poll()` returns the new schedules once after each change, None while
+    it is unchanged, and raises ScheduleError (once per change) when the changed file is broken:
+    the caller keeps its last good schedules."""
+
+    def __init__(self, path: Path, registry: ActionRegistry) -> None:
+        self.path = path
+        self.registry = registry
+        self._seen: tuple[int, int, int] | None = None
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def load(self) -> list[Schedule]:
+        self._seen = self._signature()
+        return load_schedules(self.path, self.registry)
+
+    def poll(self) -> list[Schedule] | None:
+        signature = self._signature()
+        if signature == self._seen:
+            return None
+        return self.load()
+
+
 def _header_lines(text: str, count: int) -> list[int | None]:
     """Line numbers of the `[[schedule]]` headers, when they can be told apart (else unknown)."""
     found = [i for i, line in enumerate(text.splitlines(), start=1) if _SCHEDULE_HEADER.match(line)]
@@ -245,7 +374,8 @@ def _parse_one(table: Mapping[str, Any], registry: ActionRegistry, where: dict[s
         raise ScheduleError(err.problem, field=err.field, **where) from e
     if not raw.name.strip():
         raise ScheduleError("must not be blank", field="name", **where)
-    if len(slot_task_id(raw.name, datetime(2000, 1, 1, tzinfo=UTC))) > MAX_TASK_ID:
+    longest = len(f"{SLOT_ID_PREFIX}{encode_token(raw.name)}-") + _LONGEST_STAMP + _HASHED_CLUSTER
+    if longest > MAX_TASK_ID:
         raise ScheduleError(
             f"too long for a task id (max {MAX_TASK_ID} chars with prefix)", field="name", **where
         )
@@ -262,19 +392,76 @@ def _parse_one(table: Mapping[str, Any], registry: ActionRegistry, where: dict[s
         ZoneInfo(raw.timezone)
     except (ZoneInfoNotFoundError, ValueError) as e:
         raise ScheduleError(f"unknown time zone {raw.timezone!r}", field="timezone", **where) from e
-    try:
-        catchup = parse_duration(raw.catchup)
-    except ValueError as e:
-        raise ScheduleError(str(e), field="catchup", **where) from e
-    task = _parse_template(raw.task, registry, where)
+    durations: dict[str, timedelta] = {}
+    for field, value in (("catchup", raw.catchup), ("jitter", raw.jitter)):
+        try:
+            durations[field] = parse_duration(value)
+        except ValueError as e:
+            raise ScheduleError(str(e), field=field, **where) from e
+    clusters, pattern = _parse_targets(raw, where)
+    task = _parse_template(raw.task, registry, where, multi=bool(clusters or pattern))
     return Schedule(
-        name=raw.name, cron=raw.cron, timezone=raw.timezone, overlap=overlap, catchup=catchup, task=task
+        name=raw.name,
+        cron=raw.cron,
+        timezone=raw.timezone,
+        overlap=overlap,
+        catchup=durations["catchup"],
+        jitter=durations["jitter"],
+        clusters=clusters,
+        cluster_pattern=pattern,
+        task=task,
     )
 
 
-def _parse_template(template: dict[str, Any], registry: ActionRegistry, where: dict[str, Any]) -> Task:
+def _parse_targets(raw: _RawSchedule, where: dict[str, Any]) -> tuple[tuple[str, ...], str]:
+    """`clusters` and `cluster_pattern`; exactly one of them or `task.cluster_name` is given."""
+    given = [
+        f
+        for f, present in (
+            ("task.cluster_name", "cluster_name" in raw.task),
+            ("clusters", raw.clusters is not None),
+            ("cluster_pattern", raw.cluster_pattern is not None),
+        )
+        if present
+    ]
+    if len(given) != 1:
+        problem = "give exactly one of task.cluster_name, clusters or cluster_pattern"
+        field = given[-1] if given else "task.cluster_name"
+        raise ScheduleError(f"{problem} (given: {', '.join(given) or 'none'})", field=field, **where)
+    if raw.cluster_pattern is not None:
+        if not raw.cluster_pattern.strip():
+            raise ScheduleError("must not be blank", field="cluster_pattern", **where)
+        return (), raw.cluster_pattern
+    if raw.clusters is None:
+        return (), ""
+    if not raw.clusters:
+        raise ScheduleError("must list at least one cluster", field="clusters", **where)
+    for i, cluster in enumerate(raw.clusters):
+        try:
+            msgspec.convert(cluster, Name)
+        except msgspec.ValidationError as e:
+            raise ScheduleError(invalid_from(e).problem, field=f"clusters[{i}]", **where) from e
+        if not cluster.strip():
+            raise ScheduleError("must not be blank", field=f"clusters[{i}]", **where)
+        if cluster in raw.clusters[:i]:
+            raise ScheduleError(f"{cluster!r} is listed twice", field=f"clusters[{i}]", **where)
+    return tuple(raw.clusters), ""
+
+
+def _parse_template(
+    template: dict[str, Any], registry: ActionRegistry, where: dict[str, Any], *, multi: bool
+) -> Task:
     if "task_id" in template:
         raise ScheduleError("must not be set: each slot gets its own id", field="task.task_id", **where)
+    if multi:
+        for field in ("nodes", "destnode"):
+            if template.get(field):
+                raise ScheduleError(
+                    "cannot be used with clusters or cluster_pattern: node names belong to one cluster",
+                    field=f"task.{field}",
+                    **where,
+                )
+        template = {**template, "cluster_name": "placeholder"}  # each task gets its own
     try:
         task = msgspec.convert(template, Task, strict=True)
         check_task(task)
@@ -284,7 +471,7 @@ def _parse_template(template: dict[str, Any], registry: ActionRegistry, where: d
         raise ScheduleError(err.problem, field=_task_field(err.field), **where) from e
     except InvalidTask as e:
         raise ScheduleError(e.problem, field=_task_field(e.field), **where) from e
-    return task
+    return msgspec.structs.replace(task, cluster_name="") if multi else task
 
 
 def _task_field(field: str | None) -> str:
