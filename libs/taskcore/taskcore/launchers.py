@@ -15,9 +15,10 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Generic, Self, TypeVar
 
 from taskcore.errors import ServerNotReady
 
@@ -40,6 +41,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Return `count` distinct TCP ports that were free on `host` a moment ago."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))  # all held open together, so the kernel hands out distinct ports
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -157,6 +167,11 @@ class _ServerProcess:
             self._proc.wait()
         self._close_log()
 
+    def restart(self, timeout: float = 30.0) -> None:
+        """Start the server again (same ports, same data) after a kill or stop, and wait until ready."""
+        self.start()
+        self.wait_ready(timeout)
+
     def pause(self) -> None:
         """Freeze the server with SIGSTOP."""
         self._signal(signal.SIGSTOP)
@@ -207,10 +222,13 @@ class NatsServer(_ServerProcess):
 
     name = "nats-server"
 
-    def __init__(self, home: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, home: Path, port: int | None = None, host: str = "127.0.0.1", monitor_port: int | None = None
+    ) -> None:
         super().__init__(home, port, host)
-        self.monitor_port = free_port(_connect_host(host))
+        self.monitor_port = monitor_port if monitor_port is not None else free_port(_connect_host(host))
         self.config_path = self.home / "nats-server.conf"
+        self.server_name = f"taskerman-{self.port}"
 
     @property
     def url(self) -> str:
@@ -222,12 +240,12 @@ class NatsServer(_ServerProcess):
         """Base URL of the HTTP monitoring endpoint."""
         return f"http://{_connect_host(self.host)}:{self.monitor_port}"
 
-    def _command(self) -> list[str]:
-        """Write nats-server.conf and return the argv."""
+    def _config(self) -> str:
+        """The text of nats-server.conf."""
         store = self.home / "jetstream"
         store.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(
-            f"server_name: {json.dumps(f'taskerman-{self.port}')}\n"
+        return (
+            f"server_name: {json.dumps(self.server_name)}\n"
             f"listen: {json.dumps(f'{self.host}:{self.port}')}\n"
             f"http: {json.dumps(f'{self.host}:{self.monitor_port}')}\n"
             "jetstream {\n"
@@ -235,7 +253,19 @@ class NatsServer(_ServerProcess):
             "  sync_interval: always\n"
             "}\n"
         )
+
+    def _command(self) -> list[str]:
+        """Write nats-server.conf and return the argv."""
+        self.config_path.write_text(self._config())
         return [nats_server_binary(), "-c", str(self.config_path)]
+
+    def monitor(self, path: str, timeout: float = 1.0) -> Any:
+        """GET a monitoring endpoint (`/jsz`, `/routez`, ...) and return its JSON, or None on no answer."""
+        try:
+            with urllib.request.urlopen(f"{self.monitor_url}{path}", timeout=timeout) as r:
+                return json.load(r)
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
 
     def _probe(self) -> bool:
         """Return whether /healthz reports the server and JetStream healthy."""
@@ -275,18 +305,7 @@ class ZooKeeperServer(_ServerProcess):
         conf_dir.mkdir(parents=True, exist_ok=True)
         log4j = conf_dir / "log4j.properties"
         log4j.write_text(_LOG4J_PROPERTIES)
-        self.config_path.write_text(
-            "tickTime=500\n"
-            "initLimit=10\n"
-            "syncLimit=5\n"
-            f"dataDir={data_dir}\n"
-            f"clientPort={self.port}\n"
-            f"clientPortAddress={self.host}\n"
-            "minSessionTimeout=1000\n"
-            "maxSessionTimeout=60000\n"
-            "4lw.commands.whitelist=srvr,ruok,stat,mntr\n"
-            "admin.enableServer=false\n"
-        )
+        self.config_path.write_text(self._config(data_dir))
         classpath = [str(conf_dir), str(ZOOKEEPER_JAR), *(str(j) for j in ZOOKEEPER_LOG_JARS if j.is_file())]
         return [
             java,
@@ -300,8 +319,24 @@ class ZooKeeperServer(_ServerProcess):
             str(self.config_path),
         ]
 
-    def _probe(self) -> bool:
-        """Return whether the four-letter word `srvr` gets a reply naming the server's mode."""
+    def _config(self, data_dir: Path) -> str:
+        """The text of zoo.cfg."""
+        return (
+            "tickTime=500\n"
+            "initLimit=10\n"
+            "syncLimit=5\n"
+            f"dataDir={data_dir}\n"
+            f"clientPort={self.port}\n"
+            f"clientPortAddress={self.host}\n"
+            "minSessionTimeout=1000\n"
+            "maxSessionTimeout=60000\n"
+            "4lw.commands.whitelist=srvr,ruok,stat,mntr\n"
+            "admin.enableServer=false\n"
+        )
+
+    def mode(self) -> str | None:
+        """The server's `Mode:` from the four-letter word `srvr` (standalone, leader, follower), or None
+        while it does not answer or does not serve (an ensemble member without a quorum)."""
         try:
             with socket.create_connection((_connect_host(self.host), self.port), timeout=1) as sock:
                 sock.sendall(b"srvr")
@@ -309,5 +344,278 @@ class ZooKeeperServer(_ServerProcess):
                 while chunk := sock.recv(4096):
                     reply += chunk
         except OSError:
+            return None
+        for line in reply.decode(errors="replace").splitlines():
+            if line.startswith("Mode:"):
+                return line.partition(":")[2].strip()
+        return None
+
+    def _probe(self) -> bool:
+        """Return whether the four-letter word `srvr` gets a reply naming the server's mode."""
+        return self.mode() is not None
+
+
+# --- clusters: the multi-node topology of compose/ on one machine ---------------------------------------
+
+_Member = TypeVar("_Member", bound=_ServerProcess)
+
+
+def _group_ports(
+    count: int, host: str, given: Sequence[int] | None, size: int
+) -> tuple[list[int], list[int]]:
+    """The members' client ports (`given`, or free ones) and `count` more distinct free ports."""
+    if given is not None and len(given) != size:
+        raise ValueError(f"{size} ports needed, got {len(given)}")
+    taken = set(given or ())
+    spare = [p for p in free_ports(count + size + len(taken), host) if p not in taken]
+    clients = list(given) if given is not None else spare[count : count + size]
+    return clients, spare[:count]
+
+
+class _ServerGroup(Generic[_Member]):
+    """Servers started together; each member can be killed, paused and restarted on its own (same
+    ports, same data), and the group is ready when its running members have formed a quorum."""
+
+    what = "servers"
+
+    def __init__(self, servers: list[_Member]) -> None:
+        if not servers:
+            raise ValueError(f"a group of {self.what} needs at least one member")
+        self.servers = servers
+
+    def _not_ready(self) -> str | None:
+        """None when the running members form a working group, else what is still missing."""
+        raise NotImplementedError
+
+    def _running(self) -> list[_Member] | str:
+        """The running members, or why there are too few for a quorum."""
+        running = [s for s in self.servers if s.running]
+        if len(running) <= len(self.servers) // 2:
+            return f"only {len(running)} of {len(self.servers)} {self.what} running"
+        return running
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the running members."""
+        return [s.pid for s in self.servers if s.running]
+
+    def start(self) -> None:
+        """Spawn every member that is not running; returns without waiting."""
+        for server in self.servers:
+            server.start()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Poll until the running members (a majority at least) form a working group; a member that
+        exits meanwhile fails the wait at once."""
+        deadline = time.monotonic() + timeout
+        expected = [s for s in self.servers if s.running]
+        while (missing := self._not_ready()) is not None:
+            if exited := [s for s in expected if not s.running]:
+                missing = f"{exited[0].home.name} exited"
+                deadline = 0.0
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {s.log_path}\n{s.log_tail(15)}" for s in self.servers)
+                raise ServerNotReady(f"{self.what} not ready after {timeout}s: {missing}\n{tails}")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every member."""
+        for server in self.servers:
+            server.stop(timeout)
+
+    def __enter__(self) -> Self:
+        """Start every member and wait until the group is ready."""
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Stop every member."""
+        self.stop()
+
+
+class NatsClusterMember(NatsServer):
+    """One nats-server of a cluster: a stable server name (its JetStream peer identity) and routes to
+    every other member."""
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        server_name: str,
+        port: int,
+        monitor_port: int,
+        cluster_port: int,
+        cluster_name: str,
+        routes: Sequence[str],
+        host: str = "127.0.0.1",
+    ) -> None:
+        super().__init__(home, port, host, monitor_port)
+        self.server_name = server_name
+        self.cluster_port = cluster_port
+        self.cluster_name = cluster_name
+        self.routes = list(routes)
+
+    def _config(self) -> str:
+        """nats-server.conf with a cluster block."""
+        routes = ", ".join(json.dumps(r) for r in self.routes)
+        return super()._config() + (
+            "cluster {\n"
+            f"  name: {json.dumps(self.cluster_name)}\n"
+            f"  listen: {json.dumps(f'{self.host}:{self.cluster_port}')}\n"
+            f"  routes: [{routes}]\n"
+            "}\n"
+        )
+
+    def meta_leader(self) -> str | None:
+        """The server name of the JetStream meta leader as this member sees it, or None."""
+        jsz = self.monitor("/jsz")
+        leader = (jsz or {}).get("meta_cluster", {}).get("leader")
+        return str(leader) if leader else None
+
+    def healthy(self) -> bool:
+        """Whether the full /healthz passes: JetStream current with the meta leader, its assets healthy."""
+        try:
+            with urllib.request.urlopen(f"{self.monitor_url}/healthz", timeout=1) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
             return False
-        return b"Mode:" in reply
+
+
+class NatsCluster(_ServerGroup[NatsClusterMember]):
+    """`size` nats-servers with JetStream (`sync_interval: always`) clustered over routes on one host,
+    each under `home/nats-<i>`; ready when every running member is healthy and they agree on a
+    JetStream meta leader. `ports` fixes the client ports (e.g. 4222-4224); the rest are free ones."""
+
+    what = "nats-servers"
+
+    def __init__(
+        self,
+        home: Path,
+        size: int = 3,
+        host: str = "127.0.0.1",
+        ports: Sequence[int] | None = None,
+        name: str = "taskerman",
+    ) -> None:
+        connect = _connect_host(host)
+        clients, extra = _group_ports(2 * size, connect, ports, size)
+        monitors, routes = extra[:size], extra[size:]
+        self.home = Path(home).resolve()
+        super().__init__(
+            [
+                NatsClusterMember(
+                    self.home / f"nats-{i + 1}",
+                    server_name=f"{name}-{i + 1}",
+                    port=clients[i],
+                    monitor_port=monitors[i],
+                    cluster_port=routes[i],
+                    cluster_name=name,
+                    routes=[f"nats-route://{connect}:{p}" for j, p in enumerate(routes) if j != i],
+                    host=host,
+                )
+                for i in range(size)
+            ]
+        )
+
+    @property
+    def url_list(self) -> list[str]:
+        """Every member's client URL."""
+        return [s.url for s in self.servers]
+
+    @property
+    def urls(self) -> str:
+        """The members' client URLs, comma-separated (the form of `TASKERMAN_NATS_URL`)."""
+        return ",".join(self.url_list)
+
+    def member(self, server_name: str) -> NatsClusterMember:
+        """The member with this server name (as a stream's or the meta group's `leader` names it)."""
+        for server in self.servers:
+            if server.server_name == server_name:
+                return server
+        raise KeyError(server_name)
+
+    def meta_leader(self) -> NatsClusterMember | None:
+        """The member that leads the JetStream meta group, as the first running member sees it."""
+        for server in self.servers:
+            if server.running and (leader := server.meta_leader()) is not None:
+                return self.member(leader)
+        return None
+
+    def _not_ready(self) -> str | None:
+        """Every running member healthy, one meta leader that all of them know."""
+        running = self._running()
+        if isinstance(running, str):
+            return running
+        leaders: set[str | None] = set()
+        for server in running:
+            if not server.healthy():
+                return f"{server.server_name} not healthy"
+            leaders.add(server.meta_leader())
+        if len(leaders) != 1 or not leaders <= {s.server_name for s in running}:
+            return f"no agreed, running JetStream meta leader: {sorted(map(str, leaders))}"
+        return None
+
+
+class ZooKeeperEnsembleMember(ZooKeeperServer):
+    """One server of a ZooKeeper ensemble: its `myid` and the ensemble's `server.N` lines."""
+
+    def __init__(self, home: Path, *, myid: int, port: int, peers: Sequence[str], host: str) -> None:
+        super().__init__(home, port, host)
+        self.myid = myid
+        self.peers = list(peers)
+
+    def _config(self, data_dir: Path) -> str:
+        """zoo.cfg with the ensemble; writes the myid file beside the data."""
+        (data_dir / "myid").write_text(f"{self.myid}\n")
+        return super()._config(data_dir) + "".join(f"{line}\n" for line in self.peers)
+
+
+class ZooKeeperEnsemble(_ServerGroup[ZooKeeperEnsembleMember]):
+    """`size` ZooKeeper servers in one ensemble on one host, each under `home/zk-<i>` with distinct
+    client, quorum and election ports; ready when one running member reports `Mode: leader` and the
+    others `follower`. `ports` fixes the client ports (e.g. 2181-2183)."""
+
+    what = "zookeeper servers"
+
+    def __init__(
+        self, home: Path, size: int = 3, host: str = "127.0.0.1", ports: Sequence[int] | None = None
+    ) -> None:
+        connect = _connect_host(host)
+        clients, extra = _group_ports(2 * size, connect, ports, size)
+        peers = [f"server.{i + 1}={connect}:{extra[2 * i]}:{extra[2 * i + 1]}" for i in range(size)]
+        self.home = Path(home).resolve()
+        super().__init__(
+            [
+                ZooKeeperEnsembleMember(
+                    self.home / f"zk-{i + 1}", myid=i + 1, port=clients[i], peers=peers, host=host
+                )
+                for i in range(size)
+            ]
+        )
+
+    @property
+    def hosts(self) -> str:
+        """The members' host:port, comma-separated (the form of `TASKERMAN_ZK_HOSTS`)."""
+        return ",".join(s.hosts for s in self.servers)
+
+    def leader(self) -> ZooKeeperEnsembleMember | None:
+        """The running member that reports `Mode: leader`, if any."""
+        return next((s for s in self.servers if s.running and s.mode() == "leader"), None)
+
+    def _not_ready(self) -> str | None:
+        """One leader and only followers besides it among the running members."""
+        running = self._running()
+        if isinstance(running, str):
+            return running
+        modes = [s.mode() for s in running]
+        if len(self.servers) == 1:
+            return None if modes == ["standalone"] else f"modes {modes}"
+        if modes.count("leader") != 1 or modes.count("follower") != len(running) - 1:
+            return f"modes {modes}"
+        return None
