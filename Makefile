@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: venv install zookeeper test lint typecheck demo clean
+.PHONY: venv install zookeeper datastores test lint typecheck demo clean
 
 venv: $(BIN)/python
 
@@ -25,13 +25,17 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 zookeeper:
 	bash scripts/install-zookeeper.sh
 
+# redis-server and PostgreSQL from Debian, for the redis and postgres pack tests
+datastores:
+	bash scripts/install-datastores.sh
+
 lint: install
 	$(BIN)/ruff check .
 
 typecheck: install
 	$(BIN)/mypy
 
-test: install zookeeper
+test: install zookeeper datastores
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q -m "not slow"
