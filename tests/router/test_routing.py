@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from taskcore.model import Task, WorkItem
+from taskcore.model import NodeInfo, Task, WorkItem
 from taskcore.subjects import encode_token, node_subject, parse_node_subject
-from taskerman_router.routing import Route, derive_task_id, explicit_nodes, plan
+from taskerman_router.routing import ByName, Route, derive_task_id, explicit_nodes, order_nodes, routes
+
+
+def plan(task: Task, nodes: list[str], now: float) -> list[Route]:
+    """Routes in the default order (by name), the way the router builds them."""
+    infos = [NodeInfo(name=n) for n in nodes]
+    return routes(task, order_nodes(task, infos, {"name": ByName()}) if infos else [], now)
 
 
 def _task(**fields: object) -> Task:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 
 import nats
+import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
@@ -19,6 +22,35 @@ log = logging.getLogger(__name__)
 
 PUBLISH_ATTEMPTS = 5
 ROUTER_MAX_DELIVER = 5
+REPLICAS_ENV = "TASKERMAN_STREAM_REPLICAS"
+
+
+# What a client sees for a few seconds while a server dies or a stream elects a new leader: a request
+# timed out, nobody answered, or JetStream answered 503. Try again later; never crash on these.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+)
+
+
+def server_urls(url: str) -> list[str]:
+    """`TASKERMAN_NATS_URL` may name several servers, comma-separated; nats-py wants a list."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
+async def fetch(sub: JetStreamContext.PullSubscription, batch: int, wait: float) -> list[Msg]:
+    """Up to `batch` messages within `wait` seconds; an empty queue, or a cluster failing over, is an
+    empty list."""
+    try:
+        return await sub.fetch(batch, timeout=wait)
+    except TimeoutError:  # nats.errors.TimeoutError too: an empty queue is normal
+        return []
+    except UNAVAILABLE as e:
+        log.warning("fetch failed, will retry error=%r", e)
+        await asyncio.sleep(wait)
+        return []
 
 
 async def connect(settings: Settings, name: str) -> NATS:
@@ -34,7 +66,7 @@ async def connect(settings: Settings, name: str) -> NATS:
         log.info("nats reconnected name=%s", name)
 
     return await nats.connect(
-        settings.nats_url,
+        server_urls(settings.nats_url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
@@ -55,7 +87,25 @@ async def close(nc: NATS) -> None:
     await nc.close()
 
 
-def _stream(name: str, subject: str, settings: Settings, work_queue: bool) -> api.StreamConfig:
+def stream_replicas(replicas: int | None = None) -> int | None:
+    """The replica count asked for: the argument, else `TASKERMAN_STREAM_REPLICAS`, else None (new streams
+    get 1, existing ones keep theirs, so a client without the variable never shrinks a clustered stream)."""
+    if replicas is None:
+        raw = os.environ.get(REPLICAS_ENV, "").strip()
+        if not raw:
+            return None
+        try:
+            replicas = int(raw)
+        except ValueError:
+            raise ValueError(f"{REPLICAS_ENV}={raw!r} is not an integer") from None
+    if not 1 <= replicas <= 5:
+        raise ValueError(f"stream replicas must be between 1 and 5, not {replicas}")
+    return replicas
+
+
+def _stream(
+    name: str, subject: str, settings: Settings, work_queue: bool, replicas: int = 1
+) -> api.StreamConfig:
     return api.StreamConfig(
         name=name,
         subjects=[subject],
@@ -64,24 +114,42 @@ def _stream(name: str, subject: str, settings: Settings, work_queue: bool) -> ap
         discard=api.DiscardPolicy.NEW,
         duplicate_window=settings.duplicate_window,
         max_age=0,
+        num_replicas=replicas,
     )
 
 
-async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig, keep_replicas: bool = False) -> None:
+    """Create the stream, or update it to `config`; with `keep_replicas` an existing stream keeps its
+    replica count."""
     try:
         await js.add_stream(config)
     except BadRequestError:
+        if keep_replicas and config.name is not None:
+            info = await js.stream_info(config.name)
+            config = config.evolve(num_replicas=info.config.num_replicas)
         await js.update_stream(config)
 
 
-async def provision(js: JetStreamContext, settings: Settings) -> None:
-    """Create or update the streams, the status bucket and the router's consumer; safe to repeat."""
-    await _ensure_stream(js, _stream(subjects.TASKS_STREAM, subjects.GLOBAL, settings, work_queue=True))
+async def provision(js: JetStreamContext, settings: Settings, replicas: int | None = None) -> None:
+    """Create or update the streams, the status bucket and the router's consumer; safe to repeat.
+
+    `replicas` (else `TASKERMAN_STREAM_REPLICAS`) sets every stream's replica count (3 on a 3-node
+    cluster); when neither is given, new streams get 1 and existing ones keep theirs. The consumers
+    inherit their stream's count."""
+    wanted = stream_replicas(replicas)
+    n, keep = (1, True) if wanted is None else (wanted, False)
     await _ensure_stream(
-        js, _stream(subjects.WORK_STREAM, f"{subjects.CLUSTER_PREFIX}.>", settings, work_queue=True)
+        js, _stream(subjects.TASKS_STREAM, subjects.GLOBAL, settings, work_queue=True, replicas=n), keep
     )
     await _ensure_stream(
-        js, _stream(subjects.DEAD_STREAM, f"{subjects.DEAD_PREFIX}.>", settings, work_queue=False)
+        js,
+        _stream(subjects.WORK_STREAM, f"{subjects.CLUSTER_PREFIX}.>", settings, work_queue=True, replicas=n),
+        keep,
+    )
+    await _ensure_stream(
+        js,
+        _stream(subjects.DEAD_STREAM, f"{subjects.DEAD_PREFIX}.>", settings, work_queue=False, replicas=n),
+        keep,
     )
     await _ensure_stream(
         js,
@@ -92,9 +160,11 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
             storage=api.StorageType.FILE,
             discard=api.DiscardPolicy.OLD,
             max_age=settings.events_retention,
+            num_replicas=n,
         ),
+        keep,
     )
-    await status_bucket(js, settings)
+    await status_bucket(js, settings, replicas=wanted)
     await js.add_consumer(
         subjects.TASKS_STREAM,
         api.ConsumerConfig(
@@ -107,22 +177,36 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     )
 
 
-async def status_bucket(js: JetStreamContext, settings: Settings | None = None) -> KeyValue:
-    """The task-tracking KV bucket; created (or its retention updated) when settings are given."""
+async def status_bucket(
+    js: JetStreamContext, settings: Settings | None = None, replicas: int | None = None
+) -> KeyValue:
+    """The task-tracking KV bucket; created (or its retention updated) when settings are given.
+    `replicas` as for `provision`."""
     if settings is None:
         try:
             return await js.key_value(subjects.STATUS_BUCKET)
         except NotFoundError:
             settings = Settings()
+    wanted = stream_replicas(replicas)
     config = api.KeyValueConfig(
-        bucket=subjects.STATUS_BUCKET, history=1, storage=api.StorageType.FILE, ttl=settings.status_retention
+        bucket=subjects.STATUS_BUCKET,
+        history=1,
+        storage=api.StorageType.FILE,
+        ttl=settings.status_retention,
+        replicas=wanted or 1,
     )
     try:
         return await js.create_key_value(config)
-    except BadRequestError:  # exists with another retention: update just that
+    except BadRequestError:  # exists with another retention or replica count: update just those
         info = await js.stream_info(f"KV_{subjects.STATUS_BUCKET}")
         window = min(info.config.duplicate_window or 120.0, settings.status_retention)
-        await js.update_stream(info.config.evolve(max_age=settings.status_retention, duplicate_window=window))
+        await js.update_stream(
+            info.config.evolve(
+                max_age=settings.status_retention,
+                duplicate_window=window,
+                num_replicas=wanted or info.config.num_replicas,
+            )
+        )
         return await js.key_value(subjects.STATUS_BUCKET)
 
 

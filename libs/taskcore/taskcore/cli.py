@@ -83,6 +83,8 @@ async def _connect(settings: Settings) -> tuple[NATS, JetStreamContext, StatusSt
 
 
 async def submit(args: argparse.Namespace, settings: Settings) -> int:
+    if args.dry_run:
+        return await cli_plan.plan_cmd(args, settings)
     try:
         task = build_task(args, ActionRegistry.installed())
     except InvalidTask as e:
@@ -136,6 +138,9 @@ async def status_cmd(args: argparse.Namespace, settings: Settings) -> int:
     )
     if view.error:
         print(f"  error: {view.error}")
+    if view.plan:
+        print(f"  plan ({f'one {view.topology} at a time' if view.topology else 'ideal waves'}):")
+        print("\n".join(cli_plan.wave_lines(view.plan, view.topology, indent="    ")))
     for node, rec in sorted(view.nodes.items()):
         took = f"{rec.finished_at - rec.started_at:.1f}s" if rec.started_at and rec.finished_at else "-"
         err = f"  {rec.error}" if rec.error else ""
@@ -324,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task-id")
     s.add_argument("--wait", action="store_true", help="show progress; exit 0 on success, 1 on failure")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--dry-run", action="store_true", help="show the plan (`taskerman plan`); submit nothing")
 
     st = sub.add_parser("status", help="a task's state and its nodes")
     st.add_argument("task_id")

@@ -30,13 +30,23 @@ class WorkqueueArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backoff_max: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 300.0
 
 
-class TaskermanParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Arguments for the action and for the queue."""
+TopologyName = Literal["zone", "rack"]
+
+
+class TaskermanParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Arguments for the action and for the queue. Defaults are left out when encoding, so a task
+    that does not use a newer field still decodes on a component that predates it."""
 
     action_args: dict[str, Any] = {}
     workqueue_args: WorkqueueArgs = WorkqueueArgs()
     # the task stops once more nodes than this have failed (been dead-lettered)
     max_failures: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # order the nodes by this attribute (from discovery) and never let nodes with two different
+    # values of it act at the same time: a rollout one zone (or rack) at a time
+    topology: TopologyName | None = None
+    # the routing plugin (`taskerman.routing` entry point) that orders or filters the nodes;
+    # "" is the default: by name ("zone" order when `topology` is set)
+    routing: Annotated[str, msgspec.Meta(max_length=100)] = ""
 
 
 class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -62,12 +72,21 @@ class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.taskerman_params.action_args
 
 
-class WorkItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One node's share of a task, published by the router on the node's subject."""
+class NodeInfo(msgspec.Struct, frozen=True):
+    """A node as discovery found it: its name and attributes (zone, rack, seed, address …)."""
+
+    name: Name
+    attributes: dict[str, str] = {}
+
+
+class WorkItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One node's share of a task, published by the router on the node's subject. `attributes` are
+    the node's, from discovery (left out when empty, so such items read as before)."""
 
     task: Task
     node: Name
     routed_at: float
+    attributes: dict[str, str] = {}
 
 
 NodeStateName = Literal[
@@ -89,8 +108,18 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True):
     token: int | None = None
 
 
+class Wave(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Nodes of a plan that may act together (at most the task's limit at once). `group` is the
+    topology value (the zone or rack) of every node in it; empty without topology."""
+
+    nodes: tuple[str, ...]
+    group: str = ""
+
+
 class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """Tracking state of a task as a whole, written by submit and the router."""
+    """Tracking state of a task as a whole, written by submit and the router. `plan` is the order
+    the router chose, as waves; `attributes` keeps each node's (non-empty) attributes so that a
+    repeated routing builds the same work items without discovering again."""
 
     task: Task | None
     state: TaskStateName
@@ -98,6 +127,8 @@ class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float = 0.0
     routed_at: float | None = None
     error: str | None = None
+    plan: tuple[Wave, ...] = ()
+    attributes: dict[str, dict[str, str]] = {}
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -186,3 +217,34 @@ def decode_work_item(data: bytes) -> WorkItem:
     item = _decode(data, WorkItem)
     check_task(item.task)
     return item
+
+
+class PlanLease(msgspec.Struct, frozen=True, kw_only=True):
+    """A lease each node of a planned task takes, in the order the runner takes them."""
+
+    name: str  # global, exclusion, topology, budget, task
+    limit: int | None  # holders (or owners) at once; None: not limited (no budget set)
+    detail: str
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    """What routing a task would do, without doing it (the reply of `taskerman.api.plan`).
+    `waves` is the ideal schedule: runners pull on their own, so nodes of a wave start as slots
+    free up; with topology, the zone (or rack) lease makes it one wave at a time for real."""
+
+    task: Task
+    discovery: str  # the plugin that found the nodes, or "explicit" (`nodes` / `destnode`)
+    routing: str
+    nodes: tuple[NodeInfo, ...]  # in routing order
+    waves: tuple[Wave, ...]
+    concurrency: int  # at most this many nodes act at once: the limit, or a smaller budget
+    leases: tuple[PlanLease, ...]
+    breaker: str = ""  # the cluster's circuit breaker: closed, open (nothing starts) or half-open
+
+
+class PlanReply(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The reply of `taskerman.api.plan`: the plan, or why the task cannot be routed."""
+
+    plan: Plan | None = None
+    error: str = ""
+    field: str | None = None

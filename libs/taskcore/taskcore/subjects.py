@@ -25,6 +25,8 @@ STATUS_BUCKET = "TASK_STATUS"
 ROUTER_DURABLE = "router"
 SUBMIT_SUBJECT = "taskerman.api.submit"
 SUBMIT_QUEUE = "schedulers"
+PLAN_SUBJECT = "taskerman.api.plan"  # routers preview a task's routing (request/reply)
+PLAN_QUEUE = "routers"
 MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 
 _SAFE = re.compile(r"[A-Za-z0-9_-]")

@@ -10,7 +10,7 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from taskcore.model import NodeRecord, TaskRecord, TaskStateName
+from taskcore.model import NodeRecord, TaskRecord, TaskStateName, TopologyName, Wave
 from taskcore.subjects import encode_token
 
 _FINISHED = {"succeeded", "failed", "dead", "skipped", "cancelled"}
@@ -68,6 +68,8 @@ class TaskView(msgspec.Struct, frozen=True):
     nodes: dict[str, NodeRecord]
     error: str | None = None
     created_at: float = 0.0
+    plan: tuple[Wave, ...] = ()  # the router's order, in waves (one per zone with topology)
+    topology: TopologyName | None = None
 
 
 class StatusStore:
@@ -201,4 +203,6 @@ class StatusStore:
             nodes=nodes,
             error=task.error or (f"stopped: {stop.reason} {stop.detail}".strip() if stop else None),
             created_at=task.created_at,
+            plan=task.plan,
+            topology=t.taskerman_params.topology if t else None,
         )

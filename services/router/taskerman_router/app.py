@@ -1,4 +1,4 @@
-"""taskerman-router: wires settings, NATS, ZooKeeper, discovery and the Router."""
+"""taskerman-router: wires settings, NATS, ZooKeeper, discovery and routing plugins, and the Router."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from taskcore import service
+from taskcore import clusters, service
 from taskcore.actions import ActionRegistry
 from taskcore.settings import Settings
 from taskerman_router.discovery import DiscoveryContext, load_plugins
+from taskerman_router.routing import load_routings
 from taskerman_router.service import Router
 
 
@@ -17,14 +18,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="taskerman-router", description="Route tasks from tasks.global to nodes."
     )
-    p.add_argument("--inventory", type=Path, help="TOML inventory for static discovery")
+    p.add_argument("--inventory", type=Path, help="TOML inventory: nodes and attributes, dns and aws names")
     return p.parse_args(argv)
 
 
 async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
-    async with service.connected(Settings.from_env(), "taskerman-router") as c:
+    settings = Settings.from_env()
+    async with service.connected(settings, "taskerman-router") as c:
         plugins = load_plugins(DiscoveryContext(inventory=args.inventory, zk=c.zk))
-        await Router(c.nc, c.js, c.status, ActionRegistry.installed(), plugins).run(stop)
+        router = Router(
+            c.nc,
+            c.js,
+            c.status,
+            ActionRegistry.installed(),
+            plugins,
+            routings=load_routings(),
+            zk=c.zk,
+            breaker_policy=clusters.breaker_policy(settings),
+        )
+        await router.run(stop)
     return 0
 
 

@@ -1,13 +1,29 @@
-"""Pure routing: which nodes a task goes to, and the work item each one gets."""
+"""Pure routing: the order of a task's nodes (routing plugins, topology), its waves, and the work
+item each node gets. Routing plugins are found by the `taskerman.routing` entry point."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from typing import Protocol
 
 import msgspec
 
 from taskcore import subjects
-from taskcore.model import Task, WorkItem
+from taskcore.errors import InvalidTask
+from taskcore.model import NodeInfo, Task, Wave, WorkItem
+
+ENTRY_POINT_GROUP = "taskerman.routing"
+DEFAULT_ROUTING = "name"
+TOPOLOGY_ROUTING = "zone"
+log = logging.getLogger(__name__)
+
+
+class RoutingError(InvalidTask):
+    """The task cannot be routed as it asks: an unknown or failing routing plugin, no node left,
+    or nodes without the attribute its topology needs."""
 
 
 class Route(msgspec.Struct, frozen=True):
@@ -17,6 +33,60 @@ class Route(msgspec.Struct, frozen=True):
     subject: str
     msg_id: str
     item: WorkItem
+
+
+class Routing(Protocol):
+    """Orders (and may filter) a task's nodes. Pure: the same input gives the same output. It may
+    only return nodes it was given, each at most once."""
+
+    def order(self, task: Task, nodes: list[NodeInfo]) -> list[NodeInfo]: ...
+
+
+class ByName:
+    """The default: a stable order by node name."""
+
+    def order(self, task: Task, nodes: list[NodeInfo]) -> list[NodeInfo]:
+        return sorted(nodes, key=lambda n: n.name)
+
+
+class ByTopology:
+    """By the task's topology attribute (zone unless the task says rack), then by name; nodes
+    without the attribute come last."""
+
+    def order(self, task: Task, nodes: list[NodeInfo]) -> list[NodeInfo]:
+        key = topology_key(task) or "zone"
+        return sorted(nodes, key=lambda n: (key not in n.attributes, n.attributes.get(key, ""), n.name))
+
+
+class SeedsLast:
+    """An example plugin: by name, but nodes with `seed = "true"` last (gossip seeds of Cassandra,
+    say, are restarted once the rest of the ring is back)."""
+
+    def order(self, task: Task, nodes: list[NodeInfo]) -> list[NodeInfo]:
+        return sorted(nodes, key=lambda n: (n.attributes.get("seed", "").lower() == "true", n.name))
+
+
+def load_routings() -> dict[str, Routing]:
+    """Every installed routing plugin (each entry point names a class built without arguments);
+    one that fails to load is logged and left out (its tasks are then dead-lettered as unknown)."""
+    plugins: dict[str, Routing] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            plugins[ep.name] = ep.load()()
+        except Exception as e:
+            log.error("routing plugin %s (%s) failed to load: %r", ep.name, ep.value, e)
+    return plugins
+
+
+def topology_key(task: Task) -> str | None:
+    return task.taskerman_params.topology
+
+
+def routing_name(task: Task) -> str:
+    """The routing plugin a task asked for, or the default for it."""
+    if task.taskerman_params.routing:
+        return task.taskerman_params.routing
+    return TOPOLOGY_ROUTING if topology_key(task) else DEFAULT_ROUTING
 
 
 def derive_task_id(msg_id: str | None, stream_seq: int, timestamp: float) -> str:
@@ -35,14 +105,83 @@ def explicit_nodes(task: Task) -> list[str] | None:
     return None
 
 
-def plan(task: Task, nodes: list[str], now: float) -> list[Route]:
-    """One route per node, in a stable order (by name)."""
+def order_nodes(
+    task: Task, nodes: Sequence[NodeInfo], plugins: dict[str, Routing], source: str = "discovery"
+) -> list[NodeInfo]:
+    """The task's nodes in routing order: the routing plugin's order, then, with topology, grouped
+    by the topology value (stable, so the plugin's order holds within a zone). Duplicate names from
+    discovery keep their first entry. RoutingError when the task cannot be routed as it asks."""
+    first: dict[str, NodeInfo] = {}
+    for n in nodes:
+        first.setdefault(n.name, n)
+    unique = list(first.values())
+    key = topology_key(task)
+    if key:
+        missing = [n.name for n in unique if not n.attributes.get(key)]
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:5]) + (" …" if len(missing) > 5 else "")
+            hint = ""
+            if source == "explicit":
+                hint = " (explicit nodes carry no attributes: let discovery find them)"
+            raise RoutingError(
+                f"topology {key!r} needs a {key!r} attribute on every node; {len(missing)} of "
+                f"{len(unique)} from {source} have none: {shown}{hint}",
+                field="taskerman_params.topology",
+            )
+    name = routing_name(task)
+    plugin = plugins.get(name)
+    if plugin is None:
+        known = ", ".join(sorted(plugins)) or "none"
+        problem = f"unknown routing plugin {name!r} (installed: {known})"
+        raise RoutingError(problem, "taskerman_params.routing")
+    try:
+        ordered = list(plugin.order(task, list(unique)))
+    except Exception as e:  # pure logic: the same input would fail the same way on a retry
+        raise RoutingError(f"routing plugin {name!r} failed: {e!r}", "taskerman_params.routing") from e
+    seen: set[str] = set()
+    for n in ordered:
+        if first.get(n.name) != n or n.name in seen:
+            raise RoutingError(
+                f"routing plugin {name!r} returned {n.name!r}, which it was not given (or twice)",
+                "taskerman_params.routing",
+            )
+        seen.add(n.name)
+    if not ordered:
+        raise RoutingError(
+            f"routing plugin {name!r} left none of the {len(unique)} node(s)", "taskerman_params.routing"
+        )
+    if key:
+        ordered.sort(key=lambda n: n.attributes[key])
+    return ordered
+
+
+def waves(task: Task, nodes: Sequence[NodeInfo], concurrency: int) -> tuple[Wave, ...]:
+    """Groups of nodes that may act together, in order. With topology: one wave per zone (or
+    rack), its nodes at most `concurrency` at once. Without: chunks of `concurrency`, the ideal
+    schedule (runners pull on their own, so a node starts whenever a slot frees)."""
+    key = topology_key(task)
+    if key:
+        out: list[Wave] = []
+        for n in nodes:
+            group = n.attributes[key]
+            if out and out[-1].group == group:
+                out[-1] = Wave(nodes=(*out[-1].nodes, n.name), group=group)
+            else:
+                out.append(Wave(nodes=(n.name,), group=group))
+        return tuple(out)
+    step = max(concurrency, 1)
+    names = [n.name for n in nodes]
+    return tuple(Wave(nodes=tuple(names[i : i + step])) for i in range(0, len(names), step))
+
+
+def routes(task: Task, nodes: Sequence[NodeInfo], now: float) -> list[Route]:
+    """One route per node, in the given order, each item carrying the node's attributes."""
     return [
         Route(
-            node=node,
-            subject=subjects.node_subject(task.cluster_name, node),
-            msg_id=subjects.work_msg_id(task.task_id, node),
-            item=WorkItem(task=task, node=node, routed_at=now),
+            node=node.name,
+            subject=subjects.node_subject(task.cluster_name, node.name),
+            msg_id=subjects.work_msg_id(task.task_id, node.name),
+            item=WorkItem(task=task, node=node.name, routed_at=now, attributes=node.attributes),
         )
-        for node in sorted(nodes)
+        for node in nodes
     ]

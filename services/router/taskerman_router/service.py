@@ -1,5 +1,8 @@
-"""The router: a durable consumer of `tasks.global` that validates, discovers and fans out; it also
-turns MAX_DELIVERIES advisories into dead letters. Stateless: any number may run."""
+"""The router: a durable consumer of `tasks.global` that validates, discovers, orders and fans out;
+it also turns MAX_DELIVERIES advisories into dead letters and answers plan previews
+(`taskerman.api.plan`). Stateless: any number may run on the one durable consumer; a task
+redelivered to a second router is published again under the same message ids, which JetStream
+drops, and the per-node tracking records make the second router skip nodes already routed."""
 
 from __future__ import annotations
 
@@ -17,12 +20,17 @@ from nats.js.errors import NotFoundError
 from taskcore import audit, bus, deadletter, subjects, tracing
 from taskcore.actions import ActionRegistry
 from taskcore.audit import Audit
+from taskcore.clusters import BreakerPolicy
+from taskcore.coordination import ZkSession
 from taskcore.errors import DiscoveryError, InvalidTask
 from taskcore.model import (
     DeadLetter,
+    NodeInfo,
     NodeRecord,
+    PlanReply,
     Task,
     TaskRecord,
+    Wave,
     decode_task,
     decode_work_item,
     with_task_id,
@@ -30,6 +38,8 @@ from taskcore.model import (
 from taskcore.tracking import StatusStore
 from taskerman_router import routing
 from taskerman_router.discovery import Discovery
+from taskerman_router.planner import Planner
+from taskerman_router.routing import Routing
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +64,22 @@ class Router:
         registry: ActionRegistry,
         discovery: dict[str, Discovery],
         *,
+        routings: dict[str, Routing] | None = None,
+        zk: ZkSession | None = None,
+        breaker_policy: BreakerPolicy | None = None,
         reconcile_interval: float = 30.0,
     ) -> None:
         self.nc = nc
         self.js = js
         self.status = status
         self.registry = registry
-        self.discovery = discovery
+        self.planner = Planner(
+            discovery,
+            routing.load_routings() if routings is None else routings,
+            registry,
+            zk=zk,
+            breaker_policy=breaker_policy,
+        )
         self.reconcile_interval = reconcile_interval
         self.audit = Audit(js, audit.actor("router"))
         self._tracer = tracing.tracer(__name__)
@@ -69,17 +88,19 @@ class Router:
         """Consume `tasks.global` and advisories until `stop` is set."""
         sub = await self.js.pull_subscribe_bind(durable=subjects.ROUTER_DURABLE, stream=subjects.TASKS_STREAM)
         adv = await self.nc.subscribe(f"{subjects.MAX_DELIVERIES_ADVISORY}.>", cb=self._on_advisory)
+        api = await self.nc.subscribe(subjects.PLAN_SUBJECT, queue=subjects.PLAN_QUEUE, cb=self._on_plan)
         reconciler = asyncio.create_task(self._reconcile_every(stop))
         try:
             while not stop.is_set():
-                try:
-                    batch = await sub.fetch(10, timeout=1.0)
-                except TimeoutError:
-                    continue
-                for msg in batch:
-                    await self.handle(msg)
+                for msg in await bus.fetch(sub, 10, wait=1.0):
+                    try:
+                        await self.handle(msg)
+                    except bus.UNAVAILABLE as e:  # not acked: it comes back after ack_wait
+                        seq = msg.metadata.sequence.stream
+                        log.warning("nats unavailable, routing later seq=%s error=%r", seq, e)
         finally:
             reconciler.cancel()
+            await api.unsubscribe()
             await adv.unsubscribe()
 
     async def _reconcile_every(self, stop: asyncio.Event) -> None:
@@ -155,19 +176,28 @@ class Router:
     async def _route(self, task: Task) -> None:
         known = await self.status.get_task(task.task_id)
         if known is not None and known.state == "routed" and known.nodes:
-            nodes = list(known.nodes)  # a repeat: route to the same nodes, never rediscover
+            # a repeat: the same nodes, order and attributes as the first time, never rediscovered
+            plan = known.plan or (Wave(nodes=known.nodes),)
+            nodes = [NodeInfo(name=n, attributes=known.attributes.get(n, {})) for w in plan for n in w.nodes]
         else:
-            nodes = routing.explicit_nodes(task) or await self._discover(task)
+            resolved = await self.planner.resolve(task)
+            plan, nodes = resolved.waves, list(resolved.nodes)
         now = time.time()
         created = known.created_at if known else now
         await self.status.put_task(
             task.task_id,
             TaskRecord(
-                task=task, state="routed", nodes=tuple(sorted(nodes)), created_at=created, routed_at=now
+                task=task,
+                state="routed",
+                nodes=tuple(sorted(n.name for n in nodes)),
+                created_at=created,
+                routed_at=now,
+                plan=plan,
+                attributes={n.name: n.attributes for n in nodes if n.attributes},
             ),
         )
         published = 0
-        for route in routing.plan(task, nodes, now):
+        for route in routing.routes(task, nodes, now):
             if await self.status.get_node(task.task_id, route.node) is not None:
                 continue  # already routed once (a duplicate submission or a redelivery)
             await bus.publish(self.js, route.subject, msgspec.json.encode(route.item), msg_id=route.msg_id)
@@ -181,17 +211,29 @@ class Router:
         )
         log.info("routed task_id=%s nodes=%d published=%d", task.task_id, len(nodes), published)
 
-    async def _discover(self, task: Task) -> list[str]:
-        plugin = self.discovery.get(task.discovery)
-        if plugin is None:
-            known = ", ".join(sorted(self.discovery)) or "none"
-            raise InvalidTask(
-                f"unknown discovery plugin {task.discovery!r} (installed: {known})", "discovery"
-            )
-        nodes = await plugin.nodes(task.cluster_name)
-        if not nodes:
-            raise DiscoveryError(f"discovery {task.discovery!r} found no nodes for {task.cluster_name!r}")
-        return nodes
+    async def _on_plan(self, msg: Msg) -> None:
+        """`taskerman.api.plan`: the plan of the task in the request, never routed."""
+        with self._tracer.start_as_current_span(
+            "plan", context=tracing.extract_context(dict(msg.headers or {}))
+        ):
+            reply = await self.preview(msg.data)
+        try:
+            await msg.respond(msgspec.json.encode(reply))
+        except Exception as e:  # the requester gave up (or sent no reply subject)
+            log.warning("plan reply not sent error=%r", e)
+
+    async def preview(self, data: bytes) -> PlanReply:
+        """Validate a task and resolve its routing without publishing or recording anything."""
+        try:
+            task = with_task_id(decode_task(data))
+            return PlanReply(plan=await self.planner.preview(task))
+        except InvalidTask as e:
+            return PlanReply(error=e.problem, field=e.field)
+        except DiscoveryError as e:
+            return PlanReply(error=str(e))
+        except Exception as e:
+            log.exception("plan failed")
+            return PlanReply(error=f"the router could not plan the task: {e!r}")
 
     async def _reject(self, msg: Msg, task: Task | None, reason: str) -> None:
         seq = msg.metadata.sequence.stream
