@@ -1,4 +1,9 @@
-"""taskerman-runner: wires settings, NATS, ZooKeeper and one NodeWorker per node it serves."""
+"""taskerman-runner: wires settings, NATS, ZooKeeper and one NodeWorker per node it serves.
+
+As a daemon it runs until SIGTERM/SIGINT: it stops fetching, gives a running action
+`TASKERMAN_SHUTDOWN_GRACE` seconds (default 30) to finish, then cancels it and hands its item back;
+a second signal exits at once. With `--once` (cron mode) it drains what is due for its node(s) and
+exits 0 when every item it handled succeeded, 1 otherwise, 2 on a bad command line or config."""
 
 from __future__ import annotations
 
@@ -18,7 +23,6 @@ from taskerman_runner import config
 from taskerman_runner.worker import NodeWorker
 
 log = logging.getLogger(__name__)
-SHUTDOWN_GRACE = 30.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,7 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="node config TOML (cluster, node, [packs.*])")
     p.add_argument("--cluster", help="cluster name (without --config)")
     p.add_argument("--node", action="append", default=[], help="node name; repeat to serve several nodes")
-    p.add_argument("--once", action="store_true", help="cron mode: drain what is waiting, then exit")
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="cron mode: drain what is due, then exit (0: all succeeded, 1: some did not)",
+    )
     return p.parse_args(argv)
 
 
@@ -45,9 +53,18 @@ def node_configs(args: argparse.Namespace) -> list[config.NodeConfig]:
 
 async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
     settings = Settings.from_env()
+    grace = config.shutdown_grace()
     nodes = node_configs(args)
+    registry = ActionRegistry.installed().only(nodes[0].enabled_packs)
+    problems = config.check(nodes[0], registry)
+    if problems:
+        where = args.config or "node config"
+        for problem in problems:
+            print(f"taskerman-runner: {where}: {problem}", file=sys.stderr)
+        return 2
+    for name in config.unknown_overrides(nodes[0], registry):
+        log.warning('[actions."%s"] in the node config: no such action is enabled here', name)
     async with service.connected(settings, "taskerman-runner") as c:
-        registry = ActionRegistry.installed()
         workers = [
             NodeWorker(
                 js=c.js,
@@ -64,13 +81,21 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
         ]
         for w in workers:
             await w.start()
-        log.info("runner started nodes=%s", [f"{n.cluster}/{n.node}" for n in nodes])
+        log.info(
+            "runner started nodes=%s actions=%s grace=%gs",
+            [f"{n.cluster}/{n.node}" for n in nodes],
+            registry.names(),
+            grace,
+        )
         if args.once:
-            failures = sum([await w.drain() for w in workers])
-            return 1 if failures else 0
+            async with asyncio.TaskGroup() as tg:
+                drains = [tg.create_task(w.drain(stop, grace)) for w in workers]
+            unsettled = sum(d.result() for d in drains)
+            log.info("cron run finished: %d item(s) did not succeed", unsettled)
+            return 1 if unsettled else 0
         async with asyncio.TaskGroup() as tg:
             for w in workers:
-                tg.create_task(w.run(stop))
+                tg.create_task(w.run(stop, grace))
     return 0
 
 
@@ -78,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         node_configs(args)
+        config.shutdown_grace()
     except TaskermanError as e:
         print(f"taskerman-runner: {e}", file=sys.stderr)
         return 2

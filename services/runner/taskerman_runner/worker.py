@@ -1,6 +1,8 @@
 """One node's runner: pull a work item, take its leases, run the action's three steps, settle.
 
-Usable without one process per node: a process may run many NodeWorkers."""
+Usable without one process per node: a process may run many NodeWorkers. Shutdown is staged: stop
+fetching, give a running action its grace to finish, then cancel it and hand the item back (nak'd,
+not counted as a failure, leases released); an item still waiting for its leases goes back at once."""
 
 from __future__ import annotations
 
@@ -8,9 +10,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from nats.aio.msg import Msg
@@ -21,7 +23,7 @@ from taskcore.actions import Action, ActionContext, ActionRegistry
 from taskcore.audit import Audit
 from taskcore.clusters import Breaker
 from taskcore.coordination import SlotSemaphore, ZkSession
-from taskcore.errors import InvalidTask, LeaseLost, LeaseWaitTimeout
+from taskcore.errors import ActionFailed, InvalidTask, LeaseLost, LeaseWaitTimeout, TaskermanError
 from taskcore.leases import Lease, LeaseSet, SemaphoreLease, SharedLease, SharedSlots
 from taskcore.metrics import Instruments
 from taskcore.model import DeadLetter, NodeRecord, WorkItem, decode_work_item
@@ -29,12 +31,26 @@ from taskcore.registry import Registration
 from taskcore.settings import Settings
 from taskcore.tracking import StatusStore, StopRecord
 from taskerman_runner import policy
-from taskerman_runner.config import ActionOverride
+from taskerman_runner.config import DEFAULT_GRACE, ActionOverride
 
 log = logging.getLogger(__name__)
 RELEASE_DELAY = 2.0  # a lost lease or a long wait: the item goes back after this delay
 GUARD_INTERVAL = 0.2
 STOP_POLL = 3.0  # how often a waiting item looks whether its task was stopped
+ABORT_WAIT = 5.0  # after the grace: how long the cancelled action's release may take before we cancel it all
+CANCEL_WAIT = 5.0  # how long a cancelled step may take to unwind
+DRAIN_WAIT = 1.0  # cron mode: nothing arrives for this long, so nothing more is due
+DRAIN_RERUNS = 2  # cron mode: runs again of an item released back (not failed) in the same drain
+Outcome = Literal["ok", "failed", "released"]
+
+
+class RunnerStopping(TaskermanError):
+    """The runner is shutting down and the step outlived its grace: the attempt is released back
+    (nak'd for redelivery, leases released), not counted as a failure."""
+
+
+# Ends of an attempt that are not the action's failure: the item goes back, nothing is counted.
+RELEASED_BACK: tuple[type[Exception], ...] = (LeaseLost, LeaseWaitTimeout, RunnerStopping, *bus.UNAVAILABLE)
 
 
 def lease_path(task_id: str) -> str:
@@ -80,6 +96,9 @@ class NodeWorker:
         self.metrics = Instruments()
         self._sub: JetStreamContext.PullSubscription | None = None
         self._tracer = tracing.tracer(__name__)
+        self._grace = DEFAULT_GRACE
+        self._abort = asyncio.Event()  # set once the grace is over: the running step is cancelled
+        self._acting: ActionContext | None = None  # the item in hand has started its steps
 
     async def start(self) -> None:
         """Create this node's durable consumer, bind to it and register in ZooKeeper."""
@@ -87,36 +106,135 @@ class NodeWorker:
         self._sub = await self.js.pull_subscribe_bind(durable=durable, stream=subjects.WORK_STREAM)
         await self.registration.register()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Fetch and handle items until `stop` is set; the item in hand is finished first."""
+    async def run(self, stop: asyncio.Event, grace: float = DEFAULT_GRACE) -> None:
+        """Fetch and handle items until `stop` is set; the action in hand gets `grace` seconds to
+        finish, then it is cancelled and its item handed back."""
+        self._grace = grace
         heartbeat = asyncio.create_task(self.registration.heartbeat(stop))
         try:
             while not stop.is_set():
                 for msg in await self._fetch(wait=1.0):
-                    await self.handle(msg)
+                    try:
+                        await self._handle_until(stop, msg)
+                    except bus.UNAVAILABLE as e:  # not settled: it comes back after ack_wait
+                        log.warning("nats unavailable, item comes back node=%s error=%r", self.node, e)
         finally:
             heartbeat.cancel()
 
-    async def drain(self) -> int:
-        """Handle what is waiting now, then return (cron mode); returns the number of failures."""
-        while batch := await self._fetch(wait=1.0):
+    async def drain(self, stop: asyncio.Event | None = None, grace: float = DEFAULT_GRACE) -> int:
+        """Cron mode: handle what is due for this node now, then return how many of the items it
+        handled did not succeed (0: every one did).
+
+        An item that fails is nak'd with its backoff and left to the next run, which takes its
+        retry: the drain never sleeps through a backoff, so a delayed nak cannot make it hang. An
+        item released back without a failure (its leases took too long, its session was lost)
+        returns after RELEASE_DELAY; the drain waits for it and runs it again (up to DRAIN_RERUNS
+        times), and it counts as not done until it succeeds, so a run cannot end early with 0.
+        `stop` (SIGTERM) works as in `run`."""
+        stop = stop or asyncio.Event()
+        self._grace = grace
+        outcomes: dict[int, Outcome] = {}
+        reruns: dict[int, int] = {}
+        expect_until = 0.0  # a released item should be back by then
+        while not stop.is_set():
+            batch = await self._fetch(wait=DRAIN_WAIT)
+            if not batch:
+                if time.monotonic() < expect_until and any(
+                    o == "released" and reruns.get(seq, 0) < DRAIN_RERUNS for seq, o in outcomes.items()
+                ):
+                    continue
+                break
             for msg in batch:
-                await self.handle(msg)
-        return self.failures
+                seq = msg.metadata.sequence.stream
+                if outcomes.get(seq) == "released":
+                    if reruns.get(seq, 0) >= DRAIN_RERUNS:  # had its chances in this run
+                        await self._settle(msg.nak(delay=RELEASE_DELAY))
+                        continue
+                    reruns[seq] = reruns.get(seq, 0) + 1
+                failures = self.failures
+                await self._handle_until(stop, msg)
+                outcomes[seq] = await self._outcome(msg, failures)
+                if outcomes[seq] == "released":
+                    expect_until = time.monotonic() + RELEASE_DELAY + 3 * DRAIN_WAIT
+        unsettled = sorted(seq for seq, o in outcomes.items() if o != "ok")
+        if unsettled:
+            log.warning(
+                "drain node=%s: %d of %d item(s) did not succeed (stream seq %s)",
+                self.node,
+                len(unsettled),
+                len(outcomes),
+                unsettled,
+            )
+        return len(unsettled)
+
+    async def _outcome(self, msg: Msg, failures_before: int) -> Outcome:
+        """What became of an item just handled: done (succeeded, or retired by a stopped task),
+        failed (retried later, dead-lettered, rejected) or released back without a failure."""
+        if self.failures > failures_before:
+            return "failed"
+        try:
+            item = decode_work_item(msg.data)
+        except InvalidTask:
+            return "failed"
+        rec = await self.status.get_node(item.task.task_id, self.node)
+        state = rec.state if rec else "pending"
+        if state in ("succeeded", "skipped", "cancelled"):
+            return "ok"
+        return "failed" if state in ("dead", "failed") else "released"
+
+    async def _handle_until(self, stop: asyncio.Event, msg: Msg) -> None:
+        """Handle one item; when `stop` is set meanwhile, the item goes through `_stop_item`. An
+        item fetched just as `stop` was set is handed back unstarted."""
+        if stop.is_set():
+            await self._settle(msg.nak())
+            return
+        work = asyncio.create_task(self.handle(msg))
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                await self._stop_item(work)
+        except asyncio.CancelledError:  # we are cancelled ourselves: so is the item (it is nak'd)
+            work.cancel()
+            await asyncio.wait({work}, timeout=ABORT_WAIT)
+            raise
+        finally:
+            stopping.cancel()
+        if not work.cancelled():
+            work.result()
+
+    async def _stop_item(self, work: asyncio.Task[None]) -> None:
+        """The runner is stopping with an item in hand. A running action gets the grace to finish;
+        past it the guard sets `ctx.cancelled`, cancels the step and releases the item back (nak,
+        leases released, not a failure). An item that has not started acting (waiting for its
+        leases) is cancelled at once: it is nak'd and whatever leases it took are released."""
+        if self._acting is not None:
+            log.info("stopping node=%s: the running action has %gs to finish", self.node, self._grace)
+            await asyncio.wait({work}, timeout=self._grace)
+            if work.done():
+                return
+            log.warning(
+                "stopping node=%s: the action outlived the %gs grace, cancelling it", self.node, self._grace
+            )
+            self._abort.set()
+            await asyncio.wait({work}, timeout=ABORT_WAIT)
+            if work.done():
+                return
+        log.info("stopping node=%s: handing the item back", self.node)
+        work.cancel()
+        await asyncio.wait({work})
 
     async def _fetch(self, wait: float) -> list[Msg]:
         assert self._sub is not None, "start() first"
-        try:
-            return await self._sub.fetch(1, timeout=wait)
-        except TimeoutError:
-            return []  # an empty queue is normal
+        return await bus.fetch(self._sub, 1, wait=wait)
 
     async def handle(self, msg: Msg) -> None:
-        """Run one delivery of a work item to its end: ack, nak with backoff, or dead letter."""
+        """Run one delivery of a work item to its end: ack, nak with backoff, or dead letter. An item
+        this node will not run (unknown action, bad arguments, arguments its config does not allow,
+        a missing or bad `[packs.<pack>]` table) is dead-lettered at once, before any lease or step."""
         deliveries = msg.metadata.num_delivered
         try:
             item = decode_work_item(msg.data)
-            action_cls, args = self.registry.resolve(item.task)
         except InvalidTask as e:
             await self._poison(msg, deliveries, f"invalid work item: {e}")
             return
@@ -128,11 +246,35 @@ class NodeWorker:
                 attributes={"task_id": item.task.task_id, "node": self.node, "deliveries": deliveries},
             ),
         ):
-            await self._run_item(msg, item, action_cls, args)
+            try:
+                action_cls, args, conf = self.registry.resolve_for_node(item.task, self.packs)
+            except InvalidTask as e:
+                await self._reject(msg, item, f"invalid work item: {e}")
+                return
+            try:
+                await self._run_item(msg, item, action_cls, args, conf)
+            finally:
+                self._acting = None
+
+    async def _reject(self, msg: Msg, item: WorkItem, reason: str) -> None:
+        """A decodable item this node will not run: dead-letter it at once, never spin through
+        retries, and record the node as dead with the reason so that the task finishes."""
+        self.failures += 1
+        rec = await self.status.get_node(item.task.task_id, self.node) or NodeRecord()
+        await self._dead(msg, item, rec, reason)
+        await self._node_failed(item, "")
 
     def leases_for(self, item: WorkItem, action_cls: type[Action], budget: int | None) -> LeaseSet:
         """The leases a node needs, in the one global order: global lease, exclusion groups (sorted),
-        the cluster's disruption budget, the task's own m-of-n slot."""
+        the task's topology lease, the cluster's disruption budget, the task's own m-of-n slot.
+
+        Every item takes its leases in this one order, so waits cannot form a cycle: an item
+        only ever waits for a lease later in the order than every lease it holds, so the holder
+        of the latest contested lease never waits and always finishes. The topology lease (one
+        zone or rack of the task at a time; owner = the node's zone, so the nodes of one zone
+        share it) is task-scoped like the task slot but comes before the budget, not right before
+        the slot: a node of another zone then waits holding nothing cluster-wide, instead of
+        sitting on a budget slot that other tasks, and the zone now acting, could use."""
         task, zk, holder = item.task, self.zk, self.node
         override = self.overrides.get(task.action, ActionOverride())
         groups = (
@@ -149,6 +291,14 @@ class NodeWorker:
         for group in sorted(set(groups)):
             path = clusters.cluster_path(self.cluster, "exclusion", subjects.encode_token(group))
             leases.append(SharedLease(f"exclusion:{group}", SharedSlots(zk, path, 1), task.task_id, holder))
+        topology = task.taskerman_params.topology
+        if topology:
+            zone = item.attributes.get(topology)
+            if not zone:  # the router never routes such an item; refuse rather than act unfenced
+                raise InvalidTask(f"node {self.node!r} has no {topology!r} attribute", "attributes")
+            # `~` never occurs in an encoded task id, so this path cannot be another task's slots
+            slots = SharedSlots(zk, f"{lease_path(task.task_id)}~topology", 1)
+            leases.append(SharedLease(f"topology:{topology}", slots, owner=zone, holder=holder))
         if budget:
             sem = SlotSemaphore(zk, clusters.cluster_path(self.cluster, "budget"), budget)
             leases.append(SemaphoreLease("budget", sem, holder))
@@ -177,7 +327,9 @@ class NodeWorker:
                 return leases
             await leases.release()
 
-    async def _run_item(self, msg: Msg, item: WorkItem, action_cls: type[Action], args: Any) -> None:
+    async def _run_item(
+        self, msg: Msg, item: WorkItem, action_cls: type[Action], args: Any, conf: Any = None
+    ) -> None:
         task = item.task
         rec = await self.status.get_node(task.task_id, self.node) or NodeRecord()
         if rec.failures > task.retry_count:  # settled as failed before, but the ack was lost
@@ -225,18 +377,20 @@ class NodeWorker:
                 pack_config=self.packs.get(task.action.split(":", 1)[0], {}),
                 tokens=leases.tokens(),
                 checkpoint=self.zk.check,
+                config=conf,
             )
             action = action_cls()
+            timeout = self._step_timeout(task.action, action_cls)
             for step_fn in (action.pre_check, action.execute_action, action.post_check):
                 step = step_fn.__name__
                 await leases.verify()
                 with self._tracer.start_as_current_span(step):
-                    await self._guarded(step_fn(ctx), ctx)
+                    await self._guarded(step_fn(ctx), ctx, step, timeout)
                 await self._audit(f"{step}-passed", task.task_id)
-        except (LeaseLost, LeaseWaitTimeout) as e:
+        except RELEASED_BACK as e:
             log.warning("released back task_id=%s node=%s step=%s error=%s", task.task_id, self.node, step, e)
             await self._settle(msg.nak(delay=RELEASE_DELAY))
-            state = "retrying" if isinstance(e, LeaseLost) else "pending"
+            state = "pending" if isinstance(e, LeaseWaitTimeout) else "retrying"
             reason = f"{type(e).__name__}: {e}"
             await self.status.update_node(task.task_id, self.node, state=state, error=reason)
             await self._audit("released", task.task_id, f"at {step}: {reason}; not counted as a failure")
@@ -282,19 +436,55 @@ class NodeWorker:
         await self._audit(state, item.task.task_id, f"task stopped: {stop.reason} {stop.detail}".strip())
         return True
 
-    async def _guarded(self, step: Awaitable[None], ctx: ActionContext) -> None:
-        """Run a step while watching the session; when it can no longer be trusted, tell the action
-        to stop and cancel it."""
+    def _step_timeout(self, action: str, action_cls: type[Action]) -> float | None:
+        """The node's `[actions."<name>"] timeout`, else the action's own."""
+        override = self.overrides.get(action)
+        return override.timeout if override and override.timeout is not None else action_cls.timeout
+
+    async def _guarded(
+        self,
+        step: Coroutine[Any, Any, None],
+        ctx: ActionContext,
+        name: str = "step",
+        time_limit: float | None = None,
+    ) -> None:
+        """Run a step while watching the session, the step's timeout and the runner's shutdown
+        grace. When one of them ends it: set `ctx.cancelled`, cancel the step, and raise LeaseLost,
+        ActionFailed ("timed out") or RunnerStopping."""
+        self._acting = ctx
+        if self._abort.is_set():
+            step.close()
+            raise RunnerStopping(f"the runner is stopping: {name} not started")
+        loop = asyncio.get_running_loop()
+        deadline = None if time_limit is None else loop.time() + time_limit
         work = asyncio.ensure_future(step)
         try:
             while not work.done():
-                await asyncio.wait({work}, timeout=GUARD_INTERVAL)
-                if not work.done() and not self.zk.is_safe():
-                    ctx.cancelled.set()
-                    work.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await work
-                    raise LeaseLost("zookeeper session untrusted while the action ran")
+                left = GUARD_INTERVAL if deadline is None else min(GUARD_INTERVAL, deadline - loop.time())
+                await asyncio.wait({work}, timeout=max(left, 0.0))
+                if work.done():
+                    break
+                error: Exception
+                if not self.zk.is_safe():
+                    error = LeaseLost("zookeeper session untrusted while the action ran")
+                elif self._abort.is_set():
+                    error = RunnerStopping(
+                        f"the runner is stopping: {name} outlived the {self._grace:g}s grace"
+                    )
+                elif deadline is not None and loop.time() >= deadline:
+                    error = ActionFailed(name, f"timed out after {time_limit:g}s")
+                else:
+                    continue
+                ctx.cancelled.set()
+                work.cancel()
+                await asyncio.wait({work}, timeout=CANCEL_WAIT)
+                if not work.done():
+                    log.error(
+                        "%s ignored its cancellation for %gs task_id=%s", name, CANCEL_WAIT, ctx.task.task_id
+                    )
+                elif not work.cancelled():
+                    work.exception()  # retrieved: what it raised while unwinding is beside the point
+                raise error
             work.result()
         finally:
             if not work.done():
