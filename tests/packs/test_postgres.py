@@ -11,8 +11,8 @@ import pytest
 
 from taskcore.errors import ActionFailed, InvalidTask
 from taskcore.launchers import free_port
+from taskcore.packs.backups import sha256_file, write_checksum
 from taskcore.packs.postgres import PostgresBackup
-from taskcore.packs.redis import sha256_file, write_checksum
 from tests.packs.datastores import PostgresServer, action_context, names, run_steps, sha256sum_check
 
 ROWS = 500

@@ -11,7 +11,8 @@ import pytest
 
 from taskcore.errors import ActionFailed, InvalidTask
 from taskcore.launchers import free_ports
-from taskcore.packs.redis import RedisBackup, RedisRestart, backup_name, prune_backups
+from taskcore.packs.backups import backup_name, prune_backups
+from taskcore.packs.redis import RedisBackup, RedisRestart
 from tests.packs.datastores import (
     RedisServer,
     action_context,

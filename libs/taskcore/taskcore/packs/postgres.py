@@ -25,8 +25,7 @@ import msgspec
 
 from taskcore.actions import Action, ActionContext
 from taskcore.errors import ActionFailed, InvalidTask
-from taskcore.packs.common import CommandFailed, CommandResult, allowed_name, pack_config, run_command
-from taskcore.packs.redis import (
+from taskcore.packs.backups import (
     backup_name,
     prune_backups,
     require_dir,
@@ -34,6 +33,7 @@ from taskcore.packs.redis import (
     verify_checksum,
     write_checksum,
 )
+from taskcore.packs.common import CommandFailed, CommandResult, allowed_name, pack_config, run_command
 
 log = logging.getLogger(__name__)
 
