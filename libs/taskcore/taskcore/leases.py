@@ -4,6 +4,8 @@ with owner = cluster (at most N clusters at once). Plus the ordered set of lease
 
 Layout under `path`: `slot-<i>` (persistent, data = owner) with one ephemeral member per holder.
 - A slot's owner never changes: a slot is created with its owner and deleted when empty.
+- A slot is created together with its first member in one transaction, so it is never empty
+  while someone joins it.
 - Joining a slot is create-then-check: create our member, then read the slot's owner; a slot that
   was deleted and recreated for another owner in between is detected and left.
 - Any empty slot is abandoned (a crashed holder's member vanished with its session) and anyone may
@@ -76,10 +78,7 @@ class SharedSlots:
                     name = f"slot-{i}"
                     if name in taken:
                         continue
-                    # NodeExists: someone else's, or ours from a retried create; _join checks the owner
-                    with contextlib.suppress(exc.NodeExists):
-                        await client.create(f"{self.path}/{name}", data=owner.encode())
-                    mine = await self._join(f"{self.path}/{name}", owner, holder)
+                    mine = await self._open(f"{self.path}/{name}", owner, holder)
                     if mine:
                         return mine
                 if retry_now:
@@ -103,9 +102,23 @@ class SharedSlots:
                     if not f.done():
                         f.cancel()
 
+    async def _open(self, slot_path: str, owner: str, holder: str) -> Slot | None:
+        """Create a slot together with its first member, in one transaction: a slot is never seen
+        empty while its creator joins it, so nobody deletes it from under them. If it exists
+        already (someone else's, or ours from a retried transaction) `_join` decides."""
+        txn = self.zk.client.begin_transaction()
+        txn.create(slot_path, data=owner.encode())
+        txn.create(self._member_path(slot_path, holder), data=holder.encode(), ephemeral=True)
+        await txn.commit()  # a failed transaction changes nothing; _join then looks at what is there
+        return await self._join(slot_path, owner, holder)
+
+    @staticmethod
+    def _member_path(slot_path: str, holder: str) -> str:
+        return f"{slot_path}/m-{holder.rsplit('#', 1)[1]}"
+
     async def _join(self, slot_path: str, owner: str, holder: str) -> Slot | None:
         client = self.zk.client
-        member = f"{slot_path}/m-{holder.rsplit('#', 1)[1]}"
+        member = self._member_path(slot_path, holder)
         try:
             await client.create(member, data=holder.encode(), ephemeral=True)
         except exc.NoNode:
