@@ -99,3 +99,11 @@ async def test_dead_letter_keeps_the_trace_and_trace_renders_it(
     assert {"submit", "route", "run test:sleep", "execute_action", "dead-letter"} <= names
     failed = [s for s in traces[letter.trace_id] if s["name"] == "execute_action"]
     assert failed[0]["status"] == "ERROR"
+
+    [seq] = [s for s, d in await deadletter.entries(js[1]) if d.task_id == task_id]
+    assert stack.cli("dlq", "replay", str(seq)).returncode == 0
+    traces = json.loads(stack.cli("trace", task_id, "--json").stdout)
+    replays = [s for spans in traces.values() for s in spans if s["name"] == "replay"]
+    assert len(replays) == 1
+    assert replays[0]["links"] == [letter.trace_id]  # the replay links to the original trace
+    assert replays[0]["trace_id"] != letter.trace_id

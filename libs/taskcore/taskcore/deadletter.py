@@ -6,7 +6,7 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from taskcore import bus, subjects
+from taskcore import bus, subjects, tracing
 from taskcore.model import DeadLetter, NodeRecord
 from taskcore.tracking import StatusStore
 
@@ -68,6 +68,11 @@ async def replay(js: JetStreamContext, status: StatusStore, seq: int) -> DeadLet
         await status.put_node(letter.task_id, letter.node, NodeRecord(state="pending"))
         await status.forgive(letter.task_id)
     subject = letter.source_subject or subjects.GLOBAL
-    await bus.publish(js, subject, letter.payload.encode(), msg_id=f"replay:{seq}:{letter.task_id}")
+    with tracing.tracer(__name__).start_as_current_span(
+        "replay",
+        links=tracing.link_to(letter.trace_id, letter.span_id),
+        attributes={"task_id": letter.task_id, "node": letter.node, "replayed_trace_id": letter.trace_id},
+    ):
+        await bus.publish(js, subject, letter.payload.encode(), msg_id=f"replay:{seq}:{letter.task_id}")
     await remove(js, seq)
     return letter

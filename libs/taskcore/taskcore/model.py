@@ -141,6 +141,7 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     deliveries: int
     payload: str
     trace_id: str = ""
+    span_id: str = ""  # the span that dead-lettered it: a replay links to it
     source_subject: str = ""
     first_attempt_at: float | None = None
     last_attempt_at: float | None = None

@@ -34,6 +34,7 @@ class SpanRecord(msgspec.Struct, frozen=True, kw_only=True):
     end: float
     status: str = "UNSET"
     attributes: dict[str, str | int | float | bool] = {}
+    links: list[str] = []  # trace ids this span links to (a replay links to the original trace)
 
 
 class JsonLinesExporter(SpanExporter):
@@ -70,6 +71,7 @@ def to_record(span: ReadableSpan) -> SpanRecord:
         end=(span.end_time or 0) / 1e9,
         status=span.status.status_code.name,
         attributes=attrs,
+        links=[format(link.context.trace_id, "032x") for link in span.links],
     )
 
 
@@ -135,6 +137,21 @@ def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
 def extract_context(headers: dict[str, str] | None) -> Context:
     """The remote context carried by a message's headers (empty when there is none)."""
     return extract(headers or {})
+
+
+def current_span_id() -> str:
+    """The current span id as 16 hex digits, or "" outside a trace."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.span_id, "016x") if ctx.is_valid else ""
+
+
+def link_to(trace_id: str, span_id: str) -> list[trace.Link]:
+    """A link to a span of another trace (e.g. from a replay to the original), if both ids parse."""
+    try:
+        ctx = trace.SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True)
+    except ValueError:
+        return []
+    return [trace.Link(ctx)] if ctx.is_valid else []
 
 
 def current_trace_id() -> str:

@@ -47,7 +47,7 @@ def outcome(view: TaskView, console: Console) -> int:
 
 async def watch(status: StatusStore, task_id: str, quiet: bool = False, poll: float = 0.5) -> int:
     """Show progress until the task ends; 0 on success, 1 on failure or dead letter."""
-    console = Console(file=sys.stdout, quiet=quiet)
+    console = Console(file=sys.stdout, quiet=quiet, soft_wrap=True)
     if console.is_terminal:
         return await _watch_live(status, task_id, console, poll)
     last = ""

@@ -1,6 +1,6 @@
 """The router: a durable consumer of `tasks.global` that validates, discovers, orders and fans out;
-it also turns MAX_DELIVERIES advisories into dead letters and answers plan previews
-(`taskerman.api.plan`). Stateless: any number may run on the one durable consumer; a task
+it also turns MAX_DELIVERIES advisories into dead letters, answers plan previews
+(`taskerman.api.plan`) and, with metrics on, samples the fleet gauges. Stateless: any number may run on the one durable consumer; a task
 redelivered to a second router is published again under the same message ids, which JetStream
 drops, and the per-node tracking records make the second router skip nodes already routed."""
 
@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from taskcore import audit, bus, deadletter, subjects, tracing
+from taskcore import audit, bus, deadletter, metrics, subjects, tracing
 from taskcore.actions import ActionRegistry
 from taskcore.audit import Audit
 from taskcore.clusters import BreakerPolicy
@@ -68,7 +68,9 @@ class Router:
         zk: ZkSession | None = None,
         breaker_policy: BreakerPolicy | None = None,
         reconcile_interval: float = 30.0,
+        sample_interval: float | None = None,
     ) -> None:
+        """`sample_interval`: seconds between samples of the fleet gauges; None, no gauges (metrics off)."""
         self.nc = nc
         self.js = js
         self.status = status
@@ -81,6 +83,13 @@ class Router:
             breaker_policy=breaker_policy,
         )
         self.reconcile_interval = reconcile_interval
+        self.sample_interval = sample_interval
+        self.sampler = (
+            metrics.FleetSampler(metrics.Gauges(), js, status, zk, breaker_policy)
+            if sample_interval is not None
+            else None
+        )
+        self.metrics = metrics.Instruments()
         self.audit = Audit(js, audit.actor("router"))
         self._tracer = tracing.tracer(__name__)
 
@@ -89,7 +98,10 @@ class Router:
         sub = await self.js.pull_subscribe_bind(durable=subjects.ROUTER_DURABLE, stream=subjects.TASKS_STREAM)
         adv = await self.nc.subscribe(f"{subjects.MAX_DELIVERIES_ADVISORY}.>", cb=self._on_advisory)
         api = await self.nc.subscribe(subjects.PLAN_SUBJECT, queue=subjects.PLAN_QUEUE, cb=self._on_plan)
-        reconciler = asyncio.create_task(self._reconcile_every(stop))
+        loops = [asyncio.create_task(self._reconcile_every(stop), name="router-reconcile")]
+        if self.sampler is not None and self.sample_interval is not None:
+            sampling = self.sampler.run(stop, self.sample_interval)
+            loops.append(asyncio.create_task(sampling, name="router-sample"))
         try:
             while not stop.is_set():
                 for msg in await bus.fetch(sub, 10, wait=1.0):
@@ -99,7 +111,9 @@ class Router:
                         seq = msg.metadata.sequence.stream
                         log.warning("nats unavailable, routing later seq=%s error=%r", seq, e)
         finally:
-            reconciler.cancel()
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
             await api.unsubscribe()
             await adv.unsubscribe()
 
@@ -165,8 +179,10 @@ class Router:
                 span.set_attribute("task_id", task.task_id)
                 self.registry.resolve(task)
                 await self._route(task)
-            except (InvalidTask, DiscoveryError) as e:
-                await self._reject(msg, task, str(e))
+            except InvalidTask as e:
+                await self._reject(msg, task, str(e), "invalid")
+            except DiscoveryError as e:
+                await self._reject(msg, task, str(e), "discovery")
             except Exception:
                 log.exception("routing failed, will be redelivered seq=%s", msg.metadata.sequence.stream)
                 await msg.nak(delay=2)
@@ -175,7 +191,8 @@ class Router:
 
     async def _route(self, task: Task) -> None:
         known = await self.status.get_task(task.task_id)
-        if known is not None and known.state == "routed" and known.nodes:
+        repeat = known is not None and known.state == "routed" and bool(known.nodes)
+        if known is not None and repeat:
             # a repeat: the same nodes, order and attributes as the first time, never rediscovered
             plan = known.plan or (Wave(nodes=known.nodes),)
             nodes = [NodeInfo(name=n, attributes=known.attributes.get(n, {})) for w in plan for n in w.nodes]
@@ -209,6 +226,8 @@ class Router:
             cluster=task.cluster_name,
             detail=f"{len(nodes)} node(s), {published} new",
         )
+        if not repeat:
+            self.metrics.routed.add(1, {"cluster": task.cluster_name, "action": task.action})
         log.info("routed task_id=%s nodes=%d published=%d", task.task_id, len(nodes), published)
 
     async def _on_plan(self, msg: Msg) -> None:
@@ -235,7 +254,8 @@ class Router:
             log.exception("plan failed")
             return PlanReply(error=f"the router could not plan the task: {e!r}")
 
-    async def _reject(self, msg: Msg, task: Task | None, reason: str) -> None:
+    async def _reject(self, msg: Msg, task: Task | None, reason: str, kind: str) -> None:
+        """Dead-letter a task that cannot be routed; `kind` (invalid, discovery) labels the count."""
         seq = msg.metadata.sequence.stream
         task_id = task.task_id if task else ""
         letter = DeadLetter(
@@ -246,6 +266,7 @@ class Router:
             deliveries=msg.metadata.num_delivered,
             payload=msg.data.decode(errors="replace"),
             trace_id=tracing.current_trace_id(),
+            span_id=tracing.current_span_id(),
             source_subject=msg.subject,
         )
         await deadletter.send(self.js, letter, msg_id=f"global:{seq}")
@@ -254,6 +275,7 @@ class Router:
                 task_id, TaskRecord(task=task, state="dead", created_at=time.time(), error=reason)
             )
             await self.audit.record("rejected", task_id=task_id, cluster=letter.cluster, detail=reason)
+        self.metrics.rejected.add(1, {"reason": kind})
         log.warning("rejected task seq=%d task_id=%s reason=%s", seq, task_id, reason)
 
     async def _on_advisory(self, msg: Msg) -> None:
@@ -271,7 +293,7 @@ class Router:
         except NotFoundError:
             return  # already settled (e.g. the runner dead-lettered it itself)
         payload = raw.data or b""
-        cluster = node = task_id = ""
+        cluster = node = task_id = action = ""
         reason = f"reached max deliveries ({adv.deliveries}) on consumer {adv.consumer}"
         if reconciled:
             reason += " (found by the reconciler)"
@@ -279,6 +301,7 @@ class Router:
             try:
                 item = decode_work_item(payload)
                 cluster, node, task_id = item.task.cluster_name, item.node, item.task.task_id
+                action = item.task.action
                 rec = await self.status.get_node(task_id, node)
                 if rec is not None and rec.error:
                     reason = f"{reason}; last error: {rec.error}"
@@ -294,6 +317,7 @@ class Router:
                 deliveries=adv.deliveries,
                 payload=payload.decode(errors="replace"),
                 trace_id=tracing.current_trace_id(),
+                span_id=tracing.current_span_id(),
                 source_subject=raw.subject or "",
             )
             prefix = "" if adv.stream == subjects.WORK_STREAM else "global:"
@@ -304,4 +328,8 @@ class Router:
                 "dead-lettered", task_id=task_id, cluster=cluster, node=node, detail=reason
             )
         await self.js.delete_msg(adv.stream, adv.stream_seq)
+        if adv.stream == subjects.WORK_STREAM:  # the runner counts the items it dead-letters itself
+            self.metrics.dead.add(1, {"cluster": cluster, "action": action})
+        else:  # a task that kept failing to route
+            self.metrics.rejected.add(1, {"reason": "max-deliveries"})
         log.warning("dead-lettered by advisory stream=%s seq=%d", adv.stream, adv.stream_seq)

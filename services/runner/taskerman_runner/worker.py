@@ -586,6 +586,7 @@ class NodeWorker:
             deliveries=msg.metadata.num_delivered,
             payload=msg.data.decode(errors="replace"),
             trace_id=tracing.current_trace_id(),
+            span_id=tracing.current_span_id(),
             source_subject=msg.subject,
             first_attempt_at=rec.first_attempt_at if rec else None,
             last_attempt_at=rec.started_at if rec else None,
