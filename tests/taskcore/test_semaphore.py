@@ -117,3 +117,16 @@ async def test_killed_holder_frees_its_slot_within_session_timeout(
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+
+
+async def test_emptied_lease_folder_is_reaped(zk_server: ZooKeeperServer, prefix: str) -> None:
+    """The last holder out deletes the per-task lease folder: finished tasks leave no garbage."""
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as zk:
+        sem = SlotSemaphore(zk, "/leases/tasks/finished-task", 2)
+        first, second = await sem.acquire("n1"), await sem.acquire("n2")
+        await sem.release(first)
+        assert await zk.client.exists("/leases/tasks/finished-task")  # n2 still holds a slot
+        await sem.release(second)
+        assert not await zk.client.exists("/leases/tasks/finished-task")
+        again = await sem.acquire("n3", max_wait=5)  # a late node of the task recreates it
+        await sem.release(again)

@@ -205,7 +205,8 @@ class SlotSemaphore:
         zk.check()
 
     async def release(self, slot: Slot) -> None:
-        """Delete the slot if it is still ours; a slot already gone is fine."""
+        """Delete the slot if it is still ours (a slot already gone is fine); the last holder out
+        also deletes the emptied folder, so finished tasks leave no znodes behind."""
 
         async def delete() -> None:
             data, stat = await self.zk.client.get(slot.path)
@@ -213,6 +214,7 @@ class SlotSemaphore:
                 await self.zk.client.delete(slot.path, force=True)
 
         await retry_while_session(self.zk, slot, delete)
+        await delete_if_empty(self.zk, self.path)
 
     async def holders(self) -> list[str]:
         """Holder ids of the slots held now (for tests and `taskerman leases`)."""
@@ -225,6 +227,20 @@ class SlotSemaphore:
             with contextlib.suppress(exc.NoNode):
                 out.append((await self.zk.client.get_data(f"{self.path}/{child}")).decode())
         return out
+
+
+async def delete_if_empty(zk: ZkSession, path: str) -> bool:
+    """Delete a folder znode unless it has children. (aiozk's "container" nodes are created as plain
+    ones, so ZooKeeper never reaps them: we clean up ourselves.) Someone about to create a child in
+    it gets NoNode and creates the folder again; the recipes here all handle that."""
+    try:
+        await zk.client.delete(path, force=True)
+    except (exc.NotEmpty, exc.NoNode):
+        return False
+    except exc.ZKError as e:
+        log.info("folder not cleaned up path=%s error=%r", path, e)
+        return False
+    return True
 
 
 async def retry_while_session(zk: ZkSession, slot: Slot, op: Callable[[], Awaitable[None]]) -> None:

@@ -26,7 +26,14 @@ from aiozk import exc
 from aiozk.protocol import WatchEvent
 
 from taskcore import tracing
-from taskcore.coordination import REPOLL_SECONDS, Slot, SlotSemaphore, ZkSession, retry_while_session
+from taskcore.coordination import (
+    REPOLL_SECONDS,
+    Slot,
+    SlotSemaphore,
+    ZkSession,
+    delete_if_empty,
+    retry_while_session,
+)
 from taskcore.errors import LeaseLost
 
 log = logging.getLogger(__name__)
@@ -161,6 +168,7 @@ class SharedSlots:
             await self._delete_if_empty(slot.path.rsplit("/", 1)[0])
 
         await retry_while_session(self.zk, slot, leave)
+        await delete_if_empty(self.zk, self.path)
 
     async def owners(self) -> dict[str, list[str]]:
         """Owner of each slot now held, with its members' holder ids."""
