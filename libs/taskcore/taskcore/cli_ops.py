@@ -6,28 +6,26 @@ ZooKeeper only, not NATS, so they keep working while an operator is debugging th
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import getpass
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
 from aiozk import exc
 
-from taskcore import audit, bus, clusters, registry
+from taskcore import audit, bus, clusters, connect, registry
 from taskcore.clusters import BreakerPolicy
 from taskcore.coordination import ZkSession, read_json
-from taskcore.errors import InvalidName, TaskermanError
+from taskcore.errors import InvalidName
 from taskcore.settings import Settings
 from taskcore.subjects import decode_token, encode_token
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
 EXIT_OK, EXIT_INVALID = 0, 2
-CONNECT_TIMEOUT = 15.0
 
 
 class Holder(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,21 +86,6 @@ class BreakerView(msgspec.Struct, frozen=True, kw_only=True):
     failures_in_window: int
     window_s: float
     stats: dict[str, clusters.Stats]
-
-
-@contextlib.asynccontextmanager
-async def _zk(settings: Settings) -> AsyncIterator[ZkSession]:
-    """A ZooKeeper session; a clear error instead of waiting forever for an unreachable server."""
-    session = ZkSession.from_settings(settings)
-    try:
-        await asyncio.wait_for(session.__aenter__(), CONNECT_TIMEOUT)
-    except TimeoutError as e:
-        await session.__aexit__(None, None, None)
-        raise TaskermanError(f"ZooKeeper at {settings.zk_hosts} did not answer in {CONNECT_TIMEOUT}s") from e
-    try:
-        yield session
-    finally:
-        await session.__aexit__(None, None, None)
 
 
 def _name(token: str) -> str:
@@ -178,7 +161,7 @@ async def budget_cmd(args: argparse.Namespace, settings: Settings) -> int:
     if args.n is not None and args.n < 1:
         print(f"taskerman cluster budget: N must be >= 1, got {args.n} (--unset removes it)", file=sys.stderr)
         return EXIT_INVALID
-    async with _zk(settings) as zk:
+    async with connect.zookeeper(settings) as zk:
         if args.unset or args.n is not None:
             config = await clusters.set_budget(zk, args.cluster, None if args.unset else args.n)
         else:
@@ -222,7 +205,7 @@ def _print_breaker(v: BreakerView, now: float) -> None:
 async def breaker_status(args: argparse.Namespace, settings: Settings) -> int:
     """The breaker of one cluster, or of every cluster that has one."""
     policy, now = clusters.breaker_policy(settings), time.time()
-    async with _zk(settings) as zk:
+    async with connect.zookeeper(settings) as zk:
         names = [
             c
             for c in await _cluster_names(zk, args.cluster)
@@ -242,7 +225,7 @@ async def breaker_status(args: argparse.Namespace, settings: Settings) -> int:
 async def breaker_reset(args: argparse.Namespace, settings: Settings) -> int:
     """Close a cluster's breaker; say what it was before."""
     policy, now = clusters.breaker_policy(settings), time.time()
-    async with _zk(settings) as zk:
+    async with connect.zookeeper(settings) as zk:
         breaker = clusters.Breaker(zk, args.cluster, policy)
         before = await breaker.read()
         await breaker.reset()
@@ -338,7 +321,7 @@ def _print_leases(v: LeasesView, now: float) -> None:
 
 async def leases_cmd(args: argparse.Namespace, settings: Settings) -> int:
     """Who holds which lease: task slots, budgets, exclusion groups, global leases."""
-    async with _zk(settings) as zk:
+    async with connect.zookeeper(settings) as zk:
         view = await _leases(zk, args.cluster)
     if args.json:
         print(msgspec.json.encode(view).decode())
@@ -349,7 +332,7 @@ async def leases_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
 async def nodes_cmd(args: argparse.Namespace, settings: Settings) -> int:
     """Registered runners with heartbeat age; stale ones are marked (exit 0 regardless)."""
-    async with _zk(settings) as zk:
+    async with connect.zookeeper(settings) as zk:
         runners = await registry.runners(zk, args.cluster)
     now = time.time()
     if args.json:

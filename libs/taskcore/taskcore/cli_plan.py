@@ -4,7 +4,6 @@ nodes a task would reach, in which order and waves, under which leases, without 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import msgspec
 import nats.errors
 
-from taskcore import bus, subjects, tracing
+from taskcore import bus, connect, subjects, tracing
 from taskcore.actions import ActionRegistry
 from taskcore.errors import InvalidTask
 from taskcore.model import Plan, PlanReply, Task, TopologyName, Wave
@@ -21,7 +20,6 @@ from taskcore.settings import Settings
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
-CONNECT_TIMEOUT = 10.0
 PLAN_TIMEOUT = 20.0  # discovery may ask DNS or a cloud API
 
 
@@ -63,10 +61,7 @@ def task_from_args(args: argparse.Namespace) -> Task:
 
 async def request_plan(settings: Settings, task: Task) -> PlanReply | None:
     """A router's plan of `task`; None when no router answers."""
-    try:
-        nc = await asyncio.wait_for(bus.connect(settings, "taskerman-cli"), CONNECT_TIMEOUT)
-    except (TimeoutError, OSError, nats.errors.NoServersError) as e:
-        raise ConnectionError(f"NATS at {settings.nats_url} did not answer ({e!r})") from e
+    nc = await connect.nats(settings)
     try:
         msg = await nc.request(
             subjects.PLAN_SUBJECT,
@@ -90,7 +85,7 @@ async def plan_cmd(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_INVALID
     try:
         reply = await request_plan(settings, task)
-    except ConnectionError as e:
+    except connect.Unreachable as e:
         print(f"taskerman plan: {e}", file=sys.stderr)
         return EXIT_FAILED
     if reply is None:

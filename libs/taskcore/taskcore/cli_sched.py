@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import getpass
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -26,7 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from taskcore import audit, bus, clusters, registry, subjects
+from taskcore import audit, bus, clusters, connect, registry, subjects
 from taskcore.coordination import ZkSession
 from taskcore.errors import InvalidName, TaskermanError
 from taskcore.settings import Settings
@@ -39,7 +38,6 @@ Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 LEADER_WAIT = 5.0  # leadership may be changing hands: ask again for this long before giving up
 REQUEST_TIMEOUT = 10.0
-CONNECT_TIMEOUT = 15.0
 STALE_FACTOR = 3  # health's default max age: this many canary periods
 
 
@@ -48,30 +46,6 @@ class NoLeader(TaskermanError):
 
 
 # --- talking to the leader ------------------------------------------------------------------------
-
-
-async def _nats(settings: Settings) -> NATS:
-    try:
-        return await asyncio.wait_for(bus.connect(settings, "taskerman-cli"), CONNECT_TIMEOUT)
-    except Exception as e:
-        raise TaskermanError(f"NATS at {settings.nats_url} is unreachable: {e!r}") from e
-
-
-@contextlib.asynccontextmanager
-async def _zk(settings: Settings) -> AsyncIterator[ZkSession]:
-    """A ZooKeeper session; a clear error instead of waiting forever for an unreachable server."""
-    session = ZkSession.from_settings(settings)
-    try:
-        await asyncio.wait_for(session.__aenter__(), CONNECT_TIMEOUT)
-    except TimeoutError as e:
-        await session.__aexit__(None, None, None)
-        raise TaskermanError(
-            f"ZooKeeper at {settings.zk_hosts} did not answer in {CONNECT_TIMEOUT:g}s"
-        ) from e
-    try:
-        yield session
-    finally:
-        await session.__aexit__(None, None, None)
 
 
 async def ask(nc: NATS, req: ApiRequest, wait: float = LEADER_WAIT) -> ApiReply:
@@ -98,7 +72,7 @@ async def ask(nc: NATS, req: ApiRequest, wait: float = LEADER_WAIT) -> ApiReply:
 
 
 async def _ask_cmd(settings: Settings, req: ApiRequest, wait: float = LEADER_WAIT) -> ApiReply:
-    nc = await _nats(settings)
+    nc = await connect.nats(settings)
     try:
         return await ask(nc, req, wait)
     finally:
@@ -210,7 +184,7 @@ async def _pause(args: argparse.Namespace, settings: Settings) -> int:
             )
             return EXIT_FAILED
     flag = PauseFlag(by=_user(), at=time.time(), reason=args.reason)
-    async with _zk(settings) as zk:
+    async with connect.zookeeper(settings) as zk:
         earlier = await control.pause(zk, args.name, flag)
     if earlier is not None:
         print(f"{args.name}: already paused ({_pause_text(earlier)})")
@@ -220,7 +194,7 @@ async def _pause(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _resume(args: argparse.Namespace, settings: Settings) -> int:
-    async with _zk(settings) as zk:
+    async with connect.zookeeper(settings) as zk:
         flag = await control.resume(zk, args.name)
     if flag is None:
         print(f"{args.name}: was not paused")
@@ -405,11 +379,11 @@ async def _breakers(settings: Settings, zk: ZkSession, now: float) -> list[OpenB
 async def check_health(settings: Settings, max_age: float | None) -> Health:
     """Everything `taskerman health` reports."""
     now = time.time()
-    async with _zk(settings) as zk:
+    async with connect.zookeeper(settings) as zk:
         state = await control.read_canary(zk)
         runners = await registry.runners(zk)
         breakers = await _breakers(settings, zk, now)
-    nc = await _nats(settings)
+    nc = await connect.nats(settings)
     try:
         queues = await _queues(nc.jetstream())
     finally:
