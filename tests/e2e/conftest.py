@@ -63,9 +63,14 @@ class Stack:
         env["TASKERMAN_LOG_FORMAT"] = "text"  # the tests read the logs as text
         return env
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, name: str, *args: str, extra_env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a console script with the stack's environment (plus `extra_env`), its output in
+        `<name>.log`."""
         log = (self.tmp / f"{name}.log").open("ab")
-        proc = subprocess.Popen([str(BIN / name), *args], env=self.env(), stdout=log, stderr=log)
+        env = {**self.env(), **(extra_env or {})}
+        proc = subprocess.Popen([str(BIN / name), *args], env=env, stdout=log, stderr=log)
         self.procs.append(proc)
         return proc
 
@@ -78,9 +83,11 @@ class Stack:
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    def router(self, clusters: dict[str, list[str]] | None = None) -> subprocess.Popen[bytes]:
+    def router(
+        self, clusters: dict[str, list[str]] | None = None, extra_env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         args = ["--inventory", str(self.inventory(clusters))] if clusters else []
-        return self.spawn("taskerman-router", *args)
+        return self.spawn("taskerman-router", *args, extra_env=extra_env)
 
     def runner(
         self,
@@ -88,6 +95,7 @@ class Stack:
         nodes: list[str],
         actions: dict[str, dict[str, Any]] | None = None,
         packs: dict[str, dict[str, Any]] | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         """A runner process serving `nodes`; `actions` are per-action overrides for its config file
         (e.g. {"test:sleep": {"exclusion_groups": ["backup"]}})."""
@@ -103,7 +111,7 @@ class Stack:
                     lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
             path.write_text("\n".join(lines) + "\n")
             args += ["--config", str(path)]
-        return self.spawn("taskerman-runner", *args)
+        return self.spawn("taskerman-runner", *args, extra_env=extra_env)
 
     def cli(self, *args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
-from taskcore import clusters, service
+from taskcore import clusters, metrics, service
 from taskcore.actions import ActionRegistry
 from taskcore.settings import Settings
 from taskerman_router.discovery import DiscoveryContext, load_plugins
 from taskerman_router.routing import load_routings
 from taskerman_router.service import Router
+
+SAMPLE_INTERVAL_ENV = "TASKERMAN_SAMPLE_INTERVAL"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -20,6 +24,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--inventory", type=Path, help="TOML inventory: nodes and attributes, dns and aws names")
     return p.parse_args(argv)
+
+
+def sample_interval(settings: Settings, env: Mapping[str, str] | None = None) -> float | None:
+    """Seconds between samples of the fleet gauges (`TASKERMAN_SAMPLE_INTERVAL`, default
+    metrics.SAMPLE_SECONDS); None, no sampling, while metrics are off or the variable is <= 0."""
+    env = os.environ if env is None else env
+    every = float(env.get(SAMPLE_INTERVAL_ENV, metrics.SAMPLE_SECONDS))
+    return every if settings.metrics_port > 0 and every > 0 else None
 
 
 async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
@@ -35,6 +47,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
             routings=load_routings(),
             zk=c.zk,
             breaker_policy=clusters.breaker_policy(settings),
+            sample_interval=sample_interval(settings),
         )
         await router.run(stop)
     return 0

@@ -1,8 +1,9 @@
 """The router: a durable consumer of `tasks.global` that validates, discovers, orders and fans out;
 it also turns MAX_DELIVERIES advisories into dead letters, answers plan previews
-(`taskerman.api.plan`) and, with metrics on, samples the fleet gauges. Stateless: any number may run on the one durable consumer; a task
-redelivered to a second router is published again under the same message ids, which JetStream
-drops, and the per-node tracking records make the second router skip nodes already routed."""
+(`taskerman.api.plan`) and, with metrics on, samples the fleet gauges (`metrics.FleetSampler`).
+Stateless: any number may run on the one durable consumer; a task redelivered to a second router is
+published again under the same message ids, which JetStream drops, and the per-node tracking
+records make the second router skip nodes already routed."""
 
 from __future__ import annotations
 
@@ -83,9 +84,8 @@ class Router:
             breaker_policy=breaker_policy,
         )
         self.reconcile_interval = reconcile_interval
-        self.sample_interval = sample_interval
         self.sampler = (
-            metrics.FleetSampler(metrics.Gauges(), js, status, zk, breaker_policy)
+            metrics.FleetSampler(metrics.Gauges(), js, status, zk, breaker_policy, every=sample_interval)
             if sample_interval is not None
             else None
         )
@@ -99,9 +99,8 @@ class Router:
         adv = await self.nc.subscribe(f"{subjects.MAX_DELIVERIES_ADVISORY}.>", cb=self._on_advisory)
         api = await self.nc.subscribe(subjects.PLAN_SUBJECT, queue=subjects.PLAN_QUEUE, cb=self._on_plan)
         loops = [asyncio.create_task(self._reconcile_every(stop), name="router-reconcile")]
-        if self.sampler is not None and self.sample_interval is not None:
-            sampling = self.sampler.run(stop, self.sample_interval)
-            loops.append(asyncio.create_task(sampling, name="router-sample"))
+        if self.sampler is not None:
+            loops.append(asyncio.create_task(self.sampler.run(stop), name="router-sample"))
         try:
             while not stop.is_set():
                 for msg in await bus.fetch(sub, 10, wait=1.0):
@@ -193,7 +192,7 @@ class Router:
         known = await self.status.get_task(task.task_id)
         repeat = known is not None and known.state == "routed" and bool(known.nodes)
         if known is not None and repeat:
-            # a repeat: the same nodes, order and attributes as the first time, never rediscovered
+            # the same nodes, order and attributes as the first time, never rediscovered (nor counted)
             plan = known.plan or (Wave(nodes=known.nodes),)
             nodes = [NodeInfo(name=n, attributes=known.attributes.get(n, {})) for w in plan for n in w.nodes]
         else:

@@ -35,6 +35,7 @@ from taskcore.actions import ActionRegistry
 from taskcore.audit import Audit
 from taskcore.coordination import Slot, SlotSemaphore, ZkSession
 from taskcore.errors import LeaseLost
+from taskcore.metrics import Instruments
 from taskcore.model import Task, TaskRecord, encode
 from taskcore.submission import SubmitReply
 from taskcore.tracking import StatusStore
@@ -94,6 +95,7 @@ class Scheduler:
         self.reload_every = reload_every
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
         self.audit = Audit(js, audit.actor("scheduler"))
+        self.metrics = Instruments()
         self.submissions = api.Submissions(js, status, registry, self.audit.by)
         self.leader = SlotSemaphore(zk, LEADER_PATH, 1)
         self.state = StateStore(zk)
@@ -410,6 +412,7 @@ class Scheduler:
                     return
             ack = await bus.publish(self.js, subjects.GLOBAL, encode(task), msg_id=task_id)
             if not ack.duplicate:
+                self.metrics.emitted.add(1, {"schedule": schedule})
                 await self.audit.record("emitted", task_id=task_id, cluster=task.cluster_name, detail=detail)
         log.info(
             "emitted schedule=%s slot=%s task_id=%s duplicate=%s", schedule, run, task_id, bool(ack.duplicate)
