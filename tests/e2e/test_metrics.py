@@ -21,12 +21,12 @@ from taskcore import clusters, metrics, subjects
 from taskcore.clusters import BreakerState
 from taskcore.coordination import SlotSemaphore, ZkSession, update_json
 from taskcore.launchers import free_ports
+from taskcore.leases import lease_path
 from taskcore.model import Task, TaskRecord
 from taskcore.registry import RunnerInfo, node_path
+from taskcore.schedule_control import CANARY_PATH
 from taskcore.settings import Settings
 from taskcore.tracking import StatusStore
-from taskerman_runner.worker import lease_path
-from taskerman_scheduler.control import CANARY_PATH
 
 from .conftest import Stack, publish_raw, task_json, wait_final
 

@@ -12,9 +12,9 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from taskcore import audit
+from taskcore import schedule_control as control
 from taskcore.coordination import ZkSession
 from taskcore.tracking import StatusStore
-from taskerman_scheduler import control
 from tests.e2e.conftest import Stack
 
 CLUSTER = "canary:ü"  # any characters are valid in a cluster name

@@ -16,8 +16,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from taskcore import cli, cli_sched
+from taskcore import schedule_control as control
 from taskcore.coordination import ZkSession
-from taskerman_scheduler import control
 from tests.e2e.conftest import Stack
 
 from .helpers import published, slot_of

@@ -11,14 +11,14 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from taskcore import audit
+from taskcore import schedule_control as control
 from taskcore.actions import ActionRegistry
 from taskcore.coordination import ZkSession
 from taskcore.errors import LeaseLost
 from taskcore.model import TaskRecord, decode_task
 from taskcore.registry import Registration
+from taskcore.schedule_control import PauseFlag
 from taskcore.tracking import StatusStore
-from taskerman_scheduler import control
-from taskerman_scheduler.control import PauseFlag
 from taskerman_scheduler.schedules import Schedule, UnknownSchedule, slot_task_id
 from taskerman_scheduler.service import Scheduler
 from taskerman_scheduler.state import ScheduleState, StateStore

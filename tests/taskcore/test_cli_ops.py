@@ -11,11 +11,10 @@ import pytest
 from taskcore import cli, cli_ops, clusters
 from taskcore.coordination import SlotSemaphore, ZkSession
 from taskcore.launchers import NatsServer, ZooKeeperServer
-from taskcore.leases import SharedSlots
+from taskcore.leases import SharedSlots, lease_path
 from taskcore.registry import Registration, RunnerInfo, node_path
 from taskcore.settings import Settings
 from taskcore.subjects import encode_token
-from taskerman_runner.worker import lease_path
 
 CLUSTER = "demo:web"
 ODD = "cass geo:ü"  # any characters are valid in a cluster name

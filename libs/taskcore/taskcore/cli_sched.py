@@ -26,12 +26,11 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from taskcore import audit, bus, clusters, connect, registry, subjects
+from taskcore import schedule_control as control
 from taskcore.coordination import ZkSession
 from taskcore.errors import InvalidName, TaskermanError
+from taskcore.schedule_control import CANARY_EVERY, ApiReply, ApiRequest, CanaryState, PauseFlag, ScheduleInfo
 from taskcore.settings import Settings
-from taskerman_scheduler import control
-from taskerman_scheduler.canary import DEFAULT_EVERY
-from taskerman_scheduler.control import ApiReply, ApiRequest, CanaryState, PauseFlag, ScheduleInfo
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
@@ -389,7 +388,7 @@ async def check_health(settings: Settings, max_age: float | None) -> Health:
     finally:
         await bus.close(nc)
     canary = canary_health(state, now) if state is not None else None
-    limit = max_age if max_age is not None else STALE_FACTOR * (canary.every if canary else DEFAULT_EVERY)
+    limit = max_age if max_age is not None else STALE_FACTOR * (canary.every if canary else CANARY_EVERY)
     stale = [
         StaleRunner(cluster=r.cluster, node=r.node, pid=r.pid, heartbeat_age_s=max(now - r.heartbeat, 0.0))
         for r in runners

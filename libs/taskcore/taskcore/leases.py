@@ -35,8 +35,17 @@ from taskcore.coordination import (
     retry_while_session,
 )
 from taskcore.errors import LeaseLost
+from taskcore.subjects import encode_token
 
 log = logging.getLogger(__name__)
+
+
+TASK_LEASES_ROOT = "/leases/tasks"
+
+
+def lease_path(task_id: str) -> str:
+    """The folder of a task's own m-of-n slots."""
+    return f"{TASK_LEASES_ROOT}/{encode_token(task_id)}"
 
 
 class SharedSlots:

@@ -28,7 +28,9 @@ from taskcore import clusters, registry, subjects
 from taskcore.clusters import BreakerPolicy, BreakerStateName
 from taskcore.coordination import ZkSession, read_json
 from taskcore.errors import InvalidName
+from taskcore.leases import TASK_LEASES_ROOT
 from taskcore.registry import RunnerInfo
+from taskcore.schedule_control import CANARY_PATH, CanaryState
 from taskcore.tracking import StatusStore
 
 log = logging.getLogger(__name__)
@@ -37,11 +39,6 @@ SAMPLE_SECONDS = 10.0  # how often a router refreshes the fleet gauges
 SAMPLE_TIMEOUT = 5.0  # one source (a stream, a znode tree) that takes longer is left unsampled this time
 CONSUMER_PAGE = 256  # JetStream lists at most this many consumers per request
 
-# Where other components keep what the gauges read. The scheduler owns the canary record
-# (taskerman_scheduler.control.CANARY_PATH) and the runner the task slots (worker.lease_path);
-# taskcore must not import either, so the paths are repeated here and a test checks they agree.
-CANARY_PATH = "/scheduler/canary"
-TASK_LEASES_ROOT = "/leases/tasks"
 
 STREAM_PENDING = "taskerman_stream_pending"
 DEAD_LETTERS = "taskerman_dead_letters"
@@ -150,13 +147,6 @@ def labels(**pairs: str) -> Labels:
 
 
 # --- samples from what was read (pure) -------------------------------------------------------------------
-
-
-class CanaryRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """The one field of the scheduler's canary record (`CanaryState`) that the gauges need; the
-    others are ignored on decoding."""
-
-    last_completed_at: float | None = None
 
 
 def pending_samples(stream: str, consumers: Iterable[ConsumerInfo]) -> Samples:
@@ -299,7 +289,7 @@ class FleetSampler:
         return {labels(cluster=c): float(n) for c, n in per_cluster.items()}
 
     async def _canary(self, zk: ZkSession, now: float) -> Samples:
-        record = await read_json(zk, CANARY_PATH, CanaryRecord)
+        record = await read_json(zk, CANARY_PATH, CanaryState)
         self._canary_done = record.last_completed_at if record is not None else None
         return canary_samples(self._canary_done, now)
 

@@ -24,7 +24,7 @@ from taskcore.audit import Audit
 from taskcore.clusters import Breaker
 from taskcore.coordination import SlotSemaphore, ZkSession
 from taskcore.errors import ActionFailed, InvalidTask, LeaseLost, LeaseWaitTimeout, TaskermanError
-from taskcore.leases import Lease, LeaseSet, SemaphoreLease, SharedLease, SharedSlots
+from taskcore.leases import Lease, LeaseSet, SemaphoreLease, SharedLease, SharedSlots, lease_path
 from taskcore.metrics import Instruments
 from taskcore.model import DeadLetter, NodeRecord, WorkItem, decode_work_item
 from taskcore.registry import Registration
@@ -51,10 +51,6 @@ class RunnerStopping(TaskermanError):
 
 # Ends of an attempt that are not the action's failure: the item goes back, nothing is counted.
 RELEASED_BACK: tuple[type[Exception], ...] = (LeaseLost, LeaseWaitTimeout, RunnerStopping, *bus.UNAVAILABLE)
-
-
-def lease_path(task_id: str) -> str:
-    return f"/leases/tasks/{subjects.encode_token(task_id)}"
 
 
 def _version() -> str:

@@ -16,15 +16,15 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from taskcore import schedule_control as control
 from taskcore import submission, tracing
 from taskcore.actions import ActionRegistry
 from taskcore.coordination import Slot
 from taskcore.errors import InvalidTask
 from taskcore.model import decode_task, with_task_id
+from taskcore.schedule_control import ApiReply, ApiRequest, NextSlot, ScheduleInfo
 from taskcore.submission import SubmitReply
 from taskcore.tracking import StatusStore
-from taskerman_scheduler import control
-from taskerman_scheduler.control import ApiReply, ApiRequest, NextSlot, ScheduleInfo
 from taskerman_scheduler.schedules import Schedule, UnknownSchedule, next_slots, slot_task_id, window_start
 from taskerman_scheduler.targets import TargetError
 

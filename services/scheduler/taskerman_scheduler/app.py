@@ -12,8 +12,9 @@ from taskcore import service
 from taskcore.actions import ActionRegistry
 from taskcore.errors import InvalidTask
 from taskcore.model import check_task
+from taskcore.schedule_control import CANARY_EVERY
 from taskcore.settings import Settings
-from taskerman_scheduler.canary import DEFAULT_EVERY, MIN_EVERY, CanaryConfig, ping_task
+from taskerman_scheduler.canary import MIN_EVERY, CanaryConfig, ping_task
 from taskerman_scheduler.schedules import Schedule, ScheduleError, ScheduleFile
 from taskerman_scheduler.service import Scheduler
 
@@ -39,9 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--canary-every",
         type=float,
-        default=DEFAULT_EVERY,
+        default=CANARY_EVERY,
         metavar="SECONDS",
-        help=f"the canary's period (default {DEFAULT_EVERY:g}, at least {MIN_EVERY:g})",
+        help=f"the canary's period (default {CANARY_EVERY:g}, at least {MIN_EVERY:g})",
     )
     p.add_argument(
         "--canary-discovery", default="static", help="discovery plugin for the canary cluster (static)"

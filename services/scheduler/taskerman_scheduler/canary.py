@@ -16,15 +16,14 @@ from datetime import UTC, datetime
 import msgspec
 
 from taskcore.model import Task, TaskermanParams, WorkqueueArgs
+from taskcore.schedule_control import CANARY_EVERY, CanaryState
 from taskcore.tracking import StatusStore, TaskView
-from taskerman_scheduler.control import CanaryState
 from taskerman_scheduler.schedules import SLOT_TIME_FORMAT, with_cluster
 from taskerman_scheduler.state import CanaryStore
 
 log = logging.getLogger(__name__)
 
 PING_ACTION = "taskerman:ping"
-DEFAULT_EVERY = 30.0
 MIN_EVERY = 1.0
 MAX_OUTSTANDING = 10  # unfinished pings followed; older ones are given up (a stuck pipeline)
 PING_LIMIT = 64  # a ping disrupts nothing: many nodes of the canary cluster may run theirs at once
@@ -38,7 +37,7 @@ class CanaryConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Where and how often to ping."""
 
     cluster: str
-    every: float = DEFAULT_EVERY
+    every: float = CANARY_EVERY
     discovery: str = "static"
 
 

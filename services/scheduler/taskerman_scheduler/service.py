@@ -31,17 +31,18 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from taskcore import audit, bus, subjects, tracing
+from taskcore import schedule_control as control
 from taskcore.actions import ActionRegistry
 from taskcore.audit import Audit
 from taskcore.coordination import Slot, SlotSemaphore, ZkSession
 from taskcore.errors import LeaseLost
 from taskcore.metrics import Instruments
 from taskcore.model import Task, TaskRecord, encode
+from taskcore.schedule_control import PauseFlag
 from taskcore.submission import SubmitReply
 from taskcore.tracking import StatusStore
-from taskerman_scheduler import api, control
+from taskerman_scheduler import api
 from taskerman_scheduler.canary import Canary, CanaryConfig
-from taskerman_scheduler.control import PauseFlag
 from taskerman_scheduler.schedules import (
     Schedule,
     ScheduleError,

@@ -16,7 +16,7 @@ from aiozk import exc
 from taskcore import subjects
 from taskcore.coordination import ZkSession
 from taskcore.errors import LeaseLost
-from taskerman_scheduler.control import CANARY_PATH, CanaryState
+from taskcore.schedule_control import CANARY_PATH, CanaryState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -25,6 +25,7 @@ API_SUBJECT = "taskerman.api.schedules"
 API_QUEUE = "schedulers"
 PAUSED_ROOT = "/scheduler/paused"
 CANARY_PATH = "/scheduler/canary"
+CANARY_EVERY = 30.0  # default seconds between canary pings
 MAX_NEXT = 1000
 
 
