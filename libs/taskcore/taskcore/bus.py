@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 
 import nats
 import nats.js.errors
@@ -130,7 +131,26 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig, keep_re
         await js.update_stream(config)
 
 
-async def provision(js: JetStreamContext, settings: Settings, replicas: int | None = None) -> None:
+async def provision(
+    js: JetStreamContext, settings: Settings, replicas: int | None = None, within: float = 30.0
+) -> None:
+    """`provision_once`, retried while JetStream is briefly unavailable (a stream electing a new
+    leader after a server died); the last error is raised after `within` seconds."""
+    deadline = time.monotonic() + within
+    delay = 0.25
+    while True:
+        try:
+            await provision_once(js, settings, replicas)
+            return
+        except UNAVAILABLE as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("provisioning retried: jetstream unavailable error=%r", e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+async def provision_once(js: JetStreamContext, settings: Settings, replicas: int | None = None) -> None:
     """Create or update the streams, the status bucket and the router's consumer; safe to repeat.
 
     `replicas` (else `TASKERMAN_STREAM_REPLICAS`) sets every stream's replica count (3 on a 3-node

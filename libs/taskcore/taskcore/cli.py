@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -23,6 +24,7 @@ from taskcore import (
     cli_ops,
     cli_plan,
     cli_sched,
+    connect,
     deadletter,
     subjects,
     submission,
@@ -37,6 +39,7 @@ from taskcore.submission import SubmitReply
 from taskcore.tracking import StatusStore, StopRecord
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+SERVER_VARS = ("TASKERMAN_NATS_URL", "TASKERMAN_ZK_HOSTS")  # unset: the running `dev up` stack's servers
 COMMAND_MODULES = (cli_ops, cli_plan, cli_sched)  # each: add_parsers(sub) and COMMANDS
 
 
@@ -76,10 +79,14 @@ def build_task(args: argparse.Namespace, registry: ActionRegistry) -> Task:
 
 
 async def _connect(settings: Settings) -> tuple[NATS, JetStreamContext, StatusStore]:
-    nc = await bus.connect(settings, "taskerman-cli")
+    nc = await connect.nats(settings)
     js = nc.jetstream()
-    await bus.provision(js, settings)
-    return nc, js, StatusStore(await bus.status_bucket(js))
+    try:
+        await bus.provision(js, settings, within=connect.CONNECT_TIMEOUT)
+        return nc, js, StatusStore(await bus.status_bucket(js))
+    except bus.UNAVAILABLE as e:
+        await bus.close(nc)
+        raise connect.Unreachable(f"JetStream at {settings.nats_url} is unavailable: {e!r}") from e
 
 
 async def submit(args: argparse.Namespace, settings: Settings) -> int:
@@ -90,7 +97,6 @@ async def submit(args: argparse.Namespace, settings: Settings) -> int:
     except InvalidTask as e:
         print(f"taskerman submit: invalid task: {e}", file=sys.stderr)
         return EXIT_INVALID
-    tracing.setup("taskerman-cli", settings.home)
     nc, js, status = await _connect(settings)
     try:
         with tracing.tracer(__name__).start_as_current_span("submit", attributes={"task_id": task.task_id}):
@@ -372,7 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="the local stack")
     devsub = dev.add_subparsers(dest="dev_cmd", required=True)
-    devsub.add_parser("up").add_argument("--runners", type=int, default=4)
+    dup = devsub.add_parser("up")
+    dup.add_argument("--runners", type=int, default=4)
+    dup.add_argument(
+        "--cluster-mode",
+        action="store_true",
+        help="3 clustered nats-servers and a 3-server ZooKeeper ensemble, streams at 3 replicas",
+    )
     devsub.add_parser("down")
     devsub.add_parser("status").add_argument("--json", action="store_true")
     return p
@@ -381,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings.from_env()
+    if args.cmd != "dev" and not all(var in os.environ for var in SERVER_VARS):
+        from taskcore import devstack  # noqa: PLC0415 - only without the variables
+
+        settings = devstack.with_stack_servers(settings, os.environ)
     commands: dict[str, Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]] = {
         "submit": submit,
         "status": status_cmd,
@@ -391,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "events": events_cmd,
         **{name: cmd for module in COMMAND_MODULES for name, cmd in module.COMMANDS.items()},
     }
+    tracing.setup("taskerman-cli", settings.home)
     try:
         if args.cmd == "dev":
             return dev_cmd(args, settings)
@@ -410,7 +427,7 @@ def dev_cmd(args: argparse.Namespace, settings: Settings) -> int:
     from taskcore import devstack  # noqa: PLC0415 - only the dev commands need the launchers
 
     if args.dev_cmd == "up":
-        return devstack.up(settings, runners=args.runners)
+        return devstack.up(settings, runners=args.runners, cluster_mode=args.cluster_mode)
     if args.dev_cmd == "down":
         return devstack.down(settings)
     return devstack.status(settings, as_json=args.json)

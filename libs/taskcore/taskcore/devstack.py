@@ -2,25 +2,40 @@
 
 Every process started is recorded in `$TASKERMAN_HOME/stack.json` (name, pid, command, and for runners
 and demo services their cluster and node), so that `down` stops exactly what `up` started and a chaos
-tool can find every pid."""
+tool can find every pid.
+
+`up --cluster-mode` runs the multi-node topology of compose/ on loopback instead of one server of each:
+three clustered nats-servers and a three-server ZooKeeper ensemble (each member recorded as its own
+`nats-server` / `zookeeper` process with its `member` index), every stream at 3 replicas. The record
+keeps the servers' URLs, so the CLI finds them while `TASKERMAN_NATS_URL` / `TASKERMAN_ZK_HOSTS` are
+unset (`with_stack_servers`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import msgspec
 
 from taskcore import demo_fleet
+from taskcore.bus import REPLICAS_ENV
 from taskcore.errors import ServerNotReady, TaskermanError
-from taskcore.launchers import NatsServer, ZooKeeperServer, free_port, port_open
+from taskcore.launchers import (
+    NatsCluster,
+    NatsServer,
+    ZooKeeperEnsemble,
+    ZooKeeperServer,
+    free_port,
+    port_open,
+)
 from taskcore.settings import Settings
 
 CLUSTER = "demo:web"
@@ -32,6 +47,7 @@ SETTLE_S = 1.0
 NATS_READY_S = 30.0
 ZK_READY_S = 60.0
 HEALTH_READY_S = 15.0
+CLUSTER_SIZE = 3  # --cluster-mode: nats-servers, ZooKeeper servers, and so stream replicas
 # The order `down` stops things in: workers first, so nothing acts on a fleet that is going away.
 STOP_ORDER = (("runner",), ("router", "scheduler"), ("demo-service",), ("nats-server", "zookeeper"))
 
@@ -44,6 +60,7 @@ class StackProcess(msgspec.Struct, kw_only=True):
     command: list[str]
     cluster: str | None = None
     node: str | None = None
+    member: int | None = None  # cluster mode: the server's place (1-based) in the stack's nats_url / zk_hosts
     log: str | None = None
     state_dir: str | None = None  # demo services: their pidfile lives here (their pid changes on restart)
     start_ticks: int | None = None  # tells the recorded pid from a later reuse of the same number
@@ -54,9 +71,10 @@ class Stack(msgspec.Struct, kw_only=True):
     """The contents of `stack.json`."""
 
     home: str
-    nats_url: str
+    nats_url: str  # every server's URL, comma-separated (the form of TASKERMAN_NATS_URL)
     zk_hosts: str
     created_at: float
+    cluster_mode: bool = False
     processes: list[StackProcess] = []
 
 
@@ -126,21 +144,80 @@ def is_running(settings: Settings) -> bool:
     return stack is not None and any(is_alive(p) for p in stack.processes)
 
 
+def with_stack_servers(settings: Settings, env: Mapping[str, str]) -> Settings:
+    """The settings with the running stack's NATS URLs and ZooKeeper hosts wherever `env` leaves
+    `TASKERMAN_NATS_URL` / `TASKERMAN_ZK_HOSTS` unset, so the CLI reaches a `dev up --cluster-mode`
+    stack (or one on non-default ports) without exports; unchanged when no stack runs under home."""
+    if not stack_path(settings).is_file():
+        return settings
+    stack = load_stack(settings)
+    if stack is None or not any(is_alive(p) for p in stack.processes):
+        return settings
+    return msgspec.structs.replace(
+        settings,
+        nats_url=env.get("TASKERMAN_NATS_URL", stack.nats_url),
+        zk_hosts=env.get("TASKERMAN_ZK_HOSTS", stack.zk_hosts),
+    )
+
+
 # --- up --------------------------------------------------------------------------------------------------
+
+
+def _nats_addresses(url: str) -> list[tuple[str, int]]:
+    """Host and port of every NATS URL in the comma-separated list."""
+    found = []
+    for item in url.split(","):
+        parts = urllib.parse.urlsplit(item.strip() if "://" in item else f"nats://{item.strip()}")
+        found.append((parts.hostname or "127.0.0.1", parts.port or 4222))
+    return found
+
+
+def _zk_addresses(hosts: str) -> list[tuple[str, int]]:
+    """Host and port of every ZooKeeper host in the comma-separated list, ignoring any chroot."""
+    found = []
+    for item in hosts.partition("/")[0].split(","):
+        host, _, port = item.strip().rpartition(":")
+        if port.isdigit():
+            found.append((host.strip("[]") or "127.0.0.1", int(port)))
+        else:
+            found.append((item.strip() or "127.0.0.1", 2181))
+    return found
 
 
 def _nats_listen(url: str) -> tuple[str, int]:
     """Host and port to listen on, from the (first) NATS URL."""
-    first = url.partition(",")[0].strip()
-    parts = urllib.parse.urlsplit(first if "://" in first else f"nats://{first}")
-    return parts.hostname or "127.0.0.1", parts.port or 4222
+    return _nats_addresses(url)[0]
 
 
 def _zk_listen(hosts: str) -> tuple[str, int]:
     """Host and port to listen on, from the (first) ZooKeeper host, ignoring any chroot."""
-    first = hosts.partition("/")[0].partition(",")[0].strip()
-    host, _, port = first.rpartition(":")
-    return (host.strip("[]") or "127.0.0.1", int(port)) if port.isdigit() else (first or "127.0.0.1", 2181)
+    return _zk_addresses(hosts)[0]
+
+
+def _member_ports(what: str, addresses: list[tuple[str, int]]) -> tuple[str, list[int]]:
+    """The host and client ports of a cluster's members: the addresses when the setting names exactly
+    CLUSTER_SIZE on one host (as `dev up --cluster-mode` prints them), else consecutive ports from the
+    first (4222-4224 from the default)."""
+    host, first = addresses[0]
+    if len(addresses) == CLUSTER_SIZE:
+        if {h for h, _ in addresses} != {host}:
+            raise StackError(f"the {what} servers of --cluster-mode must share one host, not {addresses}")
+        return host, [port for _, port in addresses]
+    if first + CLUSTER_SIZE - 1 > 65535:
+        raise StackError(f"no {CLUSTER_SIZE} {what} ports from {first} on")
+    return host, [first + i for i in range(CLUSTER_SIZE)]
+
+
+def _server_groups(settings: Settings) -> tuple[NatsCluster, ZooKeeperEnsemble]:
+    """The NATS cluster and ZooKeeper ensemble of cluster mode, on the ports the settings name (their
+    route, monitoring, quorum and election ports are free ones); data kept under home across restarts."""
+    nats_host, nats_ports = _member_ports("NATS", _nats_addresses(settings.nats_url))
+    zk_host, zk_ports = _member_ports("ZooKeeper", _zk_addresses(settings.zk_hosts))
+    home = settings.home
+    return (
+        NatsCluster(home / "nats-cluster", size=CLUSTER_SIZE, host=nats_host, ports=nats_ports),
+        ZooKeeperEnsemble(home / "zookeeper-ensemble", size=CLUSTER_SIZE, host=zk_host, ports=zk_ports),
+    )
 
 
 def _toml_str(value: str) -> str:
@@ -188,16 +265,27 @@ def _log_tail(path: str | None, lines: int = 15) -> str:
 class _Starter:
     """Starts the stack's processes one by one, recording each in stack.json as soon as it exists."""
 
-    def __init__(self, settings: Settings, runners: int) -> None:
+    def __init__(
+        self, settings: Settings, runners: int, groups: tuple[NatsCluster, ZooKeeperEnsemble] | None = None
+    ) -> None:
+        self.groups = groups
+        if groups is not None:  # cluster mode: every service is given every server
+            chroot = settings.zk_hosts.partition("/")[1:]
+            settings = msgspec.structs.replace(
+                settings, nats_url=groups[0].urls, zk_hosts=groups[1].hosts + "".join(chroot)
+            )
         self.settings = settings
         self.home = settings.home
         self.runners = runners
         self.env = {**os.environ, **settings.env(), "PYTHONUNBUFFERED": "1"}
+        if groups is not None:
+            self.env[REPLICAS_ENV] = str(CLUSTER_SIZE)
         self.stack = Stack(
             home=str(self.home),
             nats_url=settings.nats_url,
             zk_hosts=settings.zk_hosts,
             created_at=time.time(),
+            cluster_mode=groups is not None,
         )
 
     def record(self, proc: StackProcess) -> None:
@@ -207,10 +295,13 @@ class _Starter:
         self.stack.processes.append(proc)
         _save(self.settings, self.stack)
         where = f"  {proc.cluster} {proc.node}" if proc.node else ""
-        print(f"  {proc.name:<13} pid {proc.pid:<8}{where}", flush=True)
+        print(f"  {_display_name(proc.name, proc.member):<13} pid {proc.pid:<8}{where}", flush=True)
 
     def servers(self) -> None:
         """NATS and ZooKeeper on the ports the settings name; data kept under home across restarts."""
+        if self.groups is not None:
+            self.cluster_servers(*self.groups)
+            return
         nats_host, nats_port = _nats_listen(self.settings.nats_url)
         zk_host, zk_port = _zk_listen(self.settings.zk_hosts)
         for what, host, port in (("NATS", nats_host, nats_port), ("ZooKeeper", zk_host, zk_port)):
@@ -226,6 +317,32 @@ class _Starter:
                 )
             )
         try:
+            nats.wait_ready(NATS_READY_S)
+            zk.wait_ready(ZK_READY_S)
+        except ServerNotReady as e:
+            raise StackError(str(e)) from e
+
+    def cluster_servers(self, nats: NatsCluster, zk: ZooKeeperEnsemble) -> None:
+        """Every member of both groups started and recorded, then both groups ready (a JetStream meta
+        leader all nats-servers agree on; one ZooKeeper leader, the others following)."""
+        for what, members in (("NATS", nats.servers), ("ZooKeeper", zk.servers)):
+            for server in members:
+                if port_open(server.host, server.port):
+                    where = f"{server.host}:{server.port}"
+                    raise StackError(f"{what} port {where} is already in use (another stack or server?)")
+        try:
+            for name, group in (("nats-server", nats), ("zookeeper", zk)):
+                for i, member in enumerate(group.servers, start=1):
+                    member.start()
+                    self.record(
+                        StackProcess(
+                            name=name,
+                            pid=member.pid,
+                            command=_cmdline(member.pid),
+                            member=i,
+                            log=str(member.log_path),
+                        )
+                    )
             nats.wait_ready(NATS_READY_S)
             zk.wait_ready(ZK_READY_S)
         except ServerNotReady as e:
@@ -312,11 +429,18 @@ def _healthy(port: int) -> bool:
         return False
 
 
-def up(settings: Settings, runners: int = 4) -> int:
-    """Start NATS, ZooKeeper, the demo fleet, router, scheduler and one runner per node in the background."""
+def up(settings: Settings, runners: int = 4, cluster_mode: bool = False) -> int:
+    """Start NATS, ZooKeeper, the demo fleet, router, scheduler and one runner per node in the background;
+    with `cluster_mode`, three clustered nats-servers and a three-server ZooKeeper ensemble instead of one
+    of each, and the services' streams at 3 replicas."""
     settings = _absolute(settings)
     if runners < 1:
         print("taskerman dev up: --runners must be at least 1", file=sys.stderr)
+        return 1
+    try:
+        groups = _server_groups(settings) if cluster_mode else None
+    except StackError as e:
+        print(f"taskerman dev up: {e}", file=sys.stderr)
         return 1
     old = load_stack(settings)
     if old is not None:
@@ -331,8 +455,9 @@ def up(settings: Settings, runners: int = 4) -> int:
             return 1
         print(f"replacing the stale record {stack_path(settings)} (none of its processes runs)")
     settings.home.mkdir(parents=True, exist_ok=True)
-    starter = _Starter(settings, runners)
-    print(f"starting the stack under {settings.home}")
+    starter = _Starter(settings, runners, groups)
+    settings = starter.settings
+    print(f"starting the stack under {settings.home}" + (" in cluster mode" if cluster_mode else ""))
     try:
         for name in ("taskerman-router", "taskerman-scheduler", "taskerman-runner"):
             _script(name)
@@ -354,6 +479,14 @@ def up(settings: Settings, runners: int = 4) -> int:
         f"stack up: NATS {settings.nats_url}, ZooKeeper {settings.zk_hosts}, "
         f"cluster {CLUSTER} with {runners} nodes; logs under {settings.home / 'logs'}"
     )
+    if cluster_mode:
+        print(
+            f"streams at {CLUSTER_SIZE} replicas. The taskerman CLI uses these servers while "
+            f"TASKERMAN_NATS_URL and TASKERMAN_ZK_HOSTS are unset and TASKERMAN_HOME is {settings.home};"
+            " anywhere else:\n"
+            f"  export TASKERMAN_NATS_URL={shlex.quote(settings.nats_url)}\n"
+            f"  export TASKERMAN_ZK_HOSTS={shlex.quote(settings.zk_hosts)}"
+        )
     return 0
 
 
@@ -413,16 +546,30 @@ def status(settings: Settings, as_json: bool) -> int:
     stack = load_stack(settings)
     procs = stack.processes if stack is not None else []
     rows: list[dict[str, object]] = [
-        {"name": p.name, "pid": current_pid(p), "alive": is_alive(p), "cluster": p.cluster, "node": p.node}
+        {
+            "name": p.name,
+            "pid": current_pid(p),
+            "alive": is_alive(p),
+            "cluster": p.cluster,
+            "node": p.node,
+            "member": p.member,
+        }
         for p in procs
     ]
     if as_json:
         print(json.dumps(rows, indent=2))
-    elif rows:
+    elif stack is not None and rows:
+        mode = f" (cluster mode, streams at {CLUSTER_SIZE} replicas)" if stack.cluster_mode else ""
+        print(f"NATS {stack.nats_url}  ZooKeeper {stack.zk_hosts}{mode}")
         _print_table(rows)
     else:
         print(f"no stack recorded under {settings.home}")
     return 0 if rows and all(r["alive"] for r in rows) else 1
+
+
+def _display_name(name: object, member: object) -> str:
+    """The name, with a cluster member's index (`nats-server-2`)."""
+    return f"{name}-{member}" if member is not None else str(name)
 
 
 def _print_table(rows: Sequence[dict[str, object]]) -> None:
@@ -430,6 +577,5 @@ def _print_table(rows: Sequence[dict[str, object]]) -> None:
     print(f"{'NAME':<13} {'PID':>8}  {'ALIVE':<5}  {'CLUSTER':<10} NODE")
     for r in rows:
         alive = "yes" if r["alive"] else "no"
-        print(
-            f"{r['name']!s:<13} {r['pid']!s:>8}  {alive:<5}  {r['cluster'] or '-'!s:<10} {r['node'] or '-'}"
-        )
+        name = _display_name(r["name"], r["member"])
+        print(f"{name:<13} {r['pid']!s:>8}  {alive:<5}  {r['cluster'] or '-'!s:<10} {r['node'] or '-'}")
