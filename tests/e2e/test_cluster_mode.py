@@ -34,9 +34,11 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.api import StreamInfo
 
 from taskcore import bus, deadletter, subjects
 from taskcore.launchers import NatsCluster, NatsClusterMember, ZooKeeperEnsemble
+from taskcore.model import DeadLetter
 from taskcore.settings import Settings
 from taskcore.tracking import StatusStore, TaskView
 
@@ -160,8 +162,16 @@ async def test_rolling_task_survives_a_nats_server_and_the_zookeeper_leader_kill
             return view if view is not None and view.state in ("succeeded", "failed", "dead") else None
 
         view = await eventually(final, 60, f"task {task_id} final", stack)
-        letters = [d for _, d in await deadletter.entries(js) if d.task_id == task_id]
-        work = await js.stream_info(subjects.WORK_STREAM)
+
+        async def dead_letters() -> list[DeadLetter]:
+            return [d for _, d in await deadletter.entries(js) if d.task_id == task_id]
+
+        async def work_stream() -> StreamInfo:
+            return await js.stream_info(subjects.WORK_STREAM)
+
+        # the test's own connection may still be failing over: a transient error is retried
+        letters = await eventually(dead_letters, 30, "reading the dead letters", stack)
+        work = await eventually(work_stream, 30, "reading the WORK stream", stack)
 
         # Both come back on their ports and data: the nats-server rejoins and catches its replicas up.
         await asyncio.to_thread(nats_killed.restart)
