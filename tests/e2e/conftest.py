@@ -47,6 +47,15 @@ def settings(nats_fresh: NatsServer, zk_server: ZooKeeperServer, prefix: str, tm
     )
 
 
+def toml_value(v: Any) -> str:
+    """A TOML value: JSON strings, numbers, booleans and arrays are TOML too; tables become inline."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
 class Stack:
     """Spawns and tears down real service processes for one test."""
 
@@ -108,7 +117,7 @@ class Stack:
             for table, entries in (("actions", actions or {}), ("packs", packs or {})):
                 for name, fields in entries.items():
                     lines.append(f"[{table}.{json.dumps(name)}]")
-                    lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
+                    lines += [f"{k} = {toml_value(v)}" for k, v in fields.items()]
             path.write_text("\n".join(lines) + "\n")
             args += ["--config", str(path)]
         return self.spawn("taskerman-runner", *args, extra_env=extra_env)
