@@ -10,13 +10,14 @@ MAX_BACKOFF = 300.0
 
 
 def attempt_budget(retry_count: int) -> int:
-    """Deliveries a node's item gets: the first attempt plus `retry_count` retries."""
+    """Attempts a node's item gets: the first plus `retry_count` retries."""
     return retry_count + 1
 
 
-def after_failure(deliveries: int, retry_count: int) -> Literal["retry", "dead"]:
-    """A failed attempt is retried until the budget is spent, then dead-lettered."""
-    return "dead" if deliveries >= attempt_budget(retry_count) else "retry"
+def after_failure(failures: int, retry_count: int) -> Literal["retry", "dead"]:
+    """After its `failures`-th failed attempt a node's item is retried until the budget is spent,
+    then dead-lettered (attempts lost to a crash or a lost lease are not failures)."""
+    return "dead" if failures >= attempt_budget(retry_count) else "retry"
 
 
 def retry_delay(args: WorkqueueArgs, failures: int) -> float:
