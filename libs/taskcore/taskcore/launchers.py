@@ -84,7 +84,34 @@ def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("", "0.0.0.0") else host
 
 
-class _ServerProcess:
+class _Managed:
+    """A context manager: start and wait until ready on enter (stopping again if that fails), stop on exit."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def wait_ready(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class _ServerProcess(_Managed):
     """A server process started in its own session, logging to a file under its home."""
 
     name = "server"
@@ -199,22 +226,6 @@ class _ServerProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
-
-    def __enter__(self) -> Self:
-        """Start the server and wait until it is ready."""
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        """Stop the server."""
-        self.stop()
 
 
 class NatsServer(_ServerProcess):
@@ -372,7 +383,7 @@ def _group_ports(
     return clients, spare[:count]
 
 
-class _ServerGroup(Generic[_Member]):
+class _ServerGroup(_Managed, Generic[_Member]):
     """Servers started together; each member can be killed, paused and restarted on its own (same
     ports, same data), and the group is ready when its running members have formed a quorum."""
 
@@ -422,22 +433,6 @@ class _ServerGroup(Generic[_Member]):
         """Stop every member."""
         for server in self.servers:
             server.stop(timeout)
-
-    def __enter__(self) -> Self:
-        """Start every member and wait until the group is ready."""
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        """Stop every member."""
-        self.stop()
 
 
 class NatsClusterMember(NatsServer):
