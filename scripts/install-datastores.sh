@@ -10,20 +10,6 @@ if ! compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null \
     || ! compgen -G '/usr/lib/postgresql/*/bin/pg_verifybackup' >/dev/null; then
     missing+=(postgresql)
 fi
-if [ ${#missing[@]} -eq 0 ]; then
-    exit 0
-fi
-
-if [ "$(id -u)" -eq 0 ]; then
-    SUDO=()
-elif command -v sudo >/dev/null 2>&1; then
-    SUDO=(sudo)
-else
-    echo "install-datastores: need root or sudo to apt-get install ${missing[*]}" >&2
-    exit 1
-fi
-
-"${SUDO[@]}" apt-get update
 # Where services may start, the packages start Debian's own servers (ports 6379 and 5432): the tests
 # start servers of their own on free ports, so the two never meet.
-"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
+bash "$(dirname "$0")/apt-install.sh" "${missing[@]}"

@@ -92,7 +92,12 @@ async def test_static_attributes_reach_the_work_items_and_the_plan_shows_in_stat
     await publish_raw(js[1], sleep_task("attrs-1", limit=2, taskerman_params={"topology": "zone"}))
     view = await wait_routed(status, "attrs-1")
     assert view.state == "routed", view
+    # the task record says routed before the router has published every item: wait for all six
+    deadline = time.monotonic() + 20
     items = {i.node: i for i in await work_items(js[1])}
+    while len(items) < len(ZONES) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        items = {i.node: i for i in await work_items(js[1])}
     assert sorted(items) == sorted(ZONES)
     for node, (zone, rack, seed) in ZONES.items():
         expect = {"zone": zone, "rack": rack} | ({"seed": "true"} if seed else {})

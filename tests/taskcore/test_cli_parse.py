@@ -147,3 +147,23 @@ def test_unknown_arg(registry: ActionRegistry) -> None:
         _build(registry, "test:sleep", "--cluster", "demo:web", "--arg", "command=reboot")
     assert info.value.field == "taskerman_params.action_args"
     assert "command" in info.value.problem
+
+
+def test_submit_and_plan_share_the_routing_options() -> None:
+    task = _build(
+        ActionRegistry.installed(),
+        "test:sleep",
+        "--cluster",
+        "c",
+        "--topology",
+        "zone",
+        "--routing",
+        "seeds_last",
+        "--discovery",
+        "dns",
+    )
+    assert task.taskerman_params.topology == "zone"
+    assert task.taskerman_params.routing == "seeds_last"
+    assert task.discovery == "dns"
+    plan = cli.build_parser().parse_args(["plan", "test:sleep", "--cluster", "c", "--topology", "rack"])
+    assert cli.build_task(plan, ActionRegistry.installed()).taskerman_params.topology == "rack"

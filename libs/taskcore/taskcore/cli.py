@@ -58,6 +58,9 @@ def build_task(args: argparse.Namespace, registry: ActionRegistry) -> Task:
     """The task the submit flags describe, fully validated (exit 2 material otherwise)."""
     action_args = dict(parse_arg(a) for a in args.arg)
     params: dict[str, Any] = {"action_args": action_args}
+    for option in ("topology", "routing"):
+        if value := getattr(args, option, None):
+            params[option] = value
     if args.retries is not None:
         params["workqueue_args"] = msgspec.structs.asdict(WorkqueueArgs(retry_count=args.retries))
     raw = {
@@ -69,6 +72,8 @@ def build_task(args: argparse.Namespace, registry: ActionRegistry) -> Task:
         "nodes": args.node,
         "taskerman_params": params,
     }
+    if discovery := getattr(args, "discovery", None):
+        raw["discovery"] = discovery
     try:
         task = msgspec.convert(raw, Task)
     except msgspec.ValidationError as e:
@@ -325,14 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("submit", help="submit a task")
-    s.add_argument("action", help="installed action, <pack>:<name>")
-    s.add_argument("--cluster", required=True)
-    s.add_argument("--limit", type=int, default=1, help="at most this many nodes act at once (m)")
-    s.add_argument("--node", action="append", default=[], help="target node (skips discovery); repeatable")
-    s.add_argument("--arg", action="append", default=[], help="action argument key=value; repeatable")
-    s.add_argument("--retries", type=int, help="retries per node before dead-lettering")
-    s.add_argument("--owner", default="")
-    s.add_argument("--task-id")
+    cli_plan.add_task_options(s)
     s.add_argument("--wait", action="store_true", help="show progress; exit 0 on success, 1 on failure")
     s.add_argument("--json", action="store_true")
     s.add_argument("--dry-run", action="store_true", help="show the plan (`taskerman plan`); submit nothing")

@@ -14,7 +14,7 @@ import nats.errors
 from taskcore import bus, connect, subjects, tracing
 from taskcore.actions import ActionRegistry
 from taskcore.errors import InvalidTask
-from taskcore.model import Plan, PlanReply, Task, TopologyName, Wave
+from taskcore.model import Plan, PlanReply, Task, Wave
 from taskcore.settings import Settings
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
@@ -23,16 +23,8 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 PLAN_TIMEOUT = 20.0  # discovery may ask DNS or a cloud API
 
 
-def add_routing_options(p: argparse.ArgumentParser) -> None:
-    """How the task is routed: its discovery plugin, routing plugin and topology."""
-    p.add_argument("--discovery", help="discovery plugin (default: static)")
-    p.add_argument("--routing", help="routing plugin (default: name, or zone with --topology)")
-    p.add_argument("--topology", choices=["zone", "rack"], help="one zone (or rack) at a time")
-
-
-def add_parsers(sub: Any) -> None:
-    """Add this module's sub-commands to the `taskerman` parser."""
-    p = sub.add_parser("plan", help="preview a task's nodes, order, waves and leases; runs nothing")
+def add_task_options(p: argparse.ArgumentParser) -> None:
+    """The options that describe a task (shared by `submit` and `plan`)."""
     p.add_argument("action", help="installed action, <pack>:<name>")
     p.add_argument("--cluster", required=True)
     p.add_argument("--limit", type=int, default=1, help="at most this many nodes act at once (m)")
@@ -41,22 +33,23 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--retries", type=int, help="retries per node before dead-lettering")
     p.add_argument("--owner", default="")
     p.add_argument("--task-id")
-    add_routing_options(p)
+    p.add_argument("--discovery", help="discovery plugin (default: static)")
+    p.add_argument("--routing", help="routing plugin (default: name, or zone with --topology)")
+    p.add_argument("--topology", choices=["zone", "rack"], help="one zone (or rack) at a time")
+
+
+def add_parsers(sub: Any) -> None:
+    """Add this module's sub-commands to the `taskerman` parser."""
+    p = sub.add_parser("plan", help="preview a task's nodes, order, waves and leases; runs nothing")
+    add_task_options(p)
     p.add_argument("--json", action="store_true")
 
 
 def task_from_args(args: argparse.Namespace) -> Task:
-    """The task `submit`'s flags describe (cli.build_task), with the routing options when given."""
+    """The task the flags describe (cli.build_task)."""
     from taskcore import cli  # noqa: PLC0415 - cli imports this module
 
-    task = cli.build_task(args, ActionRegistry.installed())
-    params = task.taskerman_params
-    topology: TopologyName | None = getattr(args, "topology", None) or params.topology
-    params = msgspec.structs.replace(
-        params, topology=topology, routing=getattr(args, "routing", None) or params.routing
-    )
-    discovery = getattr(args, "discovery", None) or task.discovery
-    return msgspec.structs.replace(task, taskerman_params=params, discovery=discovery)
+    return cli.build_task(args, ActionRegistry.installed())
 
 
 async def request_plan(settings: Settings, task: Task) -> PlanReply | None:
