@@ -18,8 +18,8 @@ $(BIN)/python:
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e '.[dev]'
+$(VENV)/.installed: pyproject.toml libs/taskerman-dev/pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e '.[dev]' -e libs/taskerman-dev
 	touch $@
 
 zookeeper:
@@ -41,7 +41,7 @@ test: install zookeeper datastores
 	$(BIN)/pytest -q -m "not slow"
 
 demo: install zookeeper
-	$(BIN)/python -m taskcore.demo
+	$(BIN)/python -m taskerman_dev.demo
 
 .PHONY: bench
 bench: install zookeeper

@@ -46,12 +46,14 @@ from typing import Any
 import msgspec
 from nats.js import JetStreamContext
 
-from taskcore import bus, clusters, registry, subjects
-from taskcore.coordination import ZkSession
-from taskcore.launchers import NatsServer, ZooKeeperServer
-from taskcore.model import Task, TaskermanParams
-from taskcore.settings import Settings
-from taskcore.tracking import StatusStore
+from taskcore.bus import jetstream as bus
+from taskcore.bus.tracking import StatusStore
+from taskcore.coord import clusters, runners
+from taskcore.coord.session import ZkSession
+from taskcore.core import subjects
+from taskcore.core.model import Task, TaskermanParams
+from taskcore.core.settings import Settings
+from taskerman_dev.launchers import NatsServer, ZooKeeperServer
 
 BIN = Path(sys.executable).parent
 CLUSTER = "bench:handoff"
@@ -180,7 +182,7 @@ def servers(home: Path) -> Iterator[tuple[NatsServer, ZooKeeperServer]]:
 async def wait_registered(zk: ZkSession, nodes: list[str], within: float = 30) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        live = set(await registry.live_nodes(zk, CLUSTER))
+        live = set(await runners.live_nodes(zk, CLUSTER))
         if live >= set(nodes):
             return
         await asyncio.sleep(0.1)

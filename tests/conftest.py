@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from taskcore.launchers import NatsServer, ZooKeeperServer
+from taskerman_dev.launchers import NatsServer, ZooKeeperServer
 
 
 @pytest.fixture(scope="session")

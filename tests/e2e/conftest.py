@@ -19,11 +19,12 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore import bus, subjects
-from taskcore.launchers import NatsServer, ZooKeeperServer
-from taskcore.model import Task
-from taskcore.settings import Settings
-from taskcore.tracking import StatusStore, TaskView
+from taskcore.bus import jetstream as bus
+from taskcore.bus.tracking import StatusStore, TaskView
+from taskcore.core import subjects
+from taskcore.core.model import Task
+from taskcore.core.settings import Settings
+from taskerman_dev.launchers import NatsServer, ZooKeeperServer
 
 BIN = Path(sys.executable).parent
 

@@ -36,11 +36,13 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import StreamInfo
 
-from taskcore import bus, deadletter, subjects
-from taskcore.launchers import NatsCluster, NatsClusterMember, ZooKeeperEnsemble
-from taskcore.model import DeadLetter
-from taskcore.settings import Settings
-from taskcore.tracking import StatusStore, TaskView
+from taskcore.bus import deadletter
+from taskcore.bus import jetstream as bus
+from taskcore.bus.tracking import StatusStore, TaskView
+from taskcore.core import subjects
+from taskcore.core.model import DeadLetter
+from taskcore.core.settings import Settings
+from taskerman_dev.launchers import NatsCluster, NatsClusterMember, ZooKeeperEnsemble
 
 from .conftest import Stack, max_concurrency, publish_raw, task_json
 

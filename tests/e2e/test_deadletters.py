@@ -11,10 +11,12 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore import bus, deadletter, subjects
-from taskcore.model import DeadLetter, Task, WorkItem
-from taskcore.settings import Settings
-from taskcore.tracking import StatusStore
+from taskcore.bus import deadletter
+from taskcore.bus import jetstream as bus
+from taskcore.bus.tracking import StatusStore
+from taskcore.core import subjects
+from taskcore.core.model import DeadLetter, Task, WorkItem
+from taskcore.core.settings import Settings
 
 from .conftest import Stack, task_json, wait_final
 

@@ -39,11 +39,11 @@ from typing import Any, TypeVar
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore import bus
-from taskcore.coordination import SAFETY_MARGIN
-from taskcore.launchers import NatsServer, ZooKeeperServer
-from taskcore.settings import Settings
-from taskcore.tracking import StatusStore
+from taskcore.bus import jetstream as bus
+from taskcore.bus.tracking import StatusStore
+from taskcore.coord.session import SAFETY_MARGIN
+from taskcore.core.settings import Settings
+from taskerman_dev.launchers import NatsServer, ZooKeeperServer
 
 from .conftest import Stack, max_concurrency, publish_raw, task_json, wait_final
 

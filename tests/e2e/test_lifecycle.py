@@ -14,12 +14,14 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore import audit, bus, deadletter, subjects
-from taskcore.actions import ActionRegistry
-from taskcore.model import Task, WorkItem
-from taskcore.settings import Settings
-from taskcore.tracking import StatusStore
-from taskerman_router.service import Router
+from taskcore.bus import audit, deadletter
+from taskcore.bus import jetstream as bus
+from taskcore.bus.tracking import StatusStore
+from taskcore.core import subjects
+from taskcore.core.actions import ActionRegistry
+from taskcore.core.model import Task, WorkItem
+from taskcore.core.settings import Settings
+from taskerman_router.router import Router
 
 from .conftest import Stack, publish_raw, task_json, wait_final
 

@@ -17,16 +17,18 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from prometheus_client.parser import text_string_to_metric_families
 
-from taskcore import clusters, metrics, subjects
-from taskcore.clusters import BreakerState
-from taskcore.coordination import SlotSemaphore, ZkSession, update_json
-from taskcore.launchers import free_ports
-from taskcore.leases import lease_path
-from taskcore.model import Task, TaskRecord
-from taskcore.registry import RunnerInfo, node_path
-from taskcore.schedule_control import CANARY_PATH
-from taskcore.settings import Settings
-from taskcore.tracking import StatusStore
+from taskcore.bus.tracking import StatusStore
+from taskcore.coord import clusters
+from taskcore.coord.clusters import BreakerState
+from taskcore.coord.leases import lease_path
+from taskcore.coord.runners import RunnerInfo, node_path
+from taskcore.coord.schedule_control import CANARY_PATH
+from taskcore.coord.session import SlotSemaphore, ZkSession, update_json
+from taskcore.core import subjects
+from taskcore.core.model import Task, TaskRecord
+from taskcore.core.settings import Settings
+from taskcore.obs import metrics
+from taskerman_dev.launchers import free_ports
 
 from .conftest import Stack, publish_raw, task_json, wait_final
 

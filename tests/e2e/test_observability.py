@@ -9,9 +9,10 @@ from collections import Counter
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore import deadletter, tracing
-from taskcore.settings import Settings
-from taskcore.tracking import StatusStore
+from taskcore.bus import deadletter
+from taskcore.bus.tracking import StatusStore
+from taskcore.core.settings import Settings
+from taskcore.obs import tracing
 
 from .conftest import Stack, wait_final
 

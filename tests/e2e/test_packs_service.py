@@ -22,9 +22,12 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore import audit, bus, deadletter, demo_fleet, subjects
-from taskcore.model import Task, TaskermanParams, WorkItem
-from taskcore.tracking import StatusStore
+from taskcore.bus import audit, deadletter
+from taskcore.bus import jetstream as bus
+from taskcore.bus.tracking import StatusStore
+from taskcore.core import subjects
+from taskcore.core.model import Task, TaskermanParams, WorkItem
+from taskerman_dev import demo_fleet
 
 from .conftest import BIN, Stack, publish_raw, task_json, wait_final
 

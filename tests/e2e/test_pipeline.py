@@ -7,8 +7,9 @@ import json
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore import deadletter, subjects
-from taskcore.tracking import StatusStore
+from taskcore.bus import deadletter
+from taskcore.bus.tracking import StatusStore
+from taskcore.core import subjects
 
 from .conftest import Stack, max_concurrency, publish_raw, task_json, wait_final
 

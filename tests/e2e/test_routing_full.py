@@ -15,12 +15,13 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from taskcore import deadletter, subjects
-from taskcore.coordination import ZkSession
-from taskcore.model import WorkItem, decode_work_item
-from taskcore.registry import RunnerInfo, node_path, runners
-from taskcore.settings import Settings
-from taskcore.tracking import StatusStore, TaskView
+from taskcore.bus import deadletter
+from taskcore.bus.tracking import StatusStore, TaskView
+from taskcore.coord.runners import RunnerInfo, node_path, registered
+from taskcore.coord.session import ZkSession
+from taskcore.core import subjects
+from taskcore.core.model import WorkItem, decode_work_item
+from taskcore.core.settings import Settings
 
 from .conftest import Stack, max_concurrency, publish_raw, task_json, wait_final
 
@@ -137,7 +138,7 @@ async def test_registry_excludes_a_runner_that_stopped_heartbeating(
         await zk.client.ensure_path(path.rsplit("/", 1)[0])
         await zk.client.create(path, data=msgspec.json.encode(stale))
         deadline = time.monotonic() + 20
-        while len(await runners(zk, cluster)) < 3:  # the live runners have registered
+        while len(await registered(zk, cluster)) < 3:  # the live runners have registered
             assert time.monotonic() < deadline, stack.logs()
             await asyncio.sleep(0.1)
     await publish_raw(js[1], sleep_task("reg-1", cluster=cluster, limit=2, discovery="registry"))

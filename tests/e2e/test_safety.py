@@ -19,11 +19,11 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore import clusters, registry
-from taskcore.clusters import Breaker
-from taskcore.coordination import ZkSession
-from taskcore.settings import Settings
-from taskcore.tracking import StatusStore
+from taskcore.bus.tracking import StatusStore
+from taskcore.coord import clusters, runners
+from taskcore.coord.clusters import Breaker
+from taskcore.coord.session import ZkSession
+from taskcore.core.settings import Settings
 
 from .conftest import Stack, max_concurrency, publish_raw, task_json, wait_final
 
@@ -44,7 +44,7 @@ async def wait_registered(
     want = {(c, n) for c, nodes in fleet.items() for n in nodes}
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        if want <= {(r.cluster, r.node) for r in await registry.runners(zk)}:
+        if want <= {(r.cluster, r.node) for r in await runners.registered(zk)}:
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"runners did not register in {within}s\n{stack.logs()}")

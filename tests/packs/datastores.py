@@ -15,9 +15,9 @@ from typing import Any
 
 import msgspec
 
-from taskcore.actions import Action, ActionContext, ActionRegistry
-from taskcore.demo_fleet import terminate
-from taskcore.model import Task
+from taskcore.core.actions import Action, ActionContext, ActionRegistry
+from taskcore.core.model import Task
+from taskerman_dev.demo_fleet import terminate
 
 FAKES = Path(__file__).parent / "fakes"
 INSTALL_HINT = "run `bash scripts/install-datastores.sh` (make test does)"

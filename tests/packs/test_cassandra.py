@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from taskcore.errors import ActionFailed, InvalidTask
+from taskcore.core.errors import ActionFailed, InvalidTask
 from taskcore.packs import cassandra
 from taskcore.packs.cassandra import (
     CassandraRepair,

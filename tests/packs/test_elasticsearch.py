@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from taskcore.errors import ActionFailed, InvalidTask
-from taskcore.launchers import free_port
+from taskcore.core.errors import ActionFailed, InvalidTask
 from taskcore.packs import elasticsearch
 from taskcore.packs.elasticsearch import ElasticsearchRestart
+from taskerman_dev.launchers import free_port
 from tests.packs.datastores import FAKES, action_context, run_steps
 from tests.packs.fakes.elasticsearch import FakeElasticsearch
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from taskcore.errors import ActionFailed, InvalidTask
-from taskcore.launchers import free_port
+from taskcore.core.errors import ActionFailed, InvalidTask
 from taskcore.packs.backups import sha256_file, write_checksum
 from taskcore.packs.postgres import PostgresBackup
+from taskerman_dev.launchers import free_port
 from tests.packs.datastores import PostgresServer, action_context, names, run_steps, sha256sum_check
 
 ROWS = 500

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from taskcore.errors import ActionFailed, InvalidTask
-from taskcore.launchers import free_ports
+from taskcore.core.errors import ActionFailed, InvalidTask
 from taskcore.packs.backups import backup_name, prune_backups
 from taskcore.packs.redis import RedisBackup, RedisRestart
+from taskerman_dev.launchers import free_ports
 from tests.packs.datastores import (
     RedisServer,
     action_context,

@@ -18,12 +18,12 @@ import dns.rrset
 import msgspec
 import pytest
 
-from taskcore.coordination import ZkSession
-from taskcore.errors import DiscoveryError
-from taskcore.launchers import ZooKeeperServer
-from taskcore.model import NodeInfo
-from taskcore.registry import RunnerInfo, node_path
-from taskcore.settings import Settings
+from taskcore.coord.runners import RunnerInfo, node_path
+from taskcore.coord.session import ZkSession
+from taskcore.core.errors import DiscoveryError
+from taskcore.core.model import NodeInfo
+from taskcore.core.settings import Settings
+from taskerman_dev.launchers import ZooKeeperServer
 from taskerman_router.discovery import (
     AwsTagsDiscovery,
     DiscoveryContext,

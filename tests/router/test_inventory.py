@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from taskcore.errors import DiscoveryError
-from taskcore.model import NodeInfo
+from taskcore.core.errors import DiscoveryError
+from taskcore.core.model import NodeInfo
 from taskerman_router.inventory import ClusterEntry, DnsConfig, cluster_entry, dns_config
 
 INVENTORY = """

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from taskcore.actions import Action
-from taskcore.model import NodeInfo, Task, Wave
+from taskcore.core.actions import Action
+from taskcore.core.model import NodeInfo, Task, Wave
 from taskerman_router.planner import Resolution, plan_leases
 from taskerman_router.routing import (
     ByName,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from taskcore.actions import ActionRegistry
-from taskcore.errors import DiscoveryError, InvalidTask
-from taskcore.model import NodeInfo, Task, Wave
+from taskcore.core.actions import ActionRegistry
+from taskcore.core.errors import DiscoveryError, InvalidTask
+from taskcore.core.model import NodeInfo, Task, Wave
 from taskerman_router.discovery import Discovery
 from taskerman_router.planner import Planner
 from taskerman_router.routing import ByName, ByTopology, RoutingError

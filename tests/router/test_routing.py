@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from taskcore.model import NodeInfo, Task, WorkItem
-from taskcore.subjects import encode_token, node_subject, parse_node_subject
+from taskcore.core.model import NodeInfo, Task, WorkItem
+from taskcore.core.subjects import encode_token, node_subject, parse_node_subject
 from taskerman_router.routing import ByName, Route, derive_task_id, explicit_nodes, order_nodes, routes
 
 

@@ -9,9 +9,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from taskcore.actions import ActionRegistry, AnyConfig
-from taskcore.errors import InvalidTask, TaskermanError, UnknownAction
-from taskcore.model import Task
+from taskcore.core.actions import ActionRegistry, AnyConfig
+from taskcore.core.errors import InvalidTask, TaskermanError, UnknownAction
+from taskcore.core.model import Task
 from taskcore.packs.service import Restart, ServiceArgs, ServiceConfig
 from taskerman_runner import config
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from taskcore.errors import InvalidTask
-from taskcore.model import WorkqueueArgs, decode_task
+from taskcore.core.errors import InvalidTask
+from taskcore.core.model import WorkqueueArgs, decode_task
 from taskerman_runner.policy import MAX_BACKOFF, after_failure, attempt_budget, backoff_delay, retry_delay
 
 

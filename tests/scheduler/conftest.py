@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from taskcore.coordination import ZkSession
-from taskcore.settings import Settings
+from taskcore.coord.session import ZkSession
+from taskcore.core.settings import Settings
 from tests.e2e.conftest import js, nats_fresh, settings, stack, status
 
 __all__ = ["js", "nats_fresh", "settings", "stack", "status", "zk"]

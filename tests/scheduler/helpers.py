@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from taskcore import subjects
-from taskcore.model import Task, decode_task
+from taskcore.core import subjects
+from taskcore.core.model import Task, decode_task
 from taskerman_scheduler.schedules import CLUSTER_SEP, SLOT_ID_PREFIX, SLOT_TIME_FORMAT
 
 

@@ -17,10 +17,10 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore.coordination import SlotSemaphore, ZkSession
-from taskcore.subjects import SUBMIT_SUBJECT
-from taskcore.tracking import StatusStore
-from taskerman_scheduler.service import LEADER_PATH
+from taskcore.bus.tracking import StatusStore
+from taskcore.coord.session import SlotSemaphore, ZkSession
+from taskcore.core.subjects import SUBMIT_SUBJECT
+from taskerman_scheduler.scheduler import LEADER_PATH
 from tests.e2e.conftest import Stack
 
 from .helpers import published, slot_of

@@ -11,10 +11,10 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore import audit
-from taskcore import schedule_control as control
-from taskcore.coordination import ZkSession
-from taskcore.tracking import StatusStore
+from taskcore.bus import audit
+from taskcore.bus.tracking import StatusStore
+from taskcore.coord import schedule_control as control
+from taskcore.coord.session import ZkSession
 from tests.e2e.conftest import Stack
 
 CLUSTER = "canary:ü"  # any characters are valid in a cluster name

@@ -9,9 +9,9 @@ from zoneinfo import ZoneInfo
 import msgspec
 import pytest
 
-from taskcore.actions import ActionRegistry
-from taskcore.model import decode_task
-from taskcore.subjects import decode_token
+from taskcore.core.actions import ActionRegistry
+from taskcore.core.model import decode_task
+from taskcore.core.subjects import decode_token
 from taskerman_scheduler.schedules import (
     Schedule,
     ScheduleError,

@@ -10,17 +10,17 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from taskcore import audit
-from taskcore import schedule_control as control
-from taskcore.actions import ActionRegistry
-from taskcore.coordination import ZkSession
-from taskcore.errors import LeaseLost
-from taskcore.model import TaskRecord, decode_task
-from taskcore.registry import Registration
-from taskcore.schedule_control import PauseFlag
-from taskcore.tracking import StatusStore
+from taskcore.bus import audit
+from taskcore.bus.tracking import StatusStore
+from taskcore.coord import schedule_control as control
+from taskcore.coord.runners import Registration
+from taskcore.coord.schedule_control import PauseFlag
+from taskcore.coord.session import ZkSession
+from taskcore.core.actions import ActionRegistry
+from taskcore.core.errors import LeaseLost
+from taskcore.core.model import TaskRecord, decode_task
+from taskerman_scheduler.scheduler import Scheduler
 from taskerman_scheduler.schedules import Schedule, UnknownSchedule, slot_task_id
-from taskerman_scheduler.service import Scheduler
 from taskerman_scheduler.state import ScheduleState, StateStore
 
 from .helpers import published, slot_of

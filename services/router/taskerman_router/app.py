@@ -8,12 +8,14 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from taskcore import clusters, metrics, service
-from taskcore.actions import ActionRegistry
-from taskcore.settings import Settings
+from taskcore.coord import clusters
+from taskcore.core.actions import ActionRegistry
+from taskcore.core.settings import Settings
+from taskcore.obs import metrics
+from taskcore.runtime import lifecycle
 from taskerman_router.discovery import DiscoveryContext, load_plugins
+from taskerman_router.router import Router
 from taskerman_router.routing import load_routings
-from taskerman_router.service import Router
 
 SAMPLE_INTERVAL_ENV = "TASKERMAN_SAMPLE_INTERVAL"
 
@@ -36,7 +38,7 @@ def sample_interval(settings: Settings, env: Mapping[str, str] | None = None) ->
 
 async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
     settings = Settings.from_env()
-    async with service.connected(settings, "taskerman-router") as c:
+    async with lifecycle.connected(settings, "taskerman-router") as c:
         plugins = load_plugins(DiscoveryContext(inventory=args.inventory, zk=c.zk))
         router = Router(
             c.nc,
@@ -55,4 +57,4 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return service.run("taskerman-router", lambda stop: amain(args, stop))
+    return lifecycle.run("taskerman-router", lambda stop: amain(args, stop))

@@ -20,12 +20,12 @@ from typing import Any, Protocol
 import msgspec
 from aiozk import exc
 
-from taskcore import registry
-from taskcore.coordination import ZkSession
-from taskcore.errors import DiscoveryError
-from taskcore.model import NodeInfo
-from taskcore.registry import RunnerInfo
-from taskcore.subjects import encode_token
+from taskcore.coord import runners
+from taskcore.coord.runners import RunnerInfo
+from taskcore.coord.session import ZkSession
+from taskcore.core.errors import DiscoveryError
+from taskcore.core.model import NodeInfo
+from taskcore.core.subjects import encode_token
 from taskerman_router import inventory
 from taskerman_router.inventory import ClusterEntry, DnsConfig
 
@@ -103,13 +103,13 @@ class RegistryDiscovery:
             else:
                 out.append(NodeInfo(name=r.node, attributes=r.attributes))
         if not out:
-            detail = f" ({stale} stale: no heartbeat for {registry.STALE_AFTER:.0f}s)" if stale else ""
+            detail = f" ({stale} stale: no heartbeat for {runners.STALE_AFTER:.0f}s)" if stale else ""
             raise DiscoveryError(f"no live runner is registered for cluster {cluster!r}{detail}")
         return out
 
     @staticmethod
     async def _registered(zk: ZkSession, cluster: str) -> list[RegisteredRunner]:
-        folder = f"/registry/{encode_token(cluster)}"  # see registry.node_path
+        folder = f"/registry/{encode_token(cluster)}"  # see runners.node_path
         try:
             children = await zk.client.get_children(folder)
         except exc.NoNode:

@@ -38,8 +38,8 @@ from typing import Any
 
 import msgspec
 
-from taskcore.errors import DiscoveryError
-from taskcore.model import NodeInfo
+from taskcore.core.errors import DiscoveryError
+from taskcore.core.model import NodeInfo
 
 CLUSTER_KEYS = {"nodes", "node", "attributes", "dns", "srv", "aws_tags", "aws_region", "aws_name_tag"}
 

@@ -8,12 +8,12 @@ import logging
 
 import msgspec
 
-from taskcore import clusters
-from taskcore.actions import Action, ActionRegistry
-from taskcore.clusters import BreakerPolicy
-from taskcore.coordination import ZkSession
-from taskcore.errors import DiscoveryError, InvalidTask
-from taskcore.model import NodeInfo, Plan, PlanLease, Task, Wave
+from taskcore.coord import clusters
+from taskcore.coord.clusters import BreakerPolicy
+from taskcore.coord.session import ZkSession
+from taskcore.core.actions import Action, ActionRegistry
+from taskcore.core.errors import DiscoveryError, InvalidTask
+from taskcore.core.model import NodeInfo, Plan, PlanLease, Task, Wave
 from taskerman_router import routing
 from taskerman_router.discovery import Discovery
 from taskerman_router.routing import Routing

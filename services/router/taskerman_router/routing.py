@@ -11,9 +11,9 @@ from typing import Protocol
 
 import msgspec
 
-from taskcore import subjects
-from taskcore.errors import InvalidTask
-from taskcore.model import NodeInfo, Task, Wave, WorkItem
+from taskcore.core import subjects
+from taskcore.core.errors import InvalidTask
+from taskcore.core.model import NodeInfo, Task, Wave, WorkItem
 
 ENTRY_POINT_GROUP = "taskerman.routing"
 DEFAULT_ROUTING = "name"

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import msgspec
 
-from taskcore import service
-from taskcore.actions import ActionRegistry
-from taskcore.errors import TaskermanError
-from taskcore.settings import Settings
+from taskcore.core.actions import ActionRegistry
+from taskcore.core.errors import TaskermanError
+from taskcore.core.settings import Settings
+from taskcore.runtime import lifecycle
 from taskerman_runner import config
 from taskerman_runner.worker import NodeWorker
 
@@ -64,7 +64,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
         return 2
     for name in config.unknown_overrides(nodes[0], registry):
         log.warning('[actions."%s"] in the node config: no such action is enabled here', name)
-    async with service.connected(settings, "taskerman-runner") as c:
+    async with lifecycle.connected(settings, "taskerman-runner") as c:
         workers = [
             NodeWorker(
                 js=c.js,
@@ -107,4 +107,4 @@ def main(argv: list[str] | None = None) -> int:
     except TaskermanError as e:
         print(f"taskerman-runner: {e}", file=sys.stderr)
         return 2
-    return service.run("taskerman-runner", lambda stop: amain(args, stop))
+    return lifecycle.run("taskerman-runner", lambda stop: amain(args, stop))

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from taskcore.actions import ActionRegistry, node_config
-from taskcore.errors import InvalidTask, TaskermanError
+from taskcore.core.actions import ActionRegistry, node_config
+from taskcore.core.errors import InvalidTask, TaskermanError
 
 GRACE_ENV = "TASKERMAN_SHUTDOWN_GRACE"
 DEFAULT_GRACE = 30.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from taskcore.model import WorkqueueArgs
+from taskcore.core.model import WorkqueueArgs
 
 MAX_BACKOFF = 300.0
 

@@ -18,18 +18,22 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from taskcore import audit, bus, clusters, deadletter, logs, subjects, tracing
-from taskcore.actions import Action, ActionContext, ActionRegistry
-from taskcore.audit import Audit
-from taskcore.clusters import Breaker
-from taskcore.coordination import SlotSemaphore, ZkSession
-from taskcore.errors import ActionFailed, InvalidTask, LeaseLost, LeaseWaitTimeout, TaskermanError
-from taskcore.leases import Lease, LeaseSet, SemaphoreLease, SharedLease, SharedSlots, lease_path
-from taskcore.metrics import Instruments
-from taskcore.model import DeadLetter, NodeRecord, WorkItem, decode_work_item
-from taskcore.registry import Registration
-from taskcore.settings import Settings
-from taskcore.tracking import StatusStore, StopRecord
+from taskcore.bus import audit, deadletter
+from taskcore.bus import jetstream as bus
+from taskcore.bus.audit import Audit
+from taskcore.bus.tracking import StatusStore, StopRecord
+from taskcore.coord import clusters
+from taskcore.coord.clusters import Breaker
+from taskcore.coord.leases import Lease, LeaseSet, SemaphoreLease, SharedLease, SharedSlots, lease_path
+from taskcore.coord.runners import Registration
+from taskcore.coord.session import SlotSemaphore, ZkSession
+from taskcore.core import subjects
+from taskcore.core.actions import Action, ActionContext, ActionRegistry
+from taskcore.core.errors import ActionFailed, InvalidTask, LeaseLost, LeaseWaitTimeout, TaskermanError
+from taskcore.core.model import DeadLetter, NodeRecord, WorkItem, decode_work_item
+from taskcore.core.settings import Settings
+from taskcore.obs import logs, tracing
+from taskcore.obs.metrics import Instruments
 from taskerman_runner import policy
 from taskerman_runner.config import DEFAULT_GRACE, ActionOverride
 

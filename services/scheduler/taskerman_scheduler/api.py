@@ -16,20 +16,21 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from taskcore import schedule_control as control
-from taskcore import submission, tracing
-from taskcore.actions import ActionRegistry
-from taskcore.coordination import Slot
-from taskcore.errors import InvalidTask
-from taskcore.model import decode_task, with_task_id
-from taskcore.schedule_control import ApiReply, ApiRequest, NextSlot, ScheduleInfo
-from taskcore.submission import SubmitReply
-from taskcore.tracking import StatusStore
+from taskcore.bus import submission
+from taskcore.bus.submission import SubmitReply
+from taskcore.bus.tracking import StatusStore
+from taskcore.coord import schedule_control as control
+from taskcore.coord.schedule_control import ApiReply, ApiRequest, NextSlot, ScheduleInfo
+from taskcore.coord.session import Slot
+from taskcore.core.actions import ActionRegistry
+from taskcore.core.errors import InvalidTask
+from taskcore.core.model import decode_task, with_task_id
+from taskcore.obs import tracing
 from taskerman_scheduler.schedules import Schedule, UnknownSchedule, next_slots, slot_task_id, window_start
 from taskerman_scheduler.targets import TargetError
 
 if TYPE_CHECKING:
-    from taskerman_scheduler.service import Scheduler
+    from taskerman_scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 

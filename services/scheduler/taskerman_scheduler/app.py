@@ -8,15 +8,15 @@ import logging
 import sys
 from pathlib import Path
 
-from taskcore import service
-from taskcore.actions import ActionRegistry
-from taskcore.errors import InvalidTask
-from taskcore.model import check_task
-from taskcore.schedule_control import CANARY_EVERY
-from taskcore.settings import Settings
+from taskcore.coord.schedule_control import CANARY_EVERY
+from taskcore.core.actions import ActionRegistry
+from taskcore.core.errors import InvalidTask
+from taskcore.core.model import check_task
+from taskcore.core.settings import Settings
+from taskcore.runtime import lifecycle
 from taskerman_scheduler.canary import MIN_EVERY, CanaryConfig, ping_task
+from taskerman_scheduler.scheduler import Scheduler
 from taskerman_scheduler.schedules import Schedule, ScheduleError, ScheduleFile
-from taskerman_scheduler.service import Scheduler
 
 log = logging.getLogger(__name__)
 EXIT_INVALID = 2
@@ -77,7 +77,7 @@ async def amain(
     canary: CanaryConfig | None,
     registry: ActionRegistry,
 ) -> int:
-    async with service.connected(Settings.from_env(), "taskerman-scheduler") as c:
+    async with lifecycle.connected(Settings.from_env(), "taskerman-scheduler") as c:
         log.info(
             "scheduler started schedules=%s canary=%s inventory=%s",
             [s.name for s in schedules],
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ScheduleError, ValueError) as e:
         print(f"taskerman-scheduler: {e}", file=sys.stderr)
         return EXIT_INVALID
-    return service.run(
+    return lifecycle.run(
         "taskerman-scheduler",
         lambda stop: amain(args, stop, source=source, schedules=schedules, canary=canary, registry=registry),
     )

@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from taskcore.model import Task, TaskermanParams, WorkqueueArgs
-from taskcore.schedule_control import CANARY_EVERY, CanaryState
-from taskcore.tracking import StatusStore, TaskView
+from taskcore.bus.tracking import StatusStore, TaskView
+from taskcore.coord.schedule_control import CANARY_EVERY, CanaryState
+from taskcore.core.model import Task, TaskermanParams, WorkqueueArgs
 from taskerman_scheduler.schedules import SLOT_TIME_FORMAT, with_cluster
 from taskerman_scheduler.state import CanaryStore
 

@@ -26,10 +26,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from croniter import CroniterError, croniter  # type: ignore[import-untyped]
 
-from taskcore.actions import ActionRegistry
-from taskcore.errors import InvalidTask, TaskermanError
-from taskcore.model import Name, Task, check_task, invalid_from
-from taskcore.subjects import encode_token
+from taskcore.core.actions import ActionRegistry
+from taskcore.core.errors import InvalidTask, TaskermanError
+from taskcore.core.model import Name, Task, check_task, invalid_from
+from taskcore.core.subjects import encode_token
 
 Overlap = Literal["skip", "allow", "queue"]
 OVERLAPS: tuple[Overlap, ...] = ("skip", "allow", "queue")

@@ -13,10 +13,10 @@ from typing import Generic, TypeVar
 import msgspec
 from aiozk import exc
 
-from taskcore import subjects
-from taskcore.coordination import ZkSession
-from taskcore.errors import LeaseLost
-from taskcore.schedule_control import CANARY_PATH, CanaryState
+from taskcore.coord.schedule_control import CANARY_PATH, CanaryState
+from taskcore.coord.session import ZkSession
+from taskcore.core import subjects
+from taskcore.core.errors import LeaseLost
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

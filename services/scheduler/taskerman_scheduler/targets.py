@@ -10,9 +10,9 @@ import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 
-from taskcore import registry
-from taskcore.coordination import ZkSession
-from taskcore.errors import TaskermanError
+from taskcore.coord import runners
+from taskcore.coord.session import ZkSession
+from taskcore.core.errors import TaskermanError
 from taskerman_scheduler.schedules import Schedule
 
 
@@ -54,7 +54,7 @@ class KnownClusters:
         if self.inventory is not None:
             names |= await asyncio.to_thread(inventory_clusters, self.inventory)
         if self.zk is not None:
-            names |= {r.cluster for r in await registry.runners(self.zk)}
+            names |= {r.cluster for r in await runners.registered(self.zk)}
         return names
 
     async def resolve(self, schedule: Schedule) -> list[str]:

@@ -11,7 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
-from taskcore.errors import ActionFailed
+from taskcore.core.errors import ActionFailed
 
 log = logging.getLogger(__name__)
 FREE_SPACE_MARGIN = 1.1  # a backup directory needs this many times the expected size free

@@ -19,8 +19,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from taskcore.actions import Action, ActionContext
-from taskcore.errors import ActionFailed, InvalidTask
+from taskcore.core.actions import Action, ActionContext
+from taskcore.core.errors import ActionFailed, InvalidTask
 from taskcore.packs.common import Seconds, allowed_name, pack_config
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from taskcore.actions import ActionContext
-from taskcore.errors import ActionFailed, InvalidTask, TaskermanError
+from taskcore.core.actions import ActionContext
+from taskcore.core.errors import ActionFailed, InvalidTask, TaskermanError
 
 OUTPUT_TAIL = 2000  # bytes of a command's output kept for its error message
 PROBE_INTERVAL = 0.2

@@ -29,8 +29,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from taskcore.actions import Action, ActionContext
-from taskcore.errors import ActionFailed, InvalidTask, TaskermanError
+from taskcore.core.actions import Action, ActionContext
+from taskcore.core.errors import ActionFailed, InvalidTask, TaskermanError
 from taskcore.packs.common import Argv, CommandFailed, pack_config, run_command
 
 log = logging.getLogger(__name__)

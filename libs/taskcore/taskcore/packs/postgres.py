@@ -23,8 +23,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from taskcore.actions import Action, ActionContext
-from taskcore.errors import ActionFailed, InvalidTask
+from taskcore.core.actions import Action, ActionContext
+from taskcore.core.errors import ActionFailed, InvalidTask
 from taskcore.packs.backups import (
     backup_name,
     prune_backups,

@@ -26,8 +26,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from taskcore.actions import Action, ActionContext
-from taskcore.errors import ActionFailed, InvalidTask, TaskermanError
+from taskcore.core.actions import Action, ActionContext
+from taskcore.core.errors import ActionFailed, InvalidTask, TaskermanError
 from taskcore.packs.backups import backup_name, copy_with_digest, prune_backups, require_dir, verify_checksum
 from taskcore.packs.common import Argv, CommandFailed, missing_program, pack_config, run_command
 

@@ -14,8 +14,8 @@ from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
-from taskcore.actions import Action, ActionContext
-from taskcore.errors import ActionFailed, InvalidTask
+from taskcore.core.actions import Action, ActionContext
+from taskcore.core.errors import ActionFailed, InvalidTask
 from taskcore.packs.common import (
     Argv,
     CommandFailed,

@@ -1,0 +1,275 @@
+"""The JetStream bus: safe connections, idempotent provisioning, publishing with ids and trace context."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+
+import nats
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+
+from taskcore.core import subjects
+from taskcore.core.settings import Settings
+from taskcore.obs import tracing
+
+log = logging.getLogger(__name__)
+
+PUBLISH_ATTEMPTS = 5
+ROUTER_MAX_DELIVER = 5
+REPLICAS_ENV = "TASKERMAN_STREAM_REPLICAS"
+
+
+# What a client sees for a few seconds while a server dies or a stream elects a new leader: a request
+# timed out, nobody answered, or JetStream answered 503. Try again later; never crash on these.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+)
+
+
+def server_urls(url: str) -> list[str]:
+    """`TASKERMAN_NATS_URL` may name several servers, comma-separated; nats-py wants a list."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
+async def fetch(sub: JetStreamContext.PullSubscription, batch: int, wait: float) -> list[Msg]:
+    """Up to `batch` messages within `wait` seconds; an empty queue, or a cluster failing over, is an
+    empty list."""
+    try:
+        return await sub.fetch(batch, timeout=wait)
+    except TimeoutError:  # nats.errors.TimeoutError too: an empty queue is normal
+        return []
+    except UNAVAILABLE as e:
+        log.warning("fetch failed, will retry error=%r", e)
+        await asyncio.sleep(wait)
+        return []
+
+
+async def connect(settings: Settings, name: str) -> NATS:
+    """Connect with options that survive outages: reconnect forever, notice a dead server in seconds."""
+
+    async def on_error(e: Exception) -> None:
+        log.warning("nats error name=%s error=%s", name, e)
+
+    async def on_disconnect() -> None:
+        log.info("nats disconnected name=%s", name)
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected name=%s", name)
+
+    return await nats.connect(
+        server_urls(settings.nats_url),
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        ping_interval=5,
+        max_outstanding_pings=3,
+        connect_timeout=5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+
+
+async def close(nc: NATS) -> None:
+    """Flush what was published and close. Every ack and publish we care about was awaited already,
+    so this does not use drain(), which waits out its whole timeout on an idle pull subscription."""
+    with contextlib.suppress(Exception):
+        await nc.flush(timeout=2)
+    await nc.close()
+
+
+def stream_replicas(replicas: int | None = None) -> int | None:
+    """The replica count asked for: the argument, else `TASKERMAN_STREAM_REPLICAS`, else None (new streams
+    get 1, existing ones keep theirs, so a client without the variable never shrinks a clustered stream)."""
+    if replicas is None:
+        raw = os.environ.get(REPLICAS_ENV, "").strip()
+        if not raw:
+            return None
+        try:
+            replicas = int(raw)
+        except ValueError:
+            raise ValueError(f"{REPLICAS_ENV}={raw!r} is not an integer") from None
+    if not 1 <= replicas <= 5:
+        raise ValueError(f"stream replicas must be between 1 and 5, not {replicas}")
+    return replicas
+
+
+def _stream(
+    name: str, subject: str, settings: Settings, work_queue: bool, replicas: int = 1
+) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=name,
+        subjects=[subject],
+        retention=api.RetentionPolicy.WORK_QUEUE if work_queue else api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        discard=api.DiscardPolicy.NEW,
+        duplicate_window=settings.duplicate_window,
+        max_age=0,
+        num_replicas=replicas,
+    )
+
+
+async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig, keep_replicas: bool = False) -> None:
+    """Create the stream, or update it to `config`; with `keep_replicas` an existing stream keeps its
+    replica count."""
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        if keep_replicas and config.name is not None:
+            info = await js.stream_info(config.name)
+            config = config.evolve(num_replicas=info.config.num_replicas)
+        await js.update_stream(config)
+
+
+async def provision(
+    js: JetStreamContext, settings: Settings, replicas: int | None = None, within: float = 30.0
+) -> None:
+    """`provision_once`, retried while JetStream is briefly unavailable (a stream electing a new
+    leader after a server died); the last error is raised after `within` seconds."""
+    deadline = time.monotonic() + within
+    delay = 0.25
+    while True:
+        try:
+            await provision_once(js, settings, replicas)
+            return
+        except UNAVAILABLE as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("provisioning retried: jetstream unavailable error=%r", e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+async def provision_once(js: JetStreamContext, settings: Settings, replicas: int | None = None) -> None:
+    """Create or update the streams, the status bucket and the router's consumer; safe to repeat.
+
+    `replicas` (else `TASKERMAN_STREAM_REPLICAS`) sets every stream's replica count (3 on a 3-node
+    cluster); when neither is given, new streams get 1 and existing ones keep theirs. The consumers
+    inherit their stream's count."""
+    wanted = stream_replicas(replicas)
+    n, keep = (1, True) if wanted is None else (wanted, False)
+    await _ensure_stream(
+        js, _stream(subjects.TASKS_STREAM, subjects.GLOBAL, settings, work_queue=True, replicas=n), keep
+    )
+    await _ensure_stream(
+        js,
+        _stream(subjects.WORK_STREAM, f"{subjects.CLUSTER_PREFIX}.>", settings, work_queue=True, replicas=n),
+        keep,
+    )
+    await _ensure_stream(
+        js,
+        _stream(subjects.DEAD_STREAM, f"{subjects.DEAD_PREFIX}.>", settings, work_queue=False, replicas=n),
+        keep,
+    )
+    await _ensure_stream(
+        js,
+        api.StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            subjects=[f"{subjects.EVENTS_PREFIX}.>"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            discard=api.DiscardPolicy.OLD,
+            max_age=settings.events_retention,
+            num_replicas=n,
+        ),
+        keep,
+    )
+    await status_bucket(js, settings, replicas=wanted)
+    await js.add_consumer(
+        subjects.TASKS_STREAM,
+        api.ConsumerConfig(
+            durable_name=subjects.ROUTER_DURABLE,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=settings.ack_wait,
+            max_deliver=ROUTER_MAX_DELIVER,
+            filter_subject=subjects.GLOBAL,
+        ),
+    )
+
+
+async def status_bucket(
+    js: JetStreamContext, settings: Settings | None = None, replicas: int | None = None
+) -> KeyValue:
+    """The task-tracking KV bucket; created (or its retention updated) when settings are given.
+    `replicas` as for `provision`."""
+    if settings is None:
+        try:
+            return await js.key_value(subjects.STATUS_BUCKET)
+        except NotFoundError:
+            settings = Settings()
+    wanted = stream_replicas(replicas)
+    config = api.KeyValueConfig(
+        bucket=subjects.STATUS_BUCKET,
+        history=1,
+        storage=api.StorageType.FILE,
+        ttl=settings.status_retention,
+        replicas=wanted or 1,
+    )
+    try:
+        return await js.create_key_value(config)
+    except BadRequestError:  # exists with another retention or replica count: update just those
+        info = await js.stream_info(f"KV_{subjects.STATUS_BUCKET}")
+        window = min(info.config.duplicate_window or 120.0, settings.status_retention)
+        await js.update_stream(
+            info.config.evolve(
+                max_age=settings.status_retention,
+                duplicate_window=window,
+                num_replicas=wanted or info.config.num_replicas,
+            )
+        )
+        return await js.key_value(subjects.STATUS_BUCKET)
+
+
+async def ensure_runner_consumer(js: JetStreamContext, settings: Settings, cluster: str, node: str) -> str:
+    """The durable pull consumer of one node's subject; returns its name."""
+    durable = subjects.runner_durable(cluster, node)
+    await js.add_consumer(
+        subjects.WORK_STREAM,
+        api.ConsumerConfig(
+            durable_name=durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=settings.ack_wait,
+            max_deliver=settings.max_deliver,
+            filter_subject=subjects.node_subject(cluster, node),
+        ),
+    )
+    return durable
+
+
+async def publish(
+    js: JetStreamContext,
+    subject: str,
+    payload: bytes,
+    msg_id: str,
+    headers: dict[str, str] | None = None,
+) -> api.PubAck:
+    """Publish with a stable `Nats-Msg-Id` and the current trace context; a timed-out publish is
+    retried with the same id (it may have been stored), and a duplicate is reported, not an error."""
+    hdrs = tracing.inject_headers(headers)
+    hdrs["Nats-Msg-Id"] = msg_id
+    delay = 0.2
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        try:
+            ack = await js.publish(subject, payload, headers=hdrs, timeout=5)
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            if attempt == PUBLISH_ATTEMPTS:
+                raise
+            log.warning("publish timed out subject=%s msg_id=%s attempt=%d", subject, msg_id, attempt)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5)
+        else:
+            if ack.duplicate:
+                log.info("publish duplicate subject=%s msg_id=%s", subject, msg_id)
+            return ack
+    raise AssertionError("unreachable")

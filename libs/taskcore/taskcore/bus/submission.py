@@ -1,0 +1,44 @@
+"""Submitting a validated task: record it as pending, then publish it with its id as Nats-Msg-Id."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import msgspec
+from nats.js import JetStreamContext
+
+from taskcore.bus import jetstream as bus
+from taskcore.bus.audit import Audit
+from taskcore.bus.tracking import StatusStore
+from taskcore.core import subjects
+from taskcore.core.model import Task, TaskRecord
+
+
+class SubmitReply(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The reply of `taskerman.api.submit`: the task id, or the error naming the field."""
+
+    task_id: str = ""
+    duplicate: bool = False
+    error: str = ""
+    field: str | None = None
+
+
+async def submit(
+    js: JetStreamContext, status: StatusStore, task: Task, by: str, kind: str = "submitted"
+) -> SubmitReply:
+    """Record and publish a task that has its id; a task id seen before is a duplicate, not resent.
+    If the publish fails the pending record is removed, so a retry is not taken for a duplicate."""
+    record = TaskRecord(task=task, state="pending", created_at=time.time())
+    if not await status.create_task(task.task_id, record):
+        return SubmitReply(task_id=task.task_id, duplicate=True)
+    try:
+        await bus.publish(js, subjects.GLOBAL, msgspec.json.encode(task), msg_id=task.task_id)
+    except Exception:
+        with contextlib.suppress(Exception):
+            await status.delete_task(task.task_id)
+        raise
+    await Audit(js, by).record(
+        "submitted", task_id=task.task_id, cluster=task.cluster_name, detail=task.action
+    )
+    return SubmitReply(task_id=task.task_id)

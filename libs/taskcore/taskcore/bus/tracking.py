@@ -1,0 +1,208 @@
+"""Task tracking in a JetStream KV bucket: one key per task, one per node of a task.
+
+Each key has a single writer at a time (submit/router write the task key, the node's runner its
+node key), so plain puts suffice; the task's overall state is derived from the node states. Two
+keys are shared and written by compare-and-set: a task's failure count and its stop record."""
+
+from __future__ import annotations
+
+import msgspec
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from taskcore.core.model import NodeRecord, TaskRecord, TaskStateName, TopologyName, Wave
+from taskcore.core.subjects import encode_token
+
+_FINISHED = {"succeeded", "failed", "dead", "skipped", "cancelled"}
+
+
+class StopRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a task stopped before all its nodes ran: cancelled, too many failures, or a post_check failure."""
+
+    reason: str
+    detail: str = ""
+    by: str = ""
+    at: float = 0.0
+
+
+def task_key(task_id: str) -> str:
+    return f"task.{encode_token(task_id)}"
+
+
+def node_key(task_id: str, node: str) -> str:
+    return f"node.{encode_token(task_id)}.{encode_token(node)}"
+
+
+def stop_key(task_id: str) -> str:
+    return f"stop.{encode_token(task_id)}"
+
+
+def failures_key(task_id: str) -> str:
+    return f"failures.{encode_token(task_id)}"
+
+
+def derive_state(task: TaskRecord, nodes: dict[str, NodeRecord]) -> TaskStateName:
+    """The task's state from its own record and its nodes' records."""
+    if task.state in ("pending", "dead") or not task.nodes:
+        return task.state
+    states = [nodes[n].state if n in nodes else "pending" for n in task.nodes]
+    if all(s in _FINISHED for s in states):
+        if all(s == "succeeded" for s in states):
+            return "succeeded"
+        if "skipped" in states or "cancelled" in states:
+            return "failed"  # stopped before every node ran
+        return "dead" if "dead" in states else "failed"
+    if any(s != "pending" for s in states):
+        return "running"
+    return "routed"
+
+
+class TaskView(msgspec.Struct, frozen=True):
+    """What `taskerman status --json` prints."""
+
+    task_id: str
+    state: TaskStateName
+    action: str
+    cluster_name: str
+    limit: int
+    nodes: dict[str, NodeRecord]
+    error: str | None = None
+    created_at: float = 0.0
+    plan: tuple[Wave, ...] = ()  # the router's order, in waves (one per zone with topology)
+    topology: TopologyName | None = None
+
+
+class StatusStore:
+    """Reads and writes tracking records."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def put_task(self, task_id: str, rec: TaskRecord) -> None:
+        await self.kv.put(task_key(task_id), msgspec.json.encode(rec))
+
+    async def create_task(self, task_id: str, rec: TaskRecord) -> bool:
+        """Write the record only if the task is unknown; False when it already exists."""
+        try:
+            await self.kv.create(task_key(task_id), msgspec.json.encode(rec))
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def delete_task(self, task_id: str) -> None:
+        await self.kv.delete(task_key(task_id))
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        try:
+            entry = await self.kv.get(task_key(task_id))
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return msgspec.json.decode(entry.value, type=TaskRecord)
+
+    async def put_node(self, task_id: str, node: str, rec: NodeRecord) -> None:
+        await self.kv.put(node_key(task_id, node), msgspec.json.encode(rec))
+
+    async def create_node(self, task_id: str, node: str, rec: NodeRecord) -> bool:
+        """Write the node's first record unless its runner got there first."""
+        try:
+            await self.kv.create(node_key(task_id, node), msgspec.json.encode(rec))
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def get_node(self, task_id: str, node: str) -> NodeRecord | None:
+        try:
+            entry = await self.kv.get(node_key(task_id, node))
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return msgspec.json.decode(entry.value, type=NodeRecord)
+
+    async def update_node(self, task_id: str, node: str, **changes: object) -> NodeRecord:
+        """Read-modify-write of one node's record (its runner is the only writer)."""
+        rec = await self.get_node(task_id, node) or NodeRecord()
+        rec = msgspec.structs.replace(rec, **changes)
+        await self.put_node(task_id, node, rec)
+        return rec
+
+    async def add_failure(self, task_id: str, by: int = 1) -> int:
+        """Count one more (or, with by=-1, one fewer) failed node of the task; returns the new count."""
+        key = failures_key(task_id)
+        while True:
+            try:
+                entry = await self.kv.get(key)
+                n = max(int(entry.value or b"0") + by, 0)
+                await self.kv.update(key, str(n).encode(), last=entry.revision)
+            except KeyNotFoundError:
+                n = max(by, 0)
+                try:
+                    await self.kv.create(key, str(n).encode())
+                except KeyWrongLastSequenceError:
+                    continue
+                return n
+            except KeyWrongLastSequenceError:
+                continue
+            return n
+
+    async def stop(self, task_id: str, rec: StopRecord) -> bool:
+        """Stop the task (the first reason wins); False when it was already stopped."""
+        try:
+            await self.kv.create(stop_key(task_id), msgspec.json.encode(rec))
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def forgive(self, task_id: str) -> None:
+        """A failed node is given another chance (a dead letter replayed): it no longer counts,
+        and a stop caused by failures is lifted. A cancel stays."""
+        await self.add_failure(task_id, by=-1)
+        stop = await self.stopped(task_id)
+        if stop is not None and stop.reason != "cancelled":
+            await self.kv.delete(stop_key(task_id))
+
+    async def stopped(self, task_id: str) -> StopRecord | None:
+        try:
+            entry = await self.kv.get(stop_key(task_id))
+        except KeyNotFoundError:
+            return None
+        return msgspec.json.decode(entry.value, type=StopRecord) if entry.value else None
+
+    async def tasks(self) -> list[TaskRecord]:
+        """Every task record still in the bucket (finished ones expire with its retention)."""
+        out: list[TaskRecord] = []
+        watcher = await self.kv.watch("task.>", ignore_deletes=True)
+        try:
+            while (entry := await watcher.updates(timeout=5)) is not None:  # type: ignore[no-untyped-call]
+                if entry.value:
+                    out.append(msgspec.json.decode(entry.value, type=TaskRecord))
+        except TimeoutError:
+            pass
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        return out
+
+    async def view(self, task_id: str) -> TaskView | None:
+        """The task and all its nodes, with the derived state."""
+        task = await self.get_task(task_id)
+        if task is None:
+            return None
+        nodes: dict[str, NodeRecord] = {}
+        for n in task.nodes:
+            nodes[n] = await self.get_node(task_id, n) or NodeRecord()
+        t = task.task
+        stop = await self.stopped(task_id)
+        return TaskView(
+            task_id=task_id,
+            state=derive_state(task, nodes),
+            action=t.action if t else "",
+            cluster_name=t.cluster_name if t else "",
+            limit=t.limit if t else 0,
+            nodes=nodes,
+            error=task.error or (f"stopped: {stop.reason} {stop.detail}".strip() if stop else None),
+            created_at=task.created_at,
+            plan=task.plan,
+            topology=t.taskerman_params.topology if t else None,
+        )

@@ -1,0 +1,150 @@
+"""Operator views: live progress of a task (a rich progress bar on a terminal, plain lines
+otherwise) and the list of recent tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections import Counter
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from taskcore.bus.tracking import StatusStore, TaskView
+from taskcore.obs.tracing import SpanRecord
+
+FINAL_OK = {"succeeded"}
+FINAL_BAD = {"failed", "dead"}
+FINISHED_NODE = {"succeeded", "failed", "dead", "skipped", "cancelled"}
+STATE_STYLE = {"succeeded": "green", "running": "cyan", "failed": "red", "dead": "red", "pending": "white"}
+
+
+def counts_text(view: TaskView) -> str:
+    counts = Counter(rec.state for rec in view.nodes.values())
+    return " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+
+
+def progress_line(view: TaskView) -> str:
+    """One plain line of progress (for logs, pipes and CI)."""
+    if not view.nodes:
+        return f"[{view.state:>9}] waiting for the router"
+    done = sum(1 for rec in view.nodes.values() if rec.state == "succeeded")
+    return f"[{view.state:>9}] {done}/{len(view.nodes)} nodes succeeded  {counts_text(view)}"
+
+
+def outcome(view: TaskView, console: Console) -> int:
+    """Print why a finished task failed; 0 on success, 1 otherwise."""
+    if view.state in FINAL_OK:
+        return 0
+    for node, rec in sorted(view.nodes.items()):
+        if rec.state in FINAL_BAD:
+            console.print(f"  {node}: {rec.state}: {rec.error}", markup=False, highlight=False)
+    if view.error:
+        console.print(f"  task: {view.error}", markup=False, highlight=False)
+    return 1
+
+
+async def watch(status: StatusStore, task_id: str, quiet: bool = False, poll: float = 0.5) -> int:
+    """Show progress until the task ends; 0 on success, 1 on failure or dead letter."""
+    console = Console(file=sys.stdout, quiet=quiet, soft_wrap=True)
+    if console.is_terminal:
+        return await _watch_live(status, task_id, console, poll)
+    last = ""
+    while True:
+        view = await status.view(task_id)
+        if view is not None:
+            line = progress_line(view)
+            if line != last:
+                console.print(line, markup=False, highlight=False)
+                last = line
+            if view.state in FINAL_OK | FINAL_BAD:
+                return outcome(view, console)
+        await asyncio.sleep(poll)
+
+
+async def _watch_live(status: StatusStore, task_id: str, console: Console, poll: float) -> int:
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[counts]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task(task_id, total=None, counts="waiting for the router")
+        while True:
+            view = await status.view(task_id)
+            if view is not None and view.nodes:
+                finished = sum(1 for rec in view.nodes.values() if rec.state in FINISHED_NODE)
+                progress.update(
+                    bar,
+                    total=len(view.nodes),
+                    completed=finished,
+                    description=f"{task_id} [{STATE_STYLE.get(view.state, 'white')}]{view.state}",
+                    counts=counts_text(view),
+                )
+            if view is not None and view.state in FINAL_OK | FINAL_BAD:
+                break
+            await asyncio.sleep(poll)
+    return outcome(view, console)
+
+
+def tasks_table(views: list[TaskView]) -> Table:
+    table = Table("task", "state", "action", "cluster", "limit", "nodes", "created")
+    for v in views:
+        style = STATE_STYLE.get(v.state, "white")
+        created = f"{v.created_at:.0f}"
+        table.add_row(
+            v.task_id,
+            f"[{style}]{v.state}",
+            v.action,
+            v.cluster_name,
+            str(v.limit),
+            counts_text(v) or "-",
+            created,
+        )
+    return table
+
+
+def waterfall(spans: list[SpanRecord], width: int = 40) -> list[str]:
+    """A trace as text: one line per span, indented under its parent, with a bar placed on the
+    trace's time line and the span's duration."""
+    if not spans:
+        return []
+    by_id = {s.span_id: s for s in spans}
+    children: dict[str, list[SpanRecord]] = {}
+    roots: list[SpanRecord] = []
+    for s in sorted(spans, key=lambda s: s.start):
+        if s.parent_id and s.parent_id in by_id:
+            children.setdefault(s.parent_id, []).append(s)
+        else:
+            roots.append(s)
+    t0 = min(s.start for s in spans)
+    total = max(max(s.end for s in spans) - t0, 1e-6)
+    lines: list[str] = []
+
+    def walk(s: SpanRecord, depth: int) -> None:
+        lo = int((s.start - t0) / total * width)
+        hi = max(int((s.end - t0) / total * width), lo + 1)
+        bar = " " * lo + "█" * (hi - lo) + " " * (width - hi)
+        where = s.attributes.get("node", "")
+        label = ("  " * depth + s.name + (f" [{where}]" if where else ""))[:44]
+        flag = " ERROR" if s.status == "ERROR" else ""
+        lines.append(f"{label:<44} |{bar}| {(s.end - s.start) * 1000:8.1f} ms  {s.service}{flag}")
+        for c in children.get(s.span_id, []):
+            walk(c, depth + 1)
+
+    for r in roots:
+        walk(r, 0)
+    return lines
+
+
+def task_traces(spans: list[SpanRecord], task_id: str) -> dict[str, list[SpanRecord]]:
+    """The spans of every trace that touched the task (a replay starts a trace of its own)."""
+    ids = {s.trace_id for s in spans if s.attributes.get("task_id") == task_id}
+    out: dict[str, list[SpanRecord]] = {}
+    for s in spans:
+        if s.trace_id in ids:
+            out.setdefault(s.trace_id, []).append(s)
+    return out

@@ -1,0 +1,187 @@
+"""Per-cluster safety state in ZooKeeper: the disruption budget, the circuit breaker and counters.
+
+Paths (under the chroot): `/clusters/<cluster>/config` (budget), `/clusters/<cluster>/breaker`,
+`/clusters/<cluster>/budget/slot-*` (the budget's slots), `/clusters/<cluster>/exclusion/<group>`,
+`/stats/<cluster>/<action>`. Decisions are pure functions; the I/O is compare-and-set on JSON znodes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Literal
+
+import msgspec
+from aiozk import exc
+from aiozk.protocol import WatchEvent
+
+from taskcore.coord.session import ZkSession, read_json, update_json
+from taskcore.core.settings import Settings
+from taskcore.core.subjects import encode_token
+
+BreakerStateName = Literal["closed", "open", "half-open"]
+
+
+def cluster_path(cluster: str, *parts: str) -> str:
+    return "/".join([f"/clusters/{encode_token(cluster)}", *parts])
+
+
+class ClusterConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Operator settings of one cluster; `budget` None means unlimited (only task limits apply)."""
+
+    budget: int | None = None
+
+
+class BreakerPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """`threshold` failures within `window` seconds open the breaker; `cooldown` > 0 lets it half-open."""
+
+    threshold: int = 5
+    window: float = 600.0
+    cooldown: float = 0.0
+
+
+class BreakerState(msgspec.Struct, frozen=True, kw_only=True):
+    """The breaker of one cluster, as stored."""
+
+    state: Literal["closed", "open"] = "closed"
+    failures: tuple[float, ...] = ()
+    opened_at: float | None = None
+    reason: str = ""
+
+
+def after_failure(
+    s: BreakerState | None, now: float, policy: BreakerPolicy, reason: str, trip: bool
+) -> BreakerState:
+    """A failure is recorded; `trip` (a post_check failure) or reaching the threshold opens it, and
+    any failure while half-open opens it again."""
+    s = s or BreakerState()
+    recent = (*(t for t in s.failures if t > now - policy.window), now)
+    if s.state == "open":
+        half_open = view_state(s, now, policy) == "half-open"
+        return msgspec.structs.replace(s, failures=recent, opened_at=now if half_open else s.opened_at)
+    if trip or len(recent) >= policy.threshold:
+        return BreakerState(state="open", failures=recent, opened_at=now, reason=reason)
+    return msgspec.structs.replace(s, failures=recent)
+
+
+def after_success(s: BreakerState | None, now: float, policy: BreakerPolicy) -> BreakerState | None:
+    """A success while half-open closes the breaker; otherwise nothing changes (None)."""
+    if s is not None and view_state(s, now, policy) == "half-open":
+        return BreakerState()
+    return None
+
+
+def view_state(s: BreakerState, now: float, policy: BreakerPolicy) -> BreakerStateName:
+    """closed, open, or half-open (open, but its cool-down has passed: work may try again)."""
+    cooled = policy.cooldown > 0 and s.opened_at is not None and now - s.opened_at >= policy.cooldown
+    if s.state == "open" and cooled:
+        return "half-open"
+    return s.state
+
+
+class Breaker:
+    """The circuit breaker of one cluster."""
+
+    def __init__(self, zk: ZkSession, cluster: str, policy: BreakerPolicy) -> None:
+        self.zk = zk
+        self.cluster = cluster
+        self.policy = policy
+        self.path = cluster_path(cluster, "breaker")
+
+    async def read(self) -> BreakerState:
+        return await read_json(self.zk, self.path, BreakerState) or BreakerState()
+
+    async def state(self) -> BreakerStateName:
+        return view_state(await self.read(), time.time(), self.policy)
+
+    async def record_failure(self, reason: str, trip: bool = False) -> BreakerState:
+        return await update_json(
+            self.zk,
+            self.path,
+            BreakerState,
+            lambda s: after_failure(s, time.time(), self.policy, reason, trip),
+        )
+
+    async def record_success(self) -> None:
+        if after_success(await self.read(), time.time(), self.policy) is not None:
+            await self.reset()
+
+    async def reset(self) -> BreakerState:
+        return await update_json(self.zk, self.path, BreakerState, lambda _s: BreakerState())
+
+    async def wait_closed(self, max_wait: float) -> None:
+        """Return once work may start on the cluster (closed or half-open); TimeoutError past `max_wait`.
+        Waits on a data watch, so a reset is seen at once."""
+        deadline = time.monotonic() + max_wait
+        client = self.zk.client
+        while True:
+            changed = client.wait_for_events(
+                [WatchEvent.DATA_CHANGED, WatchEvent.CREATED, WatchEvent.DELETED], self.path
+            )
+            try:
+                with contextlib.suppress(exc.NoNode):
+                    await client.exists(self.path, watch=True)
+                s = await self.read()
+                if view_state(s, time.time(), self.policy) != "open":
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"breaker of {self.cluster!r} is open: {s.reason}")
+                wait = min(left, 5.0)
+                if self.policy.cooldown > 0 and s.opened_at is not None:
+                    wait = min(wait, max(s.opened_at + self.policy.cooldown - time.time(), 0.05))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(changed), wait)
+            finally:
+                if not changed.done():
+                    changed.cancel()
+
+
+async def read_config(zk: ZkSession, cluster: str) -> ClusterConfig:
+    return await read_json(zk, cluster_path(cluster, "config"), ClusterConfig) or ClusterConfig()
+
+
+async def set_budget(zk: ZkSession, cluster: str, budget: int | None) -> ClusterConfig:
+    """Set (or with None, remove) a cluster's disruption budget."""
+    if budget is not None and budget < 1:
+        raise ValueError(f"a budget must be >= 1, got {budget}")
+    return await update_json(
+        zk,
+        cluster_path(cluster, "config"),
+        ClusterConfig,
+        lambda c: msgspec.structs.replace(c or ClusterConfig(), budget=budget),
+    )
+
+
+class Stats(msgspec.Struct, frozen=True, kw_only=True):
+    """Counters per cluster and action."""
+
+    executions: int = 0
+    failures: int = 0
+    lease_wait_s: float = 0.0
+
+
+def stats_path(cluster: str, action: str) -> str:
+    return f"/stats/{encode_token(cluster)}/{encode_token(action)}"
+
+
+async def count(zk: ZkSession, cluster: str, action: str, failed: bool, lease_wait_s: float) -> Stats:
+    """Add one execution (and maybe a failure) and its lease wait to the counters."""
+
+    def bump(s: Stats | None) -> Stats:
+        s = s or Stats()
+        return Stats(
+            executions=s.executions + 1,
+            failures=s.failures + int(failed),
+            lease_wait_s=s.lease_wait_s + lease_wait_s,
+        )
+
+    return await update_json(zk, stats_path(cluster, action), Stats, bump)
+
+
+def breaker_policy(settings: Settings) -> BreakerPolicy:
+    return BreakerPolicy(
+        threshold=settings.breaker_threshold,
+        window=settings.breaker_window,
+        cooldown=settings.breaker_cooldown,
+    )

@@ -1,0 +1,251 @@
+"""The task (the wire contract), the work item, tracking records and dead letters; decoded in one place."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+from taskcore.core.errors import InvalidTask
+
+MAX_RETRIES = 50
+_T = TypeVar("_T")
+ActionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+$")]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
+class WorkqueueArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the work queue treats one node's item."""
+
+    retry_count: Annotated[int, msgspec.Meta(ge=0, le=MAX_RETRIES)] = 3
+    # seconds before a retry: a base growing by `backoff_factor` up to `backoff_max`, or one delay
+    # per retry as a list (its last value repeats)
+    backoff: (
+        Annotated[float, msgspec.Meta(ge=0, le=3600)] | list[Annotated[float, msgspec.Meta(ge=0, le=3600)]]
+    ) = 1.0
+    backoff_factor: Annotated[float, msgspec.Meta(ge=1, le=10)] = 2.0
+    backoff_max: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 300.0
+
+
+TopologyName = Literal["zone", "rack"]
+
+
+class TaskermanParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Arguments for the action and for the queue. Defaults are left out when encoding, so a task
+    that does not use a newer field still decodes on a component that predates it."""
+
+    action_args: dict[str, Any] = {}
+    workqueue_args: WorkqueueArgs = WorkqueueArgs()
+    # the task stops once more nodes than this have failed (been dead-lettered)
+    max_failures: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # order the nodes by this attribute (from discovery) and never let nodes with two different
+    # values of it act at the same time: a rollout one zone (or rack) at a time
+    topology: TopologyName | None = None
+    # the routing plugin (`taskerman.routing` entry point) that orders or filters the nodes;
+    # "" is the default: by name ("zone" order when `topology` is set)
+    routing: Annotated[str, msgspec.Meta(max_length=100)] = ""
+
+
+class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A task as published on `tasks.global`; field names are the original design's."""
+
+    action: ActionName
+    cluster_name: Name
+    version: float | str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1)] = 1
+    discovery: str = "static"
+    owner: str = ""
+    task_id: Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[^\s*>]*$")] = ""
+    taskerman_params: TaskermanParams = TaskermanParams()
+    nodes: tuple[Name, ...] = ()
+    destnode: str = ""
+
+    @property
+    def retry_count(self) -> int:
+        return self.taskerman_params.workqueue_args.retry_count
+
+    @property
+    def action_args(self) -> dict[str, Any]:
+        return self.taskerman_params.action_args
+
+
+class NodeInfo(msgspec.Struct, frozen=True):
+    """A node as discovery found it: its name and attributes (zone, rack, seed, address …)."""
+
+    name: Name
+    attributes: dict[str, str] = {}
+
+
+class WorkItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One node's share of a task, published by the router on the node's subject. `attributes` are
+    the node's, from discovery (left out when empty, so such items read as before)."""
+
+    task: Task
+    node: Name
+    routed_at: float
+    attributes: dict[str, str] = {}
+
+
+NodeStateName = Literal[
+    "pending", "running", "retrying", "succeeded", "failed", "dead", "skipped", "cancelled"
+]
+TaskStateName = Literal["pending", "routed", "running", "succeeded", "failed", "dead"]
+
+
+class NodeRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Tracking state of one node of one task (JSON in the status bucket)."""
+
+    state: NodeStateName = "pending"
+    attempts: int = 0  # times the action started here (a crash or lost lease does not add a failure)
+    failures: int = 0  # attempts that failed; the item is dead-lettered past retry_count
+    started_at: float | None = None
+    finished_at: float | None = None
+    first_attempt_at: float | None = None
+    error: str | None = None
+    token: int | None = None
+
+
+class Wave(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Nodes of a plan that may act together (at most the task's limit at once). `group` is the
+    topology value (the zone or rack) of every node in it; empty without topology."""
+
+    nodes: tuple[str, ...]
+    group: str = ""
+
+
+class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Tracking state of a task as a whole, written by submit and the router. `plan` is the order
+    the router chose, as waves; `attributes` keeps each node's (non-empty) attributes so that a
+    repeated routing builds the same work items without discovering again."""
+
+    task: Task | None
+    state: TaskStateName
+    nodes: tuple[str, ...] = ()
+    created_at: float = 0.0
+    routed_at: float | None = None
+    error: str | None = None
+    plan: tuple[Wave, ...] = ()
+    attributes: dict[str, dict[str, str]] = {}
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A dead letter on `tasks.dead.>`: the original payload, the reason, the delivery count, the trace id."""
+
+    task_id: str
+    cluster: str
+    node: str
+    reason: str
+    deliveries: int
+    payload: str
+    trace_id: str = ""
+    span_id: str = ""  # the span that dead-lettered it: a replay links to it
+    source_subject: str = ""
+    first_attempt_at: float | None = None
+    last_attempt_at: float | None = None
+    dead_at: float = msgspec.field(default_factory=time.time)
+
+
+_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_NAMED = re.compile(r"(missing required|unknown) field `(?P<name>[^`]+)`")
+
+
+def invalid_from(e: msgspec.ValidationError) -> InvalidTask:
+    """Turn msgspec's message into an InvalidTask naming the field."""
+    text = str(e)
+    m = _PATH.search(text)
+    path = m.group("path").lstrip(".") if m else ""
+    problem = text[: m.start()] if m else text
+    named = _NAMED.search(problem)
+    if named:
+        path = f"{path}.{named.group('name')}" if path else named.group("name")
+    return InvalidTask(problem, field=path or None)
+
+
+def _decode(data: bytes | str, kind: type[_T]) -> _T:
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except msgspec.ValidationError as e:
+        raise invalid_from(e) from e
+    except msgspec.DecodeError as e:
+        raise InvalidTask(f"not valid JSON ({e})") from e
+
+
+def decode_task(data: bytes | str) -> Task:
+    """Decode and validate a task from JSON; raises InvalidTask naming the field and the problem."""
+    task = _decode(data, Task)
+    check_task(task)
+    return task
+
+
+def check_task(task: Task) -> None:
+    """Checks msgspec's schema cannot express."""
+    if not task.cluster_name.strip():
+        raise InvalidTask("must not be blank", field="cluster_name")
+    if task.destnode and not task.destnode.strip():
+        raise InvalidTask("must not be blank", field="destnode")
+    for i, node in enumerate(task.nodes):
+        if not node.strip():
+            raise InvalidTask("must not be blank", field=f"nodes[{i}]")
+    if task.version is not None:
+        parse_version(task.version, field="version")
+
+
+def parse_version(value: float | str, field: str = "version") -> tuple[int, int]:
+    """`1.2` or "1.2" as (major, minor)."""
+    m = re.fullmatch(r"(\d+)(?:\.(\d+))?", str(value).strip())
+    if not m:
+        raise InvalidTask(f"expected MAJOR.MINOR, got {value!r}", field=field)
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+def with_task_id(task: Task, task_id: str | None = None) -> Task:
+    """The task with its id filled in (given, kept, or freshly generated)."""
+    if task.task_id and not task_id:
+        return task
+    return msgspec.structs.replace(task, task_id=task_id or uuid.uuid4().hex[:16])
+
+
+def encode(obj: Any) -> bytes:
+    """JSON-encode any of this module's structs."""
+    return msgspec.json.encode(obj)
+
+
+def decode_work_item(data: bytes) -> WorkItem:
+    """Decode a work item; raises InvalidTask naming the field."""
+    item = _decode(data, WorkItem)
+    check_task(item.task)
+    return item
+
+
+class PlanLease(msgspec.Struct, frozen=True, kw_only=True):
+    """A lease each node of a planned task takes, in the order the runner takes them."""
+
+    name: str  # global, exclusion, topology, budget, task
+    limit: int | None  # holders (or owners) at once; None: not limited (no budget set)
+    detail: str
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    """What routing a task would do, without doing it (the reply of `taskerman.api.plan`).
+    `waves` is the ideal schedule: runners pull on their own, so nodes of a wave start as slots
+    free up; with topology, the zone (or rack) lease makes it one wave at a time for real."""
+
+    task: Task
+    discovery: str  # the plugin that found the nodes, or "explicit" (`nodes` / `destnode`)
+    routing: str
+    nodes: tuple[NodeInfo, ...]  # in routing order
+    waves: tuple[Wave, ...]
+    concurrency: int  # at most this many nodes act at once: the limit, or a smaller budget
+    leases: tuple[PlanLease, ...]
+    breaker: str = ""  # the cluster's circuit breaker: closed, open (nothing starts) or half-open
+
+
+class PlanReply(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The reply of `taskerman.api.plan`: the plan, or why the task cannot be routed."""
+
+    plan: Plan | None = None
+    error: str = ""
+    field: str | None = None

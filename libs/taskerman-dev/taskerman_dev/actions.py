@@ -1,0 +1,96 @@
+"""Test actions for the machinery: `test:sleep` (with failures on chosen nodes), `test:backup` and
+`test:repair` (in the `io` exclusion group). The witness file records what acted, independently."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import msgspec
+
+from taskcore.core.actions import Action, ActionContext
+from taskcore.core.errors import ActionFailed
+
+WITNESS_ENV = "TASKERMAN_WITNESS_FILE"
+CHECKPOINT_EVERY = 0.05
+
+
+def witness(event: dict[str, object]) -> None:
+    """Append one line to the witness file, if one is configured: an independent record of what acted."""
+    path = os.environ.get(WITNESS_ENV)
+    if not path:
+        return
+    line = json.dumps(event, sort_keys=True) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())  # one write of a short line under O_APPEND: atomic on Linux
+    finally:
+        os.close(fd)
+
+
+class SleepArgs(msgspec.Struct, forbid_unknown_fields=True):
+    seconds: float = 1.0
+    fail: bool = False
+    fail_nodes: list[str] = []
+    post_check_fail_nodes: list[str] = []
+
+
+class TestSleep(Action):
+    """Sleeps; raises when `fail` is true or this node is in `fail_nodes`; its post_check fails on
+    `post_check_fail_nodes`. Records its interval in the witness file. The node's operator may set
+    `[packs.test] fail_marker = "/path"`: while that file exists the action fails (a fault that an
+    operator can fix, for replay drills)."""
+
+    name = "test:sleep"
+    version = "1.0"
+    Args = SleepArgs
+
+    async def execute_action(self, ctx: ActionContext) -> None:
+        """Sleep in short steps, checkpointing before each; the interval it records ends at the last
+        moment it could vouch for its lease, so a paused runner's record stays honest."""
+        args: SleepArgs = ctx.args
+        start = end = time.time()
+        try:
+            ctx.checkpoint()
+            while (left := start + args.seconds - time.time()) > 0:
+                await asyncio.sleep(min(left, CHECKPOINT_EVERY))
+                ctx.checkpoint()
+                end = time.time()
+        finally:
+            witness(
+                {
+                    "task_id": ctx.task.task_id,
+                    "cluster": ctx.cluster,
+                    "node": ctx.node,
+                    "start": start,
+                    "end": end,
+                    "token": ctx.token,
+                    "attempt": ctx.attempt,
+                }
+            )
+        if args.fail or ctx.node in args.fail_nodes:
+            raise ActionFailed("execute_action", f"test:sleep told to fail on {ctx.node}")
+        marker = ctx.pack_config.get("fail_marker")
+        if isinstance(marker, str) and await asyncio.to_thread(os.path.exists, marker):
+            raise ActionFailed("execute_action", f"fault marker {marker} is present on {ctx.node}")
+
+    async def post_check(self, ctx: ActionContext) -> None:
+        args: SleepArgs = ctx.args
+        if ctx.node in args.post_check_fail_nodes:
+            raise ActionFailed("post_check", f"cluster unhealthy after {ctx.node} (told to fail)")
+
+
+class TestBackup(TestSleep):
+    """`test:sleep` in the `io` exclusion group, standing in for a backup."""
+
+    name = "test:backup"
+    exclusion_groups = ("io",)
+
+
+class TestRepair(TestSleep):
+    """`test:sleep` in the `io` exclusion group, standing in for a repair."""
+
+    name = "test:repair"
+    exclusion_groups = ("io",)

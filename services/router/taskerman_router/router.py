@@ -1,0 +1,337 @@
+"""The router: a durable consumer of `tasks.global` that validates, discovers, orders and fans out;
+it also turns MAX_DELIVERIES advisories into dead letters, answers plan previews
+(`taskerman.api.plan`) and, with metrics on, samples the fleet gauges (`metrics.FleetSampler`).
+Stateless: any number may run on the one durable consumer; a task redelivered to a second router is
+published again under the same message ids, which JetStream drops, and the per-node tracking
+records make the second router skip nodes already routed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from taskcore.bus import audit, deadletter
+from taskcore.bus import jetstream as bus
+from taskcore.bus.audit import Audit
+from taskcore.bus.tracking import StatusStore
+from taskcore.coord.clusters import BreakerPolicy
+from taskcore.coord.session import ZkSession
+from taskcore.core import subjects
+from taskcore.core.actions import ActionRegistry
+from taskcore.core.errors import DiscoveryError, InvalidTask
+from taskcore.core.model import (
+    DeadLetter,
+    NodeInfo,
+    NodeRecord,
+    PlanReply,
+    Task,
+    TaskRecord,
+    Wave,
+    decode_task,
+    decode_work_item,
+    with_task_id,
+)
+from taskcore.obs import metrics, tracing
+from taskerman_router import routing
+from taskerman_router.discovery import Discovery
+from taskerman_router.planner import Planner
+from taskerman_router.routing import Routing
+
+log = logging.getLogger(__name__)
+
+
+class Advisory(msgspec.Struct):
+    """The fields we use of a JetStream MAX_DELIVERIES advisory."""
+
+    stream: str
+    consumer: str
+    stream_seq: int
+    deliveries: int
+
+
+class Router:
+    """Routes tasks to node subjects, once per node."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        status: StatusStore,
+        registry: ActionRegistry,
+        discovery: dict[str, Discovery],
+        *,
+        routings: dict[str, Routing] | None = None,
+        zk: ZkSession | None = None,
+        breaker_policy: BreakerPolicy | None = None,
+        reconcile_interval: float = 30.0,
+        sample_interval: float | None = None,
+    ) -> None:
+        """`sample_interval`: seconds between samples of the fleet gauges; None, no gauges (metrics off)."""
+        self.nc = nc
+        self.js = js
+        self.status = status
+        self.registry = registry
+        self.planner = Planner(
+            discovery,
+            routing.load_routings() if routings is None else routings,
+            registry,
+            zk=zk,
+            breaker_policy=breaker_policy,
+        )
+        self.reconcile_interval = reconcile_interval
+        self.sampler = (
+            metrics.FleetSampler(metrics.Gauges(), js, status, zk, breaker_policy, every=sample_interval)
+            if sample_interval is not None
+            else None
+        )
+        self.metrics = metrics.Instruments()
+        self.audit = Audit(js, audit.actor("router"))
+        self._tracer = tracing.tracer(__name__)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume `tasks.global` and advisories until `stop` is set."""
+        sub = await self.js.pull_subscribe_bind(durable=subjects.ROUTER_DURABLE, stream=subjects.TASKS_STREAM)
+        adv = await self.nc.subscribe(f"{subjects.MAX_DELIVERIES_ADVISORY}.>", cb=self._on_advisory)
+        api = await self.nc.subscribe(subjects.PLAN_SUBJECT, queue=subjects.PLAN_QUEUE, cb=self._on_plan)
+        loops = [asyncio.create_task(self._reconcile_every(stop), name="router-reconcile")]
+        if self.sampler is not None:
+            loops.append(asyncio.create_task(self.sampler.run(stop), name="router-sample"))
+        try:
+            while not stop.is_set():
+                for msg in await bus.fetch(sub, 10, wait=1.0):
+                    try:
+                        await self.handle(msg)
+                    except bus.UNAVAILABLE as e:  # not acked: it comes back after ack_wait
+                        seq = msg.metadata.sequence.stream
+                        log.warning("nats unavailable, routing later seq=%s error=%r", seq, e)
+        finally:
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await api.unsubscribe()
+            await adv.unsubscribe()
+
+    async def _reconcile_every(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.reconcile_interval)
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("reconcile failed")
+
+    async def reconcile(self) -> int:
+        """Dead-letter items that reached max deliveries without one (advisories are fire-and-forget
+        and only sent while someone fetches). Such an item stays in the WorkQueue stream at or below
+        its consumer's ack floor, where every other item has been acked away. Returns how many."""
+        found = 0
+        for stream in (subjects.WORK_STREAM, subjects.TASKS_STREAM):
+            for info in await self.js.consumers_info(stream):
+                subject = info.config.filter_subject
+                if not subject:
+                    continue
+                acked, delivered = info.ack_floor, info.delivered
+                if acked is None or delivered is None:
+                    continue
+                floor = delivered.stream_seq if info.num_ack_pending == 0 else acked.stream_seq
+                seq = 1
+                while seq <= floor:
+                    try:
+                        raw = await self.js.get_msg(stream, seq, subject=subject, next=True)
+                    except NotFoundError:
+                        break
+                    if raw.seq is None or raw.seq > floor:
+                        break
+                    await self.dead_letter_max_delivered(
+                        Advisory(
+                            stream=stream,
+                            consumer=info.name,
+                            stream_seq=raw.seq,
+                            deliveries=info.config.max_deliver or 0,
+                        ),
+                        reconciled=True,
+                    )
+                    found += 1
+                    seq = raw.seq + 1
+        if found:
+            log.warning("reconciler dead-lettered %d stuck item(s)", found)
+        return found
+
+    async def handle(self, msg: Msg) -> None:
+        """Route one message of `tasks.global`; an invalid task becomes a dead letter, never a crash."""
+        headers = dict(msg.headers or {})
+        with self._tracer.start_as_current_span("route", context=tracing.extract_context(headers)) as span:
+            task: Task | None = None
+            try:
+                task = decode_task(msg.data)
+                task_id = routing.derive_task_id(
+                    task.task_id or headers.get("Nats-Msg-Id"),
+                    msg.metadata.sequence.stream,
+                    msg.metadata.timestamp.timestamp(),
+                )
+                task = with_task_id(task, task_id)
+                span.set_attribute("task_id", task.task_id)
+                self.registry.resolve(task)
+                await self._route(task)
+            except InvalidTask as e:
+                await self._reject(msg, task, str(e), "invalid")
+            except DiscoveryError as e:
+                await self._reject(msg, task, str(e), "discovery")
+            except Exception:
+                log.exception("routing failed, will be redelivered seq=%s", msg.metadata.sequence.stream)
+                await msg.nak(delay=2)
+                return
+            await msg.ack_sync()
+
+    async def _route(self, task: Task) -> None:
+        known = await self.status.get_task(task.task_id)
+        repeat = known is not None and known.state == "routed" and bool(known.nodes)
+        if known is not None and repeat:
+            # the same nodes, order and attributes as the first time, never rediscovered (nor counted)
+            plan = known.plan or (Wave(nodes=known.nodes),)
+            nodes = [NodeInfo(name=n, attributes=known.attributes.get(n, {})) for w in plan for n in w.nodes]
+        else:
+            resolved = await self.planner.resolve(task)
+            plan, nodes = resolved.waves, list(resolved.nodes)
+        now = time.time()
+        created = known.created_at if known else now
+        await self.status.put_task(
+            task.task_id,
+            TaskRecord(
+                task=task,
+                state="routed",
+                nodes=tuple(sorted(n.name for n in nodes)),
+                created_at=created,
+                routed_at=now,
+                plan=plan,
+                attributes={n.name: n.attributes for n in nodes if n.attributes},
+            ),
+        )
+        published = 0
+        for route in routing.routes(task, nodes, now):
+            if await self.status.get_node(task.task_id, route.node) is not None:
+                continue  # already routed once (a duplicate submission or a redelivery)
+            await bus.publish(self.js, route.subject, msgspec.json.encode(route.item), msg_id=route.msg_id)
+            await self.status.create_node(task.task_id, route.node, NodeRecord(state="pending"))
+            published += 1
+        await self.audit.record(
+            "routed",
+            task_id=task.task_id,
+            cluster=task.cluster_name,
+            detail=f"{len(nodes)} node(s), {published} new",
+        )
+        if not repeat:
+            self.metrics.routed.add(1, {"cluster": task.cluster_name, "action": task.action})
+        log.info("routed task_id=%s nodes=%d published=%d", task.task_id, len(nodes), published)
+
+    async def _on_plan(self, msg: Msg) -> None:
+        """`taskerman.api.plan`: the plan of the task in the request, never routed."""
+        with self._tracer.start_as_current_span(
+            "plan", context=tracing.extract_context(dict(msg.headers or {}))
+        ):
+            reply = await self.preview(msg.data)
+        try:
+            await msg.respond(msgspec.json.encode(reply))
+        except Exception as e:  # the requester gave up (or sent no reply subject)
+            log.warning("plan reply not sent error=%r", e)
+
+    async def preview(self, data: bytes) -> PlanReply:
+        """Validate a task and resolve its routing without publishing or recording anything."""
+        try:
+            task = with_task_id(decode_task(data))
+            return PlanReply(plan=await self.planner.preview(task))
+        except InvalidTask as e:
+            return PlanReply(error=e.problem, field=e.field)
+        except DiscoveryError as e:
+            return PlanReply(error=str(e))
+        except Exception as e:
+            log.exception("plan failed")
+            return PlanReply(error=f"the router could not plan the task: {e!r}")
+
+    async def _reject(self, msg: Msg, task: Task | None, reason: str, kind: str) -> None:
+        """Dead-letter a task that cannot be routed; `kind` (invalid, discovery) labels the count."""
+        seq = msg.metadata.sequence.stream
+        task_id = task.task_id if task else ""
+        letter = DeadLetter(
+            task_id=task_id,
+            cluster=task.cluster_name if task else "",
+            node="",
+            reason=reason,
+            deliveries=msg.metadata.num_delivered,
+            payload=msg.data.decode(errors="replace"),
+            trace_id=tracing.current_trace_id(),
+            span_id=tracing.current_span_id(),
+            source_subject=msg.subject,
+        )
+        await deadletter.send(self.js, letter, msg_id=f"global:{seq}")
+        if task_id:
+            await self.status.put_task(
+                task_id, TaskRecord(task=task, state="dead", created_at=time.time(), error=reason)
+            )
+            await self.audit.record("rejected", task_id=task_id, cluster=letter.cluster, detail=reason)
+        self.metrics.rejected.add(1, {"reason": kind})
+        log.warning("rejected task seq=%d task_id=%s reason=%s", seq, task_id, reason)
+
+    async def _on_advisory(self, msg: Msg) -> None:
+        try:
+            adv = msgspec.json.decode(msg.data, type=Advisory)
+            await self.dead_letter_max_delivered(adv)
+        except Exception:
+            log.exception("could not handle advisory %r", msg.data[:200])
+
+    async def dead_letter_max_delivered(self, adv: Advisory, reconciled: bool = False) -> None:
+        """Copy an item that reached max deliveries into the DLQ by stream sequence, then delete it
+        (a WorkQueue stream would keep it forever)."""
+        try:
+            raw = await self.js.get_msg(adv.stream, adv.stream_seq)
+        except NotFoundError:
+            return  # already settled (e.g. the runner dead-lettered it itself)
+        payload = raw.data or b""
+        cluster = node = task_id = action = ""
+        reason = f"reached max deliveries ({adv.deliveries}) on consumer {adv.consumer}"
+        if reconciled:
+            reason += " (found by the reconciler)"
+        if adv.stream == subjects.WORK_STREAM:
+            try:
+                item = decode_work_item(payload)
+                cluster, node, task_id = item.task.cluster_name, item.node, item.task.task_id
+                action = item.task.action
+                rec = await self.status.get_node(task_id, node)
+                if rec is not None and rec.error:
+                    reason = f"{reason}; last error: {rec.error}"
+            except InvalidTask as e:
+                reason = f"{reason}; undecodable: {e}"
+        headers = dict(raw.headers or {})
+        with self._tracer.start_as_current_span("dead-letter", context=tracing.extract_context(headers)):
+            letter = DeadLetter(
+                task_id=task_id,
+                cluster=cluster,
+                node=node,
+                reason=reason,
+                deliveries=adv.deliveries,
+                payload=payload.decode(errors="replace"),
+                trace_id=tracing.current_trace_id(),
+                span_id=tracing.current_span_id(),
+                source_subject=raw.subject or "",
+            )
+            prefix = "" if adv.stream == subjects.WORK_STREAM else "global:"
+            await deadletter.send(self.js, letter, msg_id=f"{prefix}{adv.stream_seq}")
+        if task_id and node:
+            await self.status.update_node(task_id, node, state="dead", error=reason, finished_at=time.time())
+            await self.audit.record(
+                "dead-lettered", task_id=task_id, cluster=cluster, node=node, detail=reason
+            )
+        await self.js.delete_msg(adv.stream, adv.stream_seq)
+        if adv.stream == subjects.WORK_STREAM:  # the runner counts the items it dead-letters itself
+            self.metrics.dead.add(1, {"cluster": cluster, "action": action})
+        else:  # a task that kept failing to route
+            self.metrics.rejected.add(1, {"reason": "max-deliveries"})
+        log.warning("dead-lettered by advisory stream=%s seq=%d", adv.stream, adv.stream_seq)

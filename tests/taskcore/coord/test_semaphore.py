@@ -1,0 +1,132 @@
+"""Our m-of-n semaphore on a real ZooKeeper: never more than m holders, fencing tokens, crash recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+import time
+
+import pytest
+
+from taskcore.coord.session import SlotSemaphore, ZkSession
+from taskcore.core.errors import LeaseLost
+from taskerman_dev.launchers import ZooKeeperServer
+
+
+async def test_twenty_acquirers_limit_three(zk_server: ZooKeeperServer, prefix: str) -> None:
+    holders = 0
+    peak = 0
+    tokens: list[int] = []
+    sessions = [ZkSession(zk_server.hosts, f"/{prefix}", 4.0) for _ in range(4)]
+    for s in sessions:
+        await s.__aenter__()
+    try:
+
+        async def worker(i: int) -> None:
+            nonlocal holders, peak
+            sem = SlotSemaphore(sessions[i % len(sessions)], "/leases/sem", 3)
+            for _ in range(3):
+                slot = await sem.acquire(f"w{i}", max_wait=60)
+                holders += 1
+                peak = max(peak, holders)
+                tokens.append(slot.token)
+                await sem.verify(slot)
+                await asyncio.sleep(0.01)
+                holders -= 1
+                await sem.release(slot)
+
+        await asyncio.gather(*(worker(i) for i in range(20)))
+    finally:
+        for s in sessions:
+            await s.__aexit__(None, None, None)
+    assert peak == 3
+    assert len(tokens) == 60
+    assert len(set(tokens)) == 60  # every grant has its own fencing token
+
+
+async def test_fencing_tokens_increase_and_stale_slot_fails_verify(
+    zk_server: ZooKeeperServer, prefix: str
+) -> None:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as zk:
+        sem = SlotSemaphore(zk, "/leases/t", 1)
+        first = await sem.acquire("a")
+        await sem.release(first)
+        second = await sem.acquire("b")
+        assert second.token > first.token
+        with pytest.raises(LeaseLost):
+            await sem.verify(first)  # the old holder may not act on the slot any more
+        await sem.verify(second)
+        with pytest.raises(TimeoutError):
+            await sem.acquire("c", max_wait=0.5)
+        await sem.release(second)
+        assert await sem.holders() == []
+
+
+async def test_ghost_create_is_found_again(zk_server: ZooKeeperServer, prefix: str) -> None:
+    """A create that succeeded but whose reply was lost (aiozk retries it) must not give us two slots."""
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as zk:
+        sem = SlotSemaphore(zk, "/leases/ghost", 2)
+        await zk.client.ensure_path("/leases/ghost")
+        await zk.client.create("/leases/ghost/slot-0", data=b"me#1", ephemeral=True)
+        slot = await sem._try_slots("me#1")  # the retry of the same holder finds its node
+        assert slot is not None
+        assert slot.path.endswith("slot-0")
+        assert await sem.holders() == ["me#1"]
+
+
+HOLDER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from taskcore.coord.session import SlotSemaphore, ZkSession
+
+    async def main():
+        async with ZkSession(sys.argv[1], sys.argv[2], 2.0) as zk:
+            sem = SlotSemaphore(zk, "/leases/crash", 1)
+            await sem.acquire("victim")
+            print("held", flush=True)
+            await asyncio.sleep(600)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_killed_holder_frees_its_slot_within_session_timeout(
+    zk_server: ZooKeeperServer, prefix: str
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, zk_server.hosts, f"/{prefix}", stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert line.strip() == b"held"
+        async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as zk:
+            sem = SlotSemaphore(zk, "/leases/crash", 1)
+            with pytest.raises(TimeoutError):
+                await sem.acquire("waiter", max_wait=1.0)  # held by the live process
+            proc.kill()
+            killed = time.monotonic()
+            slot = await sem.acquire("waiter", max_wait=30)
+            waited = time.monotonic() - killed
+            await sem.release(slot)
+        # session timeout 2 s (ZooKeeper may round it up to its minimum): the slot frees by expiry
+        assert waited < 15, waited
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_emptied_lease_folder_is_reaped(zk_server: ZooKeeperServer, prefix: str) -> None:
+    """The last holder out deletes the per-task lease folder: finished tasks leave no garbage."""
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as zk:
+        sem = SlotSemaphore(zk, "/leases/tasks/finished-task", 2)
+        first, second = await sem.acquire("n1"), await sem.acquire("n2")
+        await sem.release(first)
+        assert await zk.client.exists("/leases/tasks/finished-task")  # n2 still holds a slot
+        await sem.release(second)
+        assert not await zk.client.exists("/leases/tasks/finished-task")
+        again = await sem.acquire("n3", max_wait=5)  # a late node of the task recreates it
+        await sem.release(again)
