@@ -99,7 +99,7 @@ class Demo:
         demo_fleet.start_service(self.port, self.dir, node)
 
     def service(self, **extra: Any) -> dict[str, Any]:
-        code = "from pathlib import Path; from taskcore import demo_fleet as d; "
+        code = "from pathlib import Path; from taskerman_dev import demo_fleet as d; "
         here = f"Path({str(self.dir)!r})"
         return {
             "start": [sys.executable, "-c", code + f"d.start_service({self.port}, {here}, {self.node!r})"],
