@@ -17,6 +17,7 @@ from aiozk import ZKClient, exc
 from aiozk.protocol import WatchEvent
 from aiozk.states import States
 
+from taskcore.coord import watches
 from taskcore.core.errors import LeaseLost
 from taskcore.core.settings import Settings
 
@@ -46,6 +47,7 @@ class ZkSession:
 
     async def __aenter__(self) -> Self:
         started = time.monotonic()
+        watches.install(self.client)
         await self.client.start()
         self._last_ok = started
         self.timeout = float(self.client.session.timeout or self.timeout)

@@ -1,0 +1,281 @@
+"""The one lease recipe: a fair, herd-free semaphore over owners, with fencing tokens.
+
+At most `limit` distinct *owners* hold at once; a holder whose owner already holds joins it. A
+plain m-of-n lease (a task's limit, a cluster's budget) makes every holder its own owner; an
+exclusion group uses owner = task, a global lease owner = cluster, a topology lease owner = zone.
+
+The shape is Curator's InterProcessSemaphoreV2: a fair queue decides who may try next, and only
+the head of the queue looks at the holders. Layout under `path`:
+
+- `q/<position>-<uid>-<sequence>`: the waiters, ephemeral sequential nodes, served in order of
+  (position, sequence). Position 0 everywhere gives arrival order (cluster-wide leases, so no task
+  starves); a task's own slot uses the node's place in the router's plan, so the plan's order is
+  the order in which nodes act. Each waiter watches only the waiter just ahead of it (a deleted
+  event), so a release wakes one waiter, not all of them, and a waiter asks nothing while it waits.
+- `h/<owner>~<uid>`: the holders, ephemeral nodes. The head reads them with a children watch.
+  A holder is created in one transaction with a write of `h`'s data at the version the head read
+  alongside the listing (`h`'s data version is the gate), and every release bumps it too: so the
+  listing a create was decided on is the listing at the moment it commits, even if two waiters
+  think they are at the head (a position inserted ahead of a waiting head), even if the listing
+  came from a lagging follower. Holders never exceed the limit, and the holder node's czxid is a
+  fencing token that strictly increases across successive holders.
+
+Both kinds of node carry a unique id in their name, so a create retried by aiozk after a
+connection loss is found again instead of leaving a ghost. A session that dies takes its nodes with
+it (ephemeral). The last one out deletes the emptied folders."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+
+from aiozk import exc, protocol
+
+from taskcore.coord import watches
+from taskcore.coord.session import Slot, ZkSession, delete_if_empty, retry_while_session
+from taskcore.core.errors import LeaseLost
+
+log = logging.getLogger(__name__)
+
+BACKSTOP_SECONDS = 60.0  # a watch is the wake-up; this only guards against a lost notification
+RETRY_PAUSE = 0.2
+OWNER_SEP = "~"  # never in an encoded token (subjects.encode_token) nor in a hex uid
+
+
+def queue_key(name: str) -> tuple[int, int]:
+    """Serving order of a waiter node `<position>-<uid>-<sequence>`."""
+    position, _uid, sequence = name.split("-")
+    return int(position), int(sequence)
+
+
+def holder_owner(name: str) -> str:
+    """The owner part of a holder node `<owner>~<uid>`."""
+    return name.split(OWNER_SEP, 1)[0]
+
+
+def may_hold(owners: set[str], owner: str, limit: int) -> bool:
+    """Whether `owner` may hold now, given the owners holding."""
+    return owner in owners or len(owners) < limit
+
+
+class FairSemaphore:
+    """At most `limit` owners hold under `path`; see the module docstring for the protocol."""
+
+    def __init__(self, zk: ZkSession, path: str, limit: int, backstop: float = BACKSTOP_SECONDS) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        self.zk = zk
+        self.path = path.rstrip("/")
+        self.queue = f"{self.path}/q"
+        self.holders_path = f"{self.path}/h"
+        self.limit = limit
+        self.backstop = backstop
+
+    # --- acquire ------------------------------------------------------------------------------
+
+    async def acquire(
+        self, holder_name: str, *, owner: str | None = None, position: int = 0, max_wait: float | None = None
+    ) -> Slot:
+        """Wait in the queue until we hold; TimeoutError after `max_wait` seconds. Cancelling the
+        wait leaves nothing behind (queue node deleted, watch callbacks removed)."""
+        if position < 0:
+            raise ValueError(f"position must be >= 0, got {position}")
+        uid = uuid.uuid4().hex
+        holder = f"{holder_name}#{uid}"
+        owner_token = owner if owner is not None else uid
+        if OWNER_SEP in owner_token or "/" in owner_token:
+            raise ValueError(f"owner {owner_token!r} must be an encoded token")
+        deadline = None if max_wait is None else time.monotonic() + max_wait
+        queued: str | None = None
+        try:
+            while True:
+                try:
+                    if queued is None:
+                        queued = await self._enqueue(position, uid)
+                    slot = await self._turn(queued, owner_token, uid, holder, deadline)
+                    if slot is not None:
+                        return slot
+                except _Requeue:
+                    queued = None
+                except exc.ZKError as e:  # a request cut off with its connection: look again
+                    log.warning("lease acquire retried path=%s error=%r", self.path, e)
+                    self._check_deadline(deadline, max_wait)
+                    await asyncio.sleep(RETRY_PAUSE)
+        except BaseException:
+            await asyncio.shield(self._abandon(uid))
+            raise
+        finally:
+            if queued is not None:
+                await asyncio.shield(self._dequeue(queued))
+
+    def _check_deadline(self, deadline: float | None, max_wait: float | None) -> float:
+        """Seconds to wait at most before looking again (the backstop, or less before the deadline)."""
+        if deadline is None:
+            return self.backstop
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no lease of {self.limit} under {self.path} in {max_wait}s")
+        return min(self.backstop, left)
+
+    async def _enqueue(self, position: int, uid: str) -> str:
+        """Our waiter node's name (found again by uid when aiozk retried the create)."""
+        client = self.zk.client
+        prefix = f"{position:010d}-{uid}-"
+        for _ in range(2):
+            try:
+                created: str = await client.create(f"{self.queue}/{prefix}", ephemeral=True, sequential=True)
+                return created.rsplit("/", 1)[1]
+            except exc.NoNode:
+                await client.ensure_path(self.queue)
+                await client.ensure_path(self.holders_path)
+            except exc.ZKError:
+                found = await self._find(self.queue, uid)
+                if found:
+                    return found
+                raise
+        raise exc.NoNode
+
+    async def _find(self, folder: str, uid: str) -> str | None:
+        with contextlib.suppress(exc.NoNode):
+            for name in await self.zk.client.get_children(folder):
+                if uid in name:
+                    return str(name)
+        return None
+
+    async def _turn(
+        self, queued: str, owner: str, uid: str, holder: str, deadline: float | None
+    ) -> Slot | None:
+        """One look: behind someone, sleep until the one just ahead leaves; at the head, take a
+        lease when the owners allow, else sleep until a holder leaves. None: look again."""
+        client = self.zk.client
+        max_wait = None if deadline is None else deadline - time.monotonic()
+        try:
+            waiting = await client.get_children(self.queue)
+        except exc.NoNode:
+            raise _Requeue from None
+        if queued not in waiting:  # our session was lost and its node with it
+            raise _Requeue
+        mine = queue_key(queued)
+        ahead = [n for n in waiting if queue_key(n) < mine]
+        if ahead:
+            before = max(ahead, key=queue_key)
+            with watches.Watch(client, [watches.DELETED], f"{self.queue}/{before}") as w:
+                if await client.exists(f"{self.queue}/{before}", watch=True):
+                    await w.wait(self._check_deadline(deadline, max_wait))
+            return None
+        with watches.Watch(client, [watches.CHILDREN], self.holders_path) as w:
+            try:
+                listing = await client.send(
+                    protocol.GetChildren2Request(path=client.normalize_path(self.holders_path), watch=True)
+                )
+            except exc.NoNode:
+                await client.ensure_path(self.holders_path)
+                return None
+            owners = {holder_owner(n) for n in listing.children}
+            if may_hold(owners, owner, self.limit):
+                return await self._take(listing.stat.version, owner, uid, holder)
+            await w.wait(self._check_deadline(deadline, max_wait))
+        return None
+
+    async def _take(self, version: int, owner: str, uid: str, holder: str) -> Slot | None:
+        """Create our holder node, provided the holders did not change since `version`."""
+        client = self.zk.client
+        path = f"{self.holders_path}/{owner}{OWNER_SEP}{uid}"
+        txn = client.begin_transaction()
+        txn.set_data(self.holders_path, b"", version=version)
+        txn.create(path, data=holder.encode(), ephemeral=True)
+        try:
+            await txn.commit()
+        except exc.ZKError as e:  # failed or cut off: what landed decides
+            log.debug("lease take not committed path=%s error=%r", path, e)
+        return await self._own(path, holder)
+
+    async def _own(self, path: str, holder: str) -> Slot | None:
+        try:
+            data, stat = await self.zk.client.get(path)
+        except exc.NoNode:
+            return None
+        if data != holder.encode():
+            return None
+        return Slot(path=path, holder=holder, session_id=stat.ephemeral_owner, token=stat.created_zxid)
+
+    async def _dequeue(self, queued: str) -> None:
+        with contextlib.suppress(Exception):
+            sid = self.zk.session_id or 0
+            marker = Slot(path=f"{self.queue}/{queued}", holder="", session_id=sid, token=0)
+            await retry_while_session(self.zk, marker, lambda: self.zk.client.delete(marker.path, force=True))
+
+    async def _abandon(self, uid: str) -> None:
+        """A wait that ends without a lease: delete a holder node a cut-off take may have left."""
+        with contextlib.suppress(Exception):
+            name = await self._find(self.holders_path, uid)
+            if name:
+                await self._delete_holder(f"{self.holders_path}/{name}")
+
+    # --- hold ---------------------------------------------------------------------------------
+
+    async def verify(self, slot: Slot) -> None:
+        """Raise LeaseLost unless the session is trusted and the holder node is still ours, read
+        after a `sync` (so a follower cut off from the leader cannot vouch for it)."""
+        zk = self.zk
+        zk.check()
+        client = zk.client
+        try:
+            sync = protocol.SyncRequest(path=client.normalize_path(slot.path))
+            await asyncio.wait_for(client.send(sync), zk.timeout / 3)
+            data, stat = await asyncio.wait_for(client.get(slot.path), zk.timeout / 3)
+        except (TimeoutError, exc.ZKError) as e:  # aiozk's own TimeoutError is a ZKError
+            raise LeaseLost(f"lease {slot.path} is gone or unreachable ({e!r})") from e
+        if data != slot.holder.encode() or stat.created_zxid != slot.token:
+            raise LeaseLost(f"lease {slot.path} now belongs to someone else")
+        zk.check()
+
+    async def release(self, slot: Slot) -> None:
+        """Give the lease back (a lease already gone is fine); the last one out removes the folders."""
+
+        async def delete() -> None:
+            data, stat = await self.zk.client.get(slot.path)
+            if data == slot.holder.encode() and stat.created_zxid == slot.token:
+                await self._delete_holder(slot.path)
+
+        await retry_while_session(self.zk, slot, delete)
+        await self.clean_up()
+
+    async def _delete_holder(self, path: str) -> None:
+        txn = self.zk.client.begin_transaction()
+        txn.delete(path)
+        txn.set_data(self.holders_path, b"")  # bump the gate: a take decided before this retries
+        await txn.commit()
+
+    async def clean_up(self) -> None:
+        """Delete the folders when nobody waits or holds (a racing newcomer recreates them). The
+        queue goes first: while anyone waits, one request tells, and the holders stay."""
+        if await delete_if_empty(self.zk, self.queue) and await delete_if_empty(self.zk, self.holders_path):
+            await delete_if_empty(self.zk, self.path)
+
+    # --- read ---------------------------------------------------------------------------------
+
+    async def holders(self) -> dict[str, list[str]]:
+        """Owner → holder ids, of the leases held now (for `taskerman leases` and tests)."""
+        client = self.zk.client
+        out: dict[str, list[str]] = {}
+        with contextlib.suppress(exc.NoNode):
+            for name in sorted(await client.get_children(self.holders_path)):
+                with contextlib.suppress(exc.NoNode):
+                    data = await client.get_data(f"{self.holders_path}/{name}")
+                    out.setdefault(holder_owner(name), []).append(data.decode())
+        return out
+
+    async def waiting(self) -> int:
+        """How many wait in the queue now."""
+        try:
+            return len(await self.zk.client.get_children(self.queue))
+        except exc.NoNode:
+            return 0
+
+
+class _Requeue(Exception):
+    """Our waiter node is gone (session lost, folder cleaned up): queue again."""

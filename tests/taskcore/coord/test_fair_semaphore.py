@@ -1,0 +1,188 @@
+"""The fair semaphore on a real ZooKeeper: the limit, arrival and plan order, strictly increasing
+fencing tokens, shared owners, no herd (requests per release do not grow with the waiters), and
+nothing left behind by cancelled waits."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+
+from taskcore.coord import watches
+from taskcore.coord.semaphore import FairSemaphore
+from taskcore.coord.session import Slot, ZkSession
+from taskcore.core.errors import LeaseLost
+from taskerman_dev.launchers import ZooKeeperServer
+from taskerman_dev.zkstats import packets_received
+
+
+@pytest.fixture
+async def zk(zk_server: ZooKeeperServer, prefix: str) -> AsyncIterator[ZkSession]:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0) as session:
+        yield session
+
+
+async def _queued(sem: FairSemaphore, n: int) -> None:
+    """Until `n` waiters are in the queue."""
+    for _ in range(500):
+        if await sem.waiting() >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{n} waiters never queued")
+
+
+async def test_two_hundred_acquirers_limit_five_in_arrival_order(
+    zk_server: ZooKeeperServer, prefix: str
+) -> None:
+    sessions = [ZkSession(zk_server.hosts, f"/{prefix}", 6.0) for _ in range(8)]
+    for s in sessions:
+        await s.__aenter__()
+    holding = 0
+    peak = 0
+    granted: list[tuple[int, int]] = []  # (arrival index, token) in grant order
+    try:
+        sems = [FairSemaphore(s, "/leases/fair", 5) for s in sessions]
+
+        async def acquirer(i: int) -> None:
+            nonlocal holding, peak
+            sem = sems[i % len(sems)]
+            slot = await sem.acquire(f"w{i}", max_wait=120)
+            holding += 1
+            peak = max(peak, holding)
+            granted.append((i, slot.token))
+            await asyncio.sleep(0.002)
+            holding -= 1
+            await sem.release(slot)
+
+        tasks = []
+        for i in range(200):  # each queues before the next starts: arrival order is i
+            tasks.append(asyncio.create_task(acquirer(i)))
+            for _ in range(200):
+                if len(granted) + await sems[0].waiting() >= i + 1:
+                    break
+                await asyncio.sleep(0.002)
+        await asyncio.gather(*tasks)
+    finally:
+        for s in sessions:
+            await s.__aexit__(None, None, None)
+    assert peak <= 5
+    assert len(granted) == 200
+    order = [i for i, _ in granted]
+    # served in arrival order; the five that hold at once may record their grant in any order
+    assert all(abs(pos - i) < 5 for pos, i in enumerate(order)), order
+    tokens = sorted(t for _, t in granted)
+    assert len(set(tokens)) == 200
+    by_arrival = [t for _, t in sorted(granted)]
+    assert all(a < b for a, b in itertools.pairwise(by_arrival))  # tokens follow the turns
+
+
+async def test_plan_positions_are_served_in_order(zk: ZkSession) -> None:
+    sem = FairSemaphore(zk, "/leases/plan", 1)
+    first = await sem.acquire("blocker")
+    order: list[int] = []
+    positions = list(range(1, 21))
+    random.Random(7).shuffle(positions)
+
+    async def waiter(position: int) -> None:
+        slot = await sem.acquire(f"n{position}", position=position, max_wait=60)
+        order.append(position)
+        await sem.release(slot)
+
+    tasks = [asyncio.create_task(waiter(p)) for p in positions]
+    await _queued(sem, 20)
+    await sem.release(first)
+    await asyncio.gather(*tasks)
+    assert order == sorted(positions)
+
+
+async def test_tokens_increase_and_a_stale_slot_fails_verify(zk: ZkSession) -> None:
+    sem = FairSemaphore(zk, "/leases/t", 1)
+    first = await sem.acquire("a")
+    with pytest.raises(TimeoutError):
+        await sem.acquire("b", max_wait=0.3)
+    await sem.release(first)
+    second = await sem.acquire("b")
+    assert second.token > first.token
+    with pytest.raises(LeaseLost):
+        await sem.verify(first)
+    await sem.verify(second)
+    await sem.release(second)
+    assert not await zk.client.exists("/leases/t")  # the last one out cleaned up
+
+
+async def test_shared_owner_joins_and_other_owners_wait(zk: ZkSession) -> None:
+    sem = FairSemaphore(zk, "/leases/excl", 1)
+    a1 = await sem.acquire("n1", owner="taskA")
+    a2 = await sem.acquire("n2", owner="taskA", max_wait=5)  # same owner: joins at once
+    b = asyncio.create_task(sem.acquire("m1", owner="taskB", max_wait=30))
+    await _queued(sem, 1)
+    await asyncio.sleep(0.2)
+    assert not b.done()
+    assert set(await sem.holders()) == {"taskA"}
+    await sem.release(a1)
+    await asyncio.sleep(0.2)
+    assert not b.done()  # taskA still holds through n2
+    await sem.release(a2)
+    slot = await asyncio.wait_for(b, 10)
+    assert set(await sem.holders()) == {"taskB"}
+    await sem.release(slot)
+
+
+async def test_cancelled_waits_leave_no_nodes_and_no_callbacks(zk: ZkSession) -> None:
+    sem = FairSemaphore(zk, "/leases/cancel", 1)
+    held = await sem.acquire("holder")
+    before = watches.callback_count(zk.client)
+    for _ in range(3):
+        waiters = [asyncio.create_task(sem.acquire(f"w{i}")) for i in range(30)]
+        await _queued(sem, 30)
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+    assert await sem.waiting() == 0
+    assert watches.callback_count(zk.client) == before
+    assert len(zk.client.session.watch_callbacks) <= 2  # nothing accumulates per path either
+    await sem.release(held)
+
+
+async def _requests_per_release(zk_server: ZooKeeperServer, zk: ZkSession, path: str, waiters: int) -> float:
+    sem = FairSemaphore(zk, path, 1)
+    held = await sem.acquire("first")
+    slots: asyncio.Queue[Slot] = asyncio.Queue()
+
+    async def waiter(i: int) -> None:
+        await slots.put(await sem.acquire(f"w{i}"))
+
+    tasks = [asyncio.create_task(waiter(i)) for i in range(waiters)]
+    await _queued(sem, waiters)
+    await asyncio.sleep(0.3)
+    idle_before = packets_received(zk_server.hosts)
+    await asyncio.sleep(1.0)
+    idle = packets_received(zk_server.hosts) - idle_before
+    assert idle <= 5, f"{idle} requests while {waiters} waiters slept"  # only the liveness pings
+    hand_offs = 10
+    before = packets_received(zk_server.hosts)
+    slot = held
+    for _ in range(hand_offs):
+        await sem.release(slot)
+        slot = await slots.get()
+    spent = packets_received(zk_server.hosts) - before
+    await sem.release(slot)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    while not slots.empty():
+        await sem.release(slots.get_nowait())
+    return spent / hand_offs
+
+
+async def test_requests_per_release_do_not_grow_with_waiters(
+    zk_server: ZooKeeperServer, zk: ZkSession
+) -> None:
+    few = await _requests_per_release(zk_server, zk, "/leases/herd-few", 10)
+    many = await _requests_per_release(zk_server, zk, "/leases/herd-many", 150)
+    print(f"requests per release: {few:.1f} at 10 waiters, {many:.1f} at 150")
+    assert many <= few * 1.3 + 2, (few, many)
+    assert many < 20, many
