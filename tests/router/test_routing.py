@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
-from taskcore.core.model import NodeInfo, Task, WorkItem
+from taskcore.core.model import NodeInfo, PlannedNode, Task, WorkItem
 from taskcore.core.subjects import encode_token, node_subject, parse_node_subject
 from taskerman_router.routing import ByName, Route, derive_task_id, explicit_nodes, order_nodes, routes
 
@@ -12,7 +13,8 @@ from taskerman_router.routing import ByName, Route, derive_task_id, explicit_nod
 def plan(task: Task, nodes: list[str], now: float) -> list[Route]:
     """Routes in the default order (by name), the way the router builds them."""
     infos = [NodeInfo(name=n) for n in nodes]
-    return routes(task, order_nodes(task, infos, {"name": ByName()}) if infos else [], now)
+    ordered = order_nodes(task, infos, {"name": ByName()}) if infos else []
+    return routes(task, [PlannedNode(name=n.name, attributes=n.attributes) for n in ordered], now)
 
 
 def _task(**fields: object) -> Task:
@@ -65,12 +67,22 @@ def test_plan_one_route_per_node_sorted() -> None:
     routes = plan(task, nodes, now=1700000000.5)
     assert [r.node for r in routes] == sorted(nodes)
     assert len(routes) == 4
-    for route in routes:
+    for position, route in enumerate(routes):
         assert isinstance(route, Route)
         assert route.subject == node_subject("cassandra:geo counter", route.node)
         assert parse_node_subject(route.subject) == ("cassandra:geo counter", route.node)
         assert route.msg_id == f"abcd-ef123:{encode_token(route.node)}"
-        assert route.item == WorkItem(task=task, node=route.node, routed_at=1700000000.5)
+        expected = WorkItem(task=task, node=route.node, routed_at=1700000000.5, position=position)
+        assert route.item == expected
+
+
+def test_a_work_item_carries_its_own_node_not_the_task_list() -> None:
+    names = [f"n{i:05d}" for i in range(2000)]
+    task = _task(task_id="big", nodes=tuple(names))
+    routes = plan(task, names, now=0.0)
+    sizes = {len(msgspec.json.encode(r.item)) for r in routes}
+    assert max(sizes) < 400  # independent of the 2,000 nodes
+    assert all(r.item.task.nodes == () for r in routes)
 
 
 def test_plan_subjects_and_msg_ids_are_distinct() -> None:
@@ -100,5 +112,5 @@ def test_plan_is_deterministic() -> None:
 def test_plan_items_carry_the_task(nodes: list[str]) -> None:
     task = _task(task_id="t", limit=len(nodes))
     for route in plan(task, nodes, 9.0):
-        assert route.item.task is task
+        assert route.item.task == task
         assert route.item.task.limit == len(nodes)

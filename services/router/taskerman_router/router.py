@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -18,7 +19,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from taskcore.bus import audit, deadletter
+from taskcore.bus import audit, deadletter, tracking
 from taskcore.bus import jetstream as bus
 from taskcore.bus.audit import Audit
 from taskcore.bus.tracking import StatusStore
@@ -29,12 +30,10 @@ from taskcore.core.actions import ActionRegistry
 from taskcore.core.errors import DiscoveryError, InvalidTask
 from taskcore.core.model import (
     DeadLetter,
-    NodeInfo,
-    NodeRecord,
+    PlannedNode,
     PlanReply,
     Task,
     TaskRecord,
-    Wave,
     decode_task,
     decode_work_item,
     with_task_id,
@@ -46,6 +45,16 @@ from taskerman_router.planner import Planner
 from taskerman_router.routing import Routing
 
 log = logging.getLogger(__name__)
+FAN_OUT_WINDOW = 256  # work-item publishes in flight at once
+CLAIM_EVERY = 5.0  # in-progress acks while a large fan-out runs (well inside any ack_wait)
+
+
+async def _keep_claimed(msg: Msg) -> None:
+    """Tell JetStream we are still on it, so a long fan-out is not delivered to another router."""
+    while True:
+        await asyncio.sleep(CLAIM_EVERY)
+        with contextlib.suppress(Exception):
+            await msg.in_progress()
 
 
 class Advisory(msgspec.Struct):
@@ -180,7 +189,7 @@ class Router:
                 task = with_task_id(task, task_id)
                 span.set_attribute("task_id", task.task_id)
                 self.registry.resolve(task)
-                await self._route(task)
+                await self._route(task, msg)
             except InvalidTask as e:
                 await self._reject(msg, task, str(e), "invalid")
             except DiscoveryError as e:
@@ -191,46 +200,74 @@ class Router:
                 return
             await msg.ack_sync()
 
-    async def _route(self, task: Task) -> None:
-        known = await self.status.get_task(task.task_id)
-        repeat = known is not None and known.state == "routed" and bool(known.nodes)
-        if known is not None and repeat:
-            # the same nodes, order and attributes as the first time, never rediscovered (nor counted)
-            plan = known.plan or (Wave(nodes=known.nodes),)
-            nodes = [NodeInfo(name=n, attributes=known.attributes.get(n, {})) for w in plan for n in w.nodes]
-        else:
-            resolved = await self.planner.resolve(task)
-            plan, nodes = resolved.waves, list(resolved.nodes)
-        now = time.time()
-        created = known.created_at if known else now
-        await self.status.put_task(
-            task.task_id,
-            TaskRecord(
-                task=task,
+    async def _route(self, task: Task, msg: Msg | None = None) -> None:
+        """Record the task's plan (once: the first router to commit it wins), then publish exactly
+        the nodes it holds, many at a time, keeping the task claimed while the fan-out runs."""
+        kept = msgspec.structs.replace(task, nodes=())  # the nodes live in the plan, not in the record
+        for _ in range(3):
+            entry = await self.status.get_task_entry(task.task_id)
+            known, revision = entry if entry else (None, None)
+            if known is not None and known.state == "routed" and known.plan_id:
+                nodes, fresh = await self.status.plan(known), False
+                break
+            nodes = await self._plan(task)
+            plan_id = uuid.uuid4().hex[:16]
+            chunks = await self.status.put_plan(task.task_id, plan_id, nodes)
+            now = time.time()
+            record = TaskRecord(
+                task=kept,
                 state="routed",
-                nodes=tuple(sorted(n.name for n in nodes)),
-                created_at=created,
+                node_count=len(nodes),
+                created_at=known.created_at if known else now,
                 routed_at=now,
-                plan=plan,
-                attributes={n.name: n.attributes for n in nodes if n.attributes},
-            ),
-        )
-        published = 0
-        for route in routing.routes(task, nodes, now):
-            if await self.status.get_node(task.task_id, route.node) is not None:
-                continue  # already routed once (a duplicate submission or a redelivery)
-            await bus.publish(self.js, route.subject, msgspec.json.encode(route.item), msg_id=route.msg_id)
-            await self.status.create_node(task.task_id, route.node, NodeRecord(state="pending"))
-            published += 1
+                plan_id=plan_id,
+                plan_chunks=chunks,
+            )
+            if await self.status.commit_task(task.task_id, record, revision):
+                fresh = True
+                break
+            await self.status.delete_plan(task.task_id, plan_id, chunks)  # another router was first
+        else:
+            raise RuntimeError(f"task {task.task_id!r}: its record kept changing while routing")
+        keepalive = asyncio.create_task(_keep_claimed(msg)) if msg is not None else None
+        try:
+            published = await self._fan_out(task, nodes, fresh)
+        finally:
+            if keepalive is not None:
+                keepalive.cancel()
         await self.audit.record(
             "routed",
             task_id=task.task_id,
             cluster=task.cluster_name,
             detail=f"{len(nodes)} node(s), {published} new",
         )
-        if not repeat:
+        if fresh:
             self.metrics.routed.add(1, {"cluster": task.cluster_name, "action": task.action})
         log.info("routed task_id=%s nodes=%d published=%d", task.task_id, len(nodes), published)
+
+    async def _plan(self, task: Task) -> list[PlannedNode]:
+        resolved = await self.planner.resolve(task)
+        attributes = {n.name: n.attributes for n in resolved.nodes if n.attributes}
+        return tracking.planned(resolved.waves, attributes)
+
+    async def _fan_out(self, task: Task, nodes: list[PlannedNode], fresh: bool) -> int:
+        """Publish the nodes' work items, FAN_OUT_WINDOW in flight at once. A repeated routing
+        (a redelivery, a second router) skips nodes that already have a record: their item was
+        published and taken; the rest go again under the same message ids (JetStream drops the
+        duplicates within its window)."""
+        todo = routing.routes(task, nodes, time.time())
+        if not fresh:
+            have = await self.status.get_nodes(task.task_id, [r.node for r in todo])
+            todo = [r for r in todo if r.node not in have]
+        window = asyncio.Semaphore(FAN_OUT_WINDOW)
+
+        async def one(route: routing.Route) -> None:
+            async with window:
+                payload = msgspec.json.encode(route.item)
+                await bus.publish(self.js, route.subject, payload, msg_id=route.msg_id)
+
+        await asyncio.gather(*(one(r) for r in todo))
+        return len(todo)
 
     async def _on_plan(self, msg: Msg) -> None:
         """`taskerman.api.plan`: the plan of the task in the request, never routed."""

@@ -13,7 +13,7 @@ import msgspec
 
 from taskcore.core import subjects
 from taskcore.core.errors import InvalidTask
-from taskcore.core.model import NodeInfo, Task, Wave, WorkItem
+from taskcore.core.model import NodeInfo, PlannedNode, Task, Wave, WorkItem
 
 ENTRY_POINT_GROUP = "taskerman.routing"
 DEFAULT_ROUTING = "name"
@@ -174,14 +174,18 @@ def waves(task: Task, nodes: Sequence[NodeInfo], concurrency: int) -> tuple[Wave
     return tuple(Wave(nodes=tuple(names[i : i + step])) for i in range(0, len(names), step))
 
 
-def routes(task: Task, nodes: Sequence[NodeInfo], now: float) -> list[Route]:
-    """One route per node, in the given order, each item carrying the node's attributes."""
+def routes(task: Task, nodes: Sequence[PlannedNode], now: float) -> list[Route]:
+    """One route per node, in plan order: each item carries its own node, attributes and place in
+    the plan, and the task without its node list."""
+    task = msgspec.structs.replace(task, nodes=())
     return [
         Route(
             node=node.name,
             subject=subjects.node_subject(task.cluster_name, node.name),
             msg_id=subjects.work_msg_id(task.task_id, node.name),
-            item=WorkItem(task=task, node=node.name, routed_at=now, attributes=node.attributes),
+            item=WorkItem(
+                task=task, node=node.name, routed_at=now, attributes=node.attributes, position=position
+            ),
         )
-        for node in nodes
+        for position, node in enumerate(nodes)
     ]

@@ -1,19 +1,36 @@
-"""Task tracking in a JetStream KV bucket: one key per task, one per node of a task.
+"""Task tracking in a JetStream KV bucket: one key per task, one per node of a task, and the task's
+plan in bounded chunks (`plan.<task>.<plan id>.<i>`), so that no value grows with the fleet.
 
 Each key has a single writer at a time (submit/router write the task key, the node's runner its
 node key), so plain puts suffice; the task's overall state is derived from the node states. Two
-keys are shared and written by compare-and-set: a task's failure count and its stop record."""
+keys are shared and written by compare-and-set: a task's failure count and its stop record. The
+task key moves from pending to routed by compare-and-set too: of two routers racing on one task,
+the plan of the first to commit is the plan, and both publish exactly its nodes."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from taskcore.core.model import NodeRecord, TaskRecord, TaskStateName, TopologyName, Wave
+from taskcore.core.model import (
+    NodeRecord,
+    PlanChunk,
+    PlannedNode,
+    TaskRecord,
+    TaskStateName,
+    TopologyName,
+    Wave,
+)
 from taskcore.core.subjects import encode_token
 
 _FINISHED = {"succeeded", "failed", "dead", "skipped", "cancelled"}
+CHUNK_NODES = 500  # nodes per plan chunk at most
+CHUNK_BYTES = 256 * 1024  # and bytes per chunk at most (attributes vary in size)
+READ_CONCURRENCY = 256  # node records read at once for a view
 
 
 class StopRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -41,11 +58,53 @@ def failures_key(task_id: str) -> str:
     return f"failures.{encode_token(task_id)}"
 
 
-def derive_state(task: TaskRecord, nodes: dict[str, NodeRecord]) -> TaskStateName:
-    """The task's state from its own record and its nodes' records."""
-    if task.state in ("pending", "dead") or not task.nodes:
+def plan_key(task_id: str, plan_id: str, index: int) -> str:
+    return f"plan.{encode_token(task_id)}.{plan_id}.{index}"
+
+
+def planned(waves: tuple[Wave, ...], attributes: dict[str, dict[str, str]]) -> list[PlannedNode]:
+    """The nodes of a plan, in order, each with its wave, group and attributes."""
+    return [
+        PlannedNode(name=n, wave=i, group=w.group, attributes=attributes.get(n, {}))
+        for i, w in enumerate(waves)
+        for n in w.nodes
+    ]
+
+
+def chunked(nodes: list[PlannedNode]) -> list[PlanChunk]:
+    """Slices of at most CHUNK_NODES nodes and about CHUNK_BYTES bytes (a single node larger than
+    that is a chunk of its own: discovery bounds a node's attributes)."""
+    chunks: list[PlanChunk] = []
+    current: list[PlannedNode] = []
+    size = 0
+    for node in nodes:
+        node_size = len(msgspec.json.encode(node))
+        if current and (len(current) >= CHUNK_NODES or size + node_size > CHUNK_BYTES):
+            chunks.append(PlanChunk(nodes=tuple(current)))
+            current, size = [], 0
+        current.append(node)
+        size += node_size
+    if current:
+        chunks.append(PlanChunk(nodes=tuple(current)))
+    return chunks
+
+
+def waves_of(nodes: list[PlannedNode]) -> tuple[Wave, ...]:
+    """The plan's waves again, from its nodes in order."""
+    waves: list[Wave] = []
+    for node in nodes:
+        if len(waves) <= node.wave:
+            waves.extend(Wave(nodes=(), group=node.group) for _ in range(node.wave + 1 - len(waves)))
+        w = waves[node.wave]
+        waves[node.wave] = Wave(nodes=(*w.nodes, node.name), group=w.group)
+    return tuple(waves)
+
+
+def derive_state(task: TaskRecord, names: list[str], nodes: dict[str, NodeRecord]) -> TaskStateName:
+    """The task's state from its own record, its nodes' names and their records."""
+    if task.state in ("pending", "dead") or not names:
         return task.state
-    states = [nodes[n].state if n in nodes else "pending" for n in task.nodes]
+    states = [nodes[n].state if n in nodes else "pending" for n in names]
     if all(s in _FINISHED for s in states):
         if all(s == "succeeded" for s in states):
             return "succeeded"
@@ -88,6 +147,69 @@ class StatusStore:
         except KeyWrongLastSequenceError:
             return False
         return True
+
+    async def get_task_entry(self, task_id: str) -> tuple[TaskRecord, int] | None:
+        """The record and its revision (for a compare-and-set), or None."""
+        try:
+            entry = await self.kv.get(task_key(task_id))
+        except KeyNotFoundError:
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        return msgspec.json.decode(entry.value, type=TaskRecord), entry.revision
+
+    async def commit_task(self, task_id: str, rec: TaskRecord, revision: int | None) -> bool:
+        """Write the record if it is still at `revision` (None: if there is none); False when
+        someone else wrote it first."""
+        data = msgspec.json.encode(rec)
+        try:
+            if revision is None:
+                await self.kv.create(task_key(task_id), data)
+            else:
+                await self.kv.update(task_key(task_id), data, last=revision)
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def put_plan(self, task_id: str, plan_id: str, nodes: list[PlannedNode]) -> int:
+        """Store a plan in chunks; returns how many."""
+        chunks = chunked(nodes)
+        await asyncio.gather(
+            *(
+                self.kv.put(plan_key(task_id, plan_id, i), msgspec.json.encode(chunk))
+                for i, chunk in enumerate(chunks)
+            )
+        )
+        return len(chunks)
+
+    async def delete_plan(self, task_id: str, plan_id: str, chunks: int) -> None:
+        for i in range(chunks):
+            with contextlib.suppress(Exception):
+                await self.kv.delete(plan_key(task_id, plan_id, i))
+
+    async def plan(self, rec: TaskRecord) -> list[PlannedNode]:
+        """The routed nodes of a task, in plan order (empty before routing)."""
+        if rec.task is None or not rec.plan_id:
+            return []
+        task_id = rec.task.task_id
+        out: list[PlannedNode] = []
+        for i in range(rec.plan_chunks):
+            try:
+                entry = await self.kv.get(plan_key(task_id, rec.plan_id, i))
+            except KeyNotFoundError:
+                continue
+            if entry.value:
+                out.extend(msgspec.json.decode(entry.value, type=PlanChunk).nodes)
+        return out
+
+    async def get_nodes(self, task_id: str, names: list[str]) -> dict[str, NodeRecord]:
+        """The records of the named nodes that have one, read many at a time."""
+        out: dict[str, NodeRecord] = {}
+        for start in range(0, len(names), READ_CONCURRENCY):
+            batch = names[start : start + READ_CONCURRENCY]
+            records = await asyncio.gather(*(self.get_node(task_id, n) for n in batch))
+            out.update({n: r for n, r in zip(batch, records, strict=True) if r is not None})
+        return out
 
     async def delete_task(self, task_id: str) -> None:
         await self.kv.delete(task_key(task_id))
@@ -189,20 +311,21 @@ class StatusStore:
         task = await self.get_task(task_id)
         if task is None:
             return None
-        nodes: dict[str, NodeRecord] = {}
-        for n in task.nodes:
-            nodes[n] = await self.get_node(task_id, n) or NodeRecord()
+        plan = await self.plan(task)
+        names = [n.name for n in plan]
+        found = await self.get_nodes(task_id, names)
+        nodes = {n: found.get(n) or NodeRecord() for n in sorted(names)}
         t = task.task
         stop = await self.stopped(task_id)
         return TaskView(
             task_id=task_id,
-            state=derive_state(task, nodes),
+            state=derive_state(task, names, nodes),
             action=t.action if t else "",
             cluster_name=t.cluster_name if t else "",
             limit=t.limit if t else 0,
             nodes=nodes,
             error=task.error or (f"stopped: {stop.reason} {stop.detail}".strip() if stop else None),
             created_at=task.created_at,
-            plan=task.plan,
+            plan=waves_of(plan),
             topology=t.taskerman_params.topology if t else None,
         )

@@ -80,13 +80,16 @@ class NodeInfo(msgspec.Struct, frozen=True):
 
 
 class WorkItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    """One node's share of a task, published by the router on the node's subject. `attributes` are
-    the node's, from discovery (left out when empty, so such items read as before)."""
+    """One node's share of a task, published by the router on the node's subject. It carries only
+    its own node: the task's `nodes` list is left out, so an item's size does not grow with the
+    task. `attributes` are the node's, from discovery; `position` is its place in the router's plan
+    (0 first), the order in which the task's slot serves its nodes."""
 
     task: Task
     node: Name
     routed_at: float
     attributes: dict[str, str] = {}
+    position: int = 0
 
 
 NodeStateName = Literal[
@@ -117,18 +120,36 @@ class Wave(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class TaskRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """Tracking state of a task as a whole, written by submit and the router. `plan` is the order
-    the router chose, as waves; `attributes` keeps each node's (non-empty) attributes so that a
-    repeated routing builds the same work items without discovering again."""
+    """Tracking state of a task as a whole, written by submit and the router. Its size is bounded
+    whatever the number of nodes: the nodes, their order (the plan) and their attributes live in
+    `plan_chunks` chunk records of plan `plan_id` (see `taskcore.bus.tracking`), so that a repeated
+    routing publishes exactly the nodes recorded, without discovering again. The task itself is
+    kept without its explicit `nodes` (they are in the plan)."""
 
     task: Task | None
     state: TaskStateName
-    nodes: tuple[str, ...] = ()
+    node_count: int = 0
     created_at: float = 0.0
     routed_at: float | None = None
     error: str | None = None
-    plan: tuple[Wave, ...] = ()
-    attributes: dict[str, dict[str, str]] = {}
+    plan_id: str = ""
+    plan_chunks: int = 0
+
+
+class PlannedNode(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A node of a routed task, in plan order: its wave (0 first), the wave's topology group and
+    the node's attributes."""
+
+    name: str
+    wave: int = 0
+    group: str = ""
+    attributes: dict[str, str] = {}
+
+
+class PlanChunk(msgspec.Struct, frozen=True):
+    """A bounded slice of a task's plan (one KV value)."""
+
+    nodes: tuple[PlannedNode, ...]
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
