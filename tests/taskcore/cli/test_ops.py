@@ -9,7 +9,6 @@ import msgspec
 import pytest
 
 from taskcore.cli import main as cli
-from taskcore.cli import ops as cli_ops
 from taskcore.coord import clusters
 from taskcore.coord.leases import SharedSlots, lease_path
 from taskcore.coord.runners import Registration, RunnerInfo, node_path
@@ -30,7 +29,7 @@ def settings(nats_server: NatsServer, zk_server: ZooKeeperServer, prefix: str) -
 async def run(settings: Settings, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     """Dispatch like `taskerman ARGV` does; (exit code, stdout, stderr)."""
     args = cli.build_parser().parse_args(list(argv))
-    code = await cli_ops.COMMANDS[args.cmd](args, settings)
+    code = await args.command.exec(args, settings)
     out, err = capsys.readouterr()
     return code, out, err
 

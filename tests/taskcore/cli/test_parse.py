@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from taskcore.cli import common
 from taskcore.cli import main as cli
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.errors import InvalidTask, UnknownAction
@@ -17,47 +18,47 @@ def registry() -> ActionRegistry:
 
 def _build(registry: ActionRegistry, *argv: str) -> Task:
     args = cli.build_parser().parse_args(["submit", *argv])
-    return cli.build_task(args, registry)
+    return common.build_task(args, registry)
 
 
 def test_parse_arg_float() -> None:
-    key, value = cli.parse_arg("seconds=0.5")
+    key, value = common.parse_arg("seconds=0.5")
     assert key == "seconds"
     assert isinstance(value, float)
     assert value == 0.5
 
 
 def test_parse_arg_bool() -> None:
-    key, value = cli.parse_arg("fail=true")
+    key, value = common.parse_arg("fail=true")
     assert key == "fail"
     assert value is True
-    assert cli.parse_arg("fail=false") == ("fail", False)
+    assert common.parse_arg("fail=false") == ("fail", False)
 
 
 def test_parse_arg_list() -> None:
-    assert cli.parse_arg('fail_nodes=["a","b"]') == ("fail_nodes", ["a", "b"])
+    assert common.parse_arg('fail_nodes=["a","b"]') == ("fail_nodes", ["a", "b"])
 
 
 def test_parse_arg_int() -> None:
-    key, value = cli.parse_arg("count=3")
+    key, value = common.parse_arg("count=3")
     assert (key, value) == ("count", 3)
     assert isinstance(value, int)
 
 
 def test_parse_arg_string() -> None:
-    assert cli.parse_arg("name=abc") == ("name", "abc")
-    assert cli.parse_arg("name=node 1") == ("name", "node 1")
-    assert cli.parse_arg("name=") == ("name", "")
+    assert common.parse_arg("name=abc") == ("name", "abc")
+    assert common.parse_arg("name=node 1") == ("name", "node 1")
+    assert common.parse_arg("name=") == ("name", "")
 
 
 def test_parse_arg_splits_at_the_first_equals() -> None:
-    assert cli.parse_arg("expr=a=b") == ("expr", "a=b")
+    assert common.parse_arg("expr=a=b") == ("expr", "a=b")
 
 
 @pytest.mark.parametrize("text", ["noequals", "=value", ""])
 def test_parse_arg_needs_key_equals_value(text: str) -> None:
     with pytest.raises(InvalidTask) as info:
-        cli.parse_arg(text)
+        common.parse_arg(text)
     assert info.value.field == "--arg"
     assert "key=value" in info.value.problem
 
@@ -166,4 +167,4 @@ def test_submit_and_plan_share_the_routing_options() -> None:
     assert task.taskerman_params.routing == "seeds_last"
     assert task.discovery == "dns"
     plan = cli.build_parser().parse_args(["plan", "test:sleep", "--cluster", "c", "--topology", "rack"])
-    assert cli.build_task(plan, ActionRegistry.installed()).taskerman_params.topology == "rack"
+    assert common.build_task(plan, ActionRegistry.installed()).taskerman_params.topology == "rack"

@@ -16,7 +16,6 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from taskcore.cli import main as cli
-from taskcore.cli import schedules as cli_sched
 from taskcore.coord import schedule_control as control
 from taskcore.coord.session import ZkSession
 from tests.e2e.conftest import Stack
@@ -46,7 +45,7 @@ nodes = ["n1"]
 async def run(stack: Stack, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     """Dispatch like `taskerman ARGV` does, in this process; (exit code, stdout, stderr)."""
     args = cli.build_parser().parse_args(list(argv))
-    code = await cli_sched.COMMANDS[args.cmd](args, stack.settings)
+    code = await args.command.exec(args, stack.settings)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -1,5 +1,5 @@
 """Operator views: live progress of a task (a rich progress bar on a terminal, plain lines
-otherwise) and the list of recent tasks."""
+otherwise), the list of recent tasks, traces as waterfalls, and plans with their waves."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from taskcore.bus.tracking import StatusStore, TaskView
+from taskcore.core.model import Plan, Wave
 from taskcore.obs.tracing import SpanRecord
 
 FINAL_OK = {"succeeded"}
@@ -148,3 +149,61 @@ def task_traces(spans: list[SpanRecord], task_id: str) -> dict[str, list[SpanRec
         if s.trace_id in ids:
             out.setdefault(s.trace_id, []).append(s)
     return out
+
+
+# --- plans ----------------------------------------------------------------------------------------------
+
+
+def _attrs(attributes: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(attributes.items())) or "-"
+
+
+def wave_lines(waves: tuple[Wave, ...], topology: str | None, indent: str = "  ") -> list[str]:
+    """One line per wave: `wave 2  zone eu-1b  (2)  a, b`."""
+    width = max((len(w.group) for w in waves), default=0)
+    out = []
+    for i, w in enumerate(waves, 1):
+        label = f"{topology} {w.group:<{width}}  " if topology else ""
+        out.append(f"{indent}wave {i:<3} {label}({len(w.nodes)})  {', '.join(w.nodes)}")
+    return out
+
+
+def plan_text(plan: Plan) -> list[str]:
+    """The plan, readably."""
+    task, topology = plan.task, plan.task.taskerman_params.topology
+    source = "explicit targets" if plan.discovery == "explicit" else f"discovery {plan.discovery!r}"
+    lines = [
+        f"plan for {task.action} on {task.cluster_name}  (task {task.task_id}; nothing was submitted)",
+        f"{len(plan.nodes)} node(s) from {source}, ordered by routing {plan.routing!r}"
+        + (f", topology {topology!r}: one {topology} at a time" if topology else ""),
+        "order:",
+    ]
+    wave_of = {n: i for i, w in enumerate(plan.waves, 1) for n in w.nodes}
+    width = max((len(n.name) for n in plan.nodes), default=4)
+    for i, node in enumerate(plan.nodes, 1):
+        wave = wave_of.get(node.name, "-")
+        lines.append(f"  {i:>3}. {node.name:<{width}}  wave {wave:<3} {_attrs(node.attributes)}")
+    if topology:
+        lines.append(
+            f"waves: one per {topology}, in this order; never two {topology}s at once; "
+            f"within a wave at most {plan.concurrency} node(s) at once"
+        )
+    else:
+        lines.append(
+            f"waves: the ideal schedule, {plan.concurrency} node(s) at a time in this order "
+            "(runners pull on their own: a node starts whenever a slot frees)"
+        )
+    lines += wave_lines(plan.waves, topology)
+    lines.append("leases each node takes, in this order:")
+    for lease in plan.leases:
+        limit = "-" if lease.limit is None else str(lease.limit)
+        lines.append(f"  {lease.name:<10} {limit:>3}  {lease.detail}")
+    if plan.breaker:
+        note = " (nothing starts until it is reset or cools down)" if plan.breaker == "open" else ""
+        lines.append(f"breaker: {plan.breaker}{note}")
+    return lines
+
+
+def ago(t: float, now: float) -> str:
+    """`3.2s ago` (never negative: clocks differ a little between hosts)."""
+    return f"{max(now - t, 0.0):.1f}s ago"

@@ -14,18 +14,16 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-import msgspec
-from aiozk import exc
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
-from nats.js.errors import NotFoundError
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 
+from taskcore.bus import queues
 from taskcore.bus.tracking import StatusStore
-from taskcore.coord import clusters, runners
+from taskcore.coord import fleet, runners
 from taskcore.coord.clusters import BreakerPolicy, BreakerStateName
 from taskcore.coord.leases import TASK_LEASES_ROOT
 from taskcore.coord.runners import RunnerInfo
@@ -38,7 +36,6 @@ log = logging.getLogger(__name__)
 SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 SAMPLE_SECONDS = 10.0  # how often a router refreshes the fleet gauges
 SAMPLE_TIMEOUT = 5.0  # one source (a stream, a znode tree) that takes longer is left unsampled this time
-CONSUMER_PAGE = 256  # JetStream lists at most this many consumers per request
 
 
 STREAM_PENDING = "taskerman_stream_pending"
@@ -231,32 +228,18 @@ class FleetSampler:
     async def _pending(self) -> Samples:
         samples: Samples = {}
         for stream in (subjects.TASKS_STREAM, subjects.WORK_STREAM):
-            consumers: list[ConsumerInfo] = []
-            with contextlib.suppress(NotFoundError):
-                while page := await self.js.consumers_info(stream, offset=len(consumers) or None):
-                    consumers += page
-                    if len(page) < CONSUMER_PAGE:
-                        break
-            samples |= pending_samples(stream, consumers)
+            samples |= pending_samples(stream, await queues.consumers(self.js, stream))
         return samples
 
     async def _dead_letters(self) -> Samples:
-        try:
-            info = await self.js.stream_info(subjects.DEAD_STREAM)
-        except NotFoundError:
-            return {(): 0.0}
-        return {(): float(info.state.messages)}
+        return {(): float(await queues.stream_messages(self.js, subjects.DEAD_STREAM))}
 
     async def _breakers(self, zk: ZkSession, now: float) -> Samples:
         """Every cluster whose breaker was ever recorded (a reset one reads closed)."""
-        samples: Samples = {}
-        for cluster in await _cluster_names(zk):
-            with contextlib.suppress(msgspec.DecodeError):
-                state = await read_json(zk, clusters.cluster_path(cluster, "breaker"), clusters.BreakerState)
-                if state is not None:
-                    view = clusters.view_state(state, now, self.breaker_policy)
-                    samples[labels(cluster=cluster)] = BREAKER_VALUE[view]
-        return samples
+        return {
+            labels(cluster=b.cluster): BREAKER_VALUE[b.state]
+            for b in await fleet.breakers(zk, self.breaker_policy, now)
+        }
 
     async def _runners(self, zk: ZkSession, now: float) -> Samples:
         found = await runners.registered(zk)
@@ -268,12 +251,14 @@ class FleetSampler:
         the task (from the status bucket, remembered while the task holds slots); clusters with a
         registered runner and none held read 0."""
         held: dict[str, int] = {}
-        for token in await _children(zk, TASK_LEASES_ROOT):
+        for token in await fleet.children(zk, TASK_LEASES_ROOT):
             try:
                 task_id = subjects.decode_token(token)  # `<token>~topology` is not a task slot
             except InvalidName:
                 continue
-            slots = [s for s in await _children(zk, f"{TASK_LEASES_ROOT}/{token}") if s.startswith("slot-")]
+            slots = [
+                s for s in await fleet.children(zk, f"{TASK_LEASES_ROOT}/{token}") if s.startswith("slot-")
+            ]
             if slots:
                 held[task_id] = len(slots)
         for task_id in self._task_clusters.keys() - held.keys():
@@ -293,19 +278,3 @@ class FleetSampler:
         record = await read_json(zk, CANARY_PATH, CanaryState)
         self._canary_done = record.last_completed_at if record is not None else None
         return canary_samples(self._canary_done, now)
-
-
-async def _children(zk: ZkSession, path: str) -> list[str]:
-    try:
-        children: list[str] = await zk.client.get_children(path)
-    except exc.NoNode:
-        return []
-    return sorted(children)
-
-
-async def _cluster_names(zk: ZkSession) -> list[str]:
-    names = []
-    for token in await _children(zk, "/clusters"):
-        with contextlib.suppress(InvalidName):
-            names.append(subjects.decode_token(token))
-    return names

@@ -1,0 +1,191 @@
+"""What the `taskerman` commands share: exit codes, connections that fail within seconds (the
+services reconnect forever; a command must instead name the server it could not reach), the user
+name actions are recorded under, and the task flags of `submit` and `plan` with their parsing."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from taskcore.bus import audit
+from taskcore.bus import jetstream as bus
+from taskcore.bus.tracking import StatusStore
+from taskcore.cli import render
+from taskcore.coord.session import ZkSession
+from taskcore.core import subjects
+from taskcore.core.actions import ActionRegistry
+from taskcore.core.errors import InvalidTask, TaskermanError
+from taskcore.core.model import PlanReply, Task, WorkqueueArgs, check_task, invalid_from, with_task_id
+from taskcore.core.settings import Settings
+from taskcore.obs import tracing
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_INTERRUPTED = 130
+CONNECT_TIMEOUT = 15.0
+PLAN_TIMEOUT = 20.0  # discovery may ask DNS or a cloud API
+
+
+class Unreachable(TaskermanError):
+    """A server a command needs did not answer in time."""
+
+
+def user() -> str:
+    """Who the audit trail records for an operator's command: `cli:<login>`."""
+    return audit.actor(f"cli:{getpass.getuser()}")
+
+
+# --- connections -----------------------------------------------------------------------------------------
+
+
+async def connect_nats(settings: Settings, name: str = "taskerman-cli") -> NATS:
+    """A NATS connection, or Unreachable after CONNECT_TIMEOUT."""
+    try:
+        return await asyncio.wait_for(bus.connect(settings, name), CONNECT_TIMEOUT)
+    except Exception as e:
+        raise Unreachable(f"NATS at {settings.nats_url} is unreachable: {e!r}") from e
+
+
+async def connect_jetstream(settings: Settings) -> tuple[NATS, JetStreamContext, StatusStore]:
+    """A NATS connection with the streams provisioned and the status bucket; Unreachable otherwise."""
+    nc = await connect_nats(settings)
+    js = nc.jetstream()
+    try:
+        await bus.provision(js, settings, within=CONNECT_TIMEOUT)
+        return nc, js, StatusStore(await bus.status_bucket(js))
+    except bus.UNAVAILABLE as e:
+        await bus.close(nc)
+        raise Unreachable(f"JetStream at {settings.nats_url} is unavailable: {e!r}") from e
+
+
+@contextlib.asynccontextmanager
+async def connect_zookeeper(settings: Settings) -> AsyncIterator[ZkSession]:
+    """A ZooKeeper session, or Unreachable after CONNECT_TIMEOUT."""
+    session = ZkSession.from_settings(settings)
+    try:
+        await asyncio.wait_for(session.__aenter__(), CONNECT_TIMEOUT)
+    except TimeoutError as e:
+        await session.__aexit__(None, None, None)
+        raise Unreachable(f"ZooKeeper at {settings.zk_hosts} did not answer in {CONNECT_TIMEOUT:g}s") from e
+    try:
+        yield session
+    finally:
+        await session.__aexit__(None, None, None)
+
+
+# --- the task flags (`submit`, `plan`) ---------------------------------------------------------------------
+
+
+def add_task_options(p: argparse.ArgumentParser) -> None:
+    """The options that describe a task."""
+    p.add_argument("action", help="installed action, <pack>:<name>")
+    p.add_argument("--cluster", required=True)
+    p.add_argument("--limit", type=int, default=1, help="at most this many nodes act at once (m)")
+    p.add_argument("--node", action="append", default=[], help="target node (skips discovery); repeatable")
+    p.add_argument("--arg", action="append", default=[], help="action argument key=value; repeatable")
+    p.add_argument("--retries", type=int, help="retries per node before dead-lettering")
+    p.add_argument("--owner", default="")
+    p.add_argument("--task-id")
+    p.add_argument("--discovery", help="discovery plugin (default: static)")
+    p.add_argument("--routing", help="routing plugin (default: name, or zone with --topology)")
+    p.add_argument("--topology", choices=["zone", "rack"], help="one zone (or rack) at a time")
+
+
+def parse_arg(text: str) -> tuple[str, Any]:
+    """`k=v`: v as JSON when it parses (numbers, true/false, lists), else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise InvalidTask(f"expected key=value, got {text!r}", field="--arg")
+    try:
+        return key, msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return key, raw
+
+
+def build_task(args: argparse.Namespace, registry: ActionRegistry) -> Task:
+    """The task the task flags describe, fully validated (exit 2 material otherwise)."""
+    action_args = dict(parse_arg(a) for a in args.arg)
+    params: dict[str, Any] = {"action_args": action_args}
+    for option in ("topology", "routing"):
+        if value := getattr(args, option, None):
+            params[option] = value
+    if args.retries is not None:
+        params["workqueue_args"] = msgspec.structs.asdict(WorkqueueArgs(retry_count=args.retries))
+    raw = {
+        "action": args.action,
+        "cluster_name": args.cluster,
+        "limit": args.limit,
+        "owner": args.owner,
+        "task_id": args.task_id or "",
+        "nodes": args.node,
+        "taskerman_params": params,
+    }
+    if discovery := getattr(args, "discovery", None):
+        raw["discovery"] = discovery
+    try:
+        task = msgspec.convert(raw, Task)
+    except msgspec.ValidationError as e:
+        raise invalid_from(e) from e
+    check_task(task)
+    registry.resolve(task)
+    return with_task_id(task)
+
+
+# --- the plan preview (`plan`, `submit --dry-run`) ---------------------------------------------------------
+
+
+async def request_plan(settings: Settings, task: Task) -> PlanReply | None:
+    """A router's plan of `task` (`taskerman.api.plan`); None when no router answers."""
+    nc = await connect_nats(settings)
+    try:
+        msg = await nc.request(
+            subjects.PLAN_SUBJECT,
+            msgspec.json.encode(task),
+            timeout=PLAN_TIMEOUT,
+            headers=tracing.inject_headers(),
+        )
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        return None
+    finally:
+        await bus.close(nc)
+    return msgspec.json.decode(msg.data, type=PlanReply)
+
+
+async def preview(args: argparse.Namespace, settings: Settings) -> int:
+    """Print which nodes the flags' task would reach, in which order and waves, under which leases,
+    without running anything (`taskerman plan …` and `taskerman submit … --dry-run`)."""
+    try:
+        task = build_task(args, ActionRegistry.installed())
+    except InvalidTask as e:
+        print(f"taskerman plan: invalid task: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        reply = await request_plan(settings, task)
+    except Unreachable as e:
+        print(f"taskerman plan: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if reply is None:
+        print(
+            f"taskerman plan: no router answered on {subjects.PLAN_SUBJECT} within {PLAN_TIMEOUT:.0f}s "
+            "(is taskerman-router running, and a version that serves plans?)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    if reply.plan is None:
+        where = f"{reply.field}: " if reply.field else ""
+        print(f"taskerman plan: cannot route the task: {where}{reply.error}", file=sys.stderr)
+        return EXIT_INVALID if reply.field else EXIT_FAILED
+    if args.json:
+        print(msgspec.json.encode(reply.plan).decode())
+    else:
+        print("\n".join(render.plan_text(reply.plan)))
+    return EXIT_OK

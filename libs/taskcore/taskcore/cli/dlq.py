@@ -1,0 +1,117 @@
+"""`taskerman dlq list|show|replay|purge`: the dead-letter queue."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import msgspec
+from nats.js import JetStreamContext
+
+from taskcore.bus import audit, deadletter
+from taskcore.bus import jetstream as bus
+from taskcore.bus.tracking import StatusStore
+from taskcore.cli import common
+from taskcore.cli.command import ServerCommand, Subparsers
+from taskcore.cli.common import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from taskcore.core.settings import Settings
+
+
+class DeadLetters(ServerCommand):
+    """List, show, replay or purge dead letters."""
+
+    name = "dlq"
+
+    def add_parser(self, subparsers: Subparsers) -> None:
+        d = subparsers.add_parser(self.name, help="the dead-letter queue")
+        dsub = d.add_subparsers(dest="dlq_cmd", required=True)
+        dl = dsub.add_parser("list")
+        dl.add_argument("--json", action="store_true")
+        dsub.add_parser("show").add_argument("id", type=int)
+        dr = dsub.add_parser("replay")
+        dr.add_argument("id", type=int, nargs="?")
+        dr.add_argument("--all", action="store_true")
+        dsub.add_parser("purge").add_argument("--yes", action="store_true")
+
+    async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
+        nc, js, status = await common.connect_jetstream(settings)
+        try:
+            if args.dlq_cmd == "list":
+                return await _list(args, js)
+            if args.dlq_cmd == "show":
+                return await _show(args, js)
+            if args.dlq_cmd == "replay":
+                return await _replay(args, js, status)
+            return await _purge(args, js)
+        finally:
+            await bus.close(nc)
+
+
+async def _list(args: argparse.Namespace, js: JetStreamContext) -> int:
+    rows = [
+        {
+            "id": seq,
+            "task_id": d.task_id,
+            "cluster": d.cluster,
+            "node": d.node,
+            "reason": d.reason,
+            "deliveries": d.deliveries,
+            "trace_id": d.trace_id,
+            "dead_at": d.dead_at,
+        }
+        for seq, d in await deadletter.entries(js)
+    ]
+    if args.json:
+        print(msgspec.json.encode(rows).decode())
+    else:
+        for r in rows:
+            node = r["node"] or "-"
+            print(f"{r['id']:>6}  {r['task_id']:<20} {node:<16} x{r['deliveries']}  {r['reason']}")
+        print(f"{len(rows)} dead letter(s)")
+    return EXIT_OK
+
+
+async def _show(args: argparse.Namespace, js: JetStreamContext) -> int:
+    letter = await deadletter.get(js, args.id)
+    if letter is None:
+        print(f"taskerman dlq: no dead letter {args.id}", file=sys.stderr)
+        return EXIT_FAILED
+    print(msgspec.json.format(msgspec.json.encode(letter)).decode())
+    return EXIT_OK
+
+
+async def _replay(args: argparse.Namespace, js: JetStreamContext, status: StatusStore) -> int:
+    ids = [seq for seq, _ in await deadletter.entries(js)] if args.all else [args.id]
+    if not args.all and args.id is None:
+        print("taskerman dlq replay: give an ID or --all", file=sys.stderr)
+        return EXIT_INVALID
+    missing = 0
+    for seq in ids:
+        letter = await deadletter.replay(js, status, seq)
+        if letter is None:
+            print(f"no dead letter {seq}", file=sys.stderr)
+            missing += 1
+        else:
+            await audit.Audit(js, common.user()).record(
+                "replayed",
+                task_id=letter.task_id,
+                cluster=letter.cluster,
+                node=letter.node,
+                detail=f"dead letter {seq} ({letter.reason})",
+            )
+            print(f"replayed {seq} (task {letter.task_id}, node {letter.node or '-'})")
+    return EXIT_FAILED if missing else EXIT_OK
+
+
+async def _purge(args: argparse.Namespace, js: JetStreamContext) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("taskerman dlq purge: refusing without --yes (no terminal to confirm on)", file=sys.stderr)
+            return EXIT_INVALID
+        answer = await asyncio.to_thread(input, "Remove every dead letter? [y/N] ")
+        if answer.strip().lower() != "y":
+            print("nothing removed")
+            return EXIT_OK
+    print(f"purged {await deadletter.purge(js)} dead letter(s)")
+    return EXIT_OK

@@ -1,0 +1,265 @@
+"""The commands on tasks: `submit`, `status`, `watch`, `tasks`, `cancel`, `events`, `trace`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+from rich.console import Console
+
+from taskcore.bus import audit, submission
+from taskcore.bus import jetstream as bus
+from taskcore.bus.submission import SubmitReply
+from taskcore.bus.tracking import StopRecord
+from taskcore.cli import common, render
+from taskcore.cli.command import ServerCommand, Subparsers
+from taskcore.cli.common import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from taskcore.core import subjects
+from taskcore.core.actions import ActionRegistry
+from taskcore.core.errors import InvalidTask
+from taskcore.core.model import Task
+from taskcore.core.settings import Settings
+from taskcore.obs import tracing
+
+STATES = ["pending", "routed", "running", "succeeded", "failed", "dead"]
+
+
+class Submit(ServerCommand):
+    """`taskerman submit ACTION --cluster C ...`: through a scheduler's API when one answers, else
+    straight onto the TASKS stream."""
+
+    name = "submit"
+
+    def add_parser(self, subparsers: Subparsers) -> None:
+        s = subparsers.add_parser(self.name, help="submit a task")
+        common.add_task_options(s)
+        s.add_argument("--wait", action="store_true", help="show progress; exit 0 on success, 1 on failure")
+        s.add_argument("--json", action="store_true")
+        s.add_argument(
+            "--dry-run", action="store_true", help="show the plan (`taskerman plan`); submit nothing"
+        )
+
+    async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
+        if args.dry_run:
+            return await common.preview(args, settings)
+        try:
+            task = common.build_task(args, ActionRegistry.installed())
+        except InvalidTask as e:
+            print(f"taskerman submit: invalid task: {e}", file=sys.stderr)
+            return EXIT_INVALID
+        nc, js, status = await common.connect_jetstream(settings)
+        try:
+            with tracing.tracer(__name__).start_as_current_span(
+                "submit", attributes={"task_id": task.task_id}
+            ):
+                reply = await _submit_via_api(nc, task) or await submission.submit(
+                    js, status, task, by=common.user()
+                )
+            if reply.error:
+                print(f"taskerman submit: invalid task: {reply.error}", file=sys.stderr)
+                return EXIT_INVALID
+            if reply.duplicate and not args.json:
+                print(f"task {task.task_id} was already submitted; not submitting it again", file=sys.stderr)
+            print(msgspec.json.encode({"task_id": task.task_id}).decode() if args.json else task.task_id)
+            if args.wait:
+                return await render.watch(status, task.task_id, quiet=args.json)
+            return EXIT_OK
+        finally:
+            await bus.close(nc)
+
+
+async def _submit_via_api(nc: NATS, task: Task) -> SubmitReply | None:
+    """Submit through a scheduler's `taskerman.api.submit`; None when no scheduler answers."""
+    try:
+        msg = await nc.request(
+            subjects.SUBMIT_SUBJECT, msgspec.json.encode(task), timeout=10, headers=tracing.inject_headers()
+        )
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        return None
+    return msgspec.json.decode(msg.data, type=SubmitReply)
+
+
+class Status(ServerCommand):
+    """`taskerman status TASK_ID`: a task's state, plan and nodes."""
+
+    name = "status"
+
+    def add_parser(self, subparsers: Subparsers) -> None:
+        st = subparsers.add_parser(self.name, help="a task's state and its nodes")
+        st.add_argument("task_id")
+        st.add_argument("--json", action="store_true")
+
+    async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
+        nc, _js, status = await common.connect_jetstream(settings)
+        try:
+            view = await status.view(args.task_id)
+        finally:
+            await bus.close(nc)
+        if view is None:
+            print(f"taskerman status: unknown task {args.task_id!r}", file=sys.stderr)
+            return EXIT_FAILED
+        if args.json:
+            print(msgspec.json.encode(view).decode())
+            return EXIT_OK
+        head = f"task {view.task_id}  {view.action} on {view.cluster_name}  limit {view.limit}"
+        print(f"{head}  state {view.state}")
+        if view.error:
+            print(f"  error: {view.error}")
+        if view.plan:
+            print(f"  plan ({f'one {view.topology} at a time' if view.topology else 'ideal waves'}):")
+            print("\n".join(render.wave_lines(view.plan, view.topology, indent="    ")))
+        for node, rec in sorted(view.nodes.items()):
+            took = f"{rec.finished_at - rec.started_at:.1f}s" if rec.started_at and rec.finished_at else "-"
+            err = f"  {rec.error}" if rec.error else ""
+            print(f"  {node:<24} {rec.state:<10} attempts={rec.attempts} took={took}{err}")
+        return EXIT_OK
+
+
+class Watch(ServerCommand):
+    """`taskerman watch TASK_ID`: live progress; exits with the task's outcome."""
+
+    name = "watch"
+
+    def add_parser(self, subparsers: Subparsers) -> None:
+        w = subparsers.add_parser(self.name, help="live progress of a task; exits with its outcome")
+        w.add_argument("task_id")
+
+    async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
+        nc, _js, status = await common.connect_jetstream(settings)
+        try:
+            if await status.get_task(args.task_id) is None:
+                print(f"taskerman watch: unknown task {args.task_id!r}", file=sys.stderr)
+                return EXIT_FAILED
+            return await render.watch(status, args.task_id)
+        finally:
+            await bus.close(nc)
+
+
+class Tasks(ServerCommand):
+    """`taskerman tasks`: recent tasks, newest first."""
+
+    name = "tasks"
+
+    def add_parser(self, subparsers: Subparsers) -> None:
+        tl = subparsers.add_parser(self.name, help="recent tasks, newest first")
+        tl.add_argument("--state", choices=STATES)
+        tl.add_argument("--cluster")
+        tl.add_argument("--limit", type=int, default=50)
+        tl.add_argument("--json", action="store_true")
+
+    async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
+        nc, _js, status = await common.connect_jetstream(settings)
+        try:
+            records = sorted(await status.tasks(), key=lambda r: r.created_at, reverse=True)
+            if args.cluster:
+                records = [r for r in records if r.task and r.task.cluster_name == args.cluster]
+            found = []
+            for rec in records:
+                view = await status.view(rec.task.task_id) if rec.task else None
+                if view is not None and (not args.state or view.state == args.state):
+                    found.append(view)
+                if len(found) >= args.limit:
+                    break
+        finally:
+            await bus.close(nc)
+        if args.json:
+            print(msgspec.json.encode(found).decode())
+        else:
+            Console().print(render.tasks_table(found))
+        return EXIT_OK
+
+
+class Cancel(ServerCommand):
+    """`taskerman cancel TASK_ID`: nodes not yet started will not run."""
+
+    name = "cancel"
+
+    def add_parser(self, subparsers: Subparsers) -> None:
+        c = subparsers.add_parser(self.name, help="stop a task: nodes not yet started will not run")
+        c.add_argument("task_id")
+        c.add_argument("--reason", default="")
+
+    async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
+        nc, js, status = await common.connect_jetstream(settings)
+        try:
+            if await status.get_task(args.task_id) is None:
+                print(f"taskerman cancel: unknown task {args.task_id!r}", file=sys.stderr)
+                return EXIT_FAILED
+            rec = StopRecord(reason="cancelled", detail=args.reason or "", by=common.user(), at=time.time())
+            if await status.stop(args.task_id, rec):
+                await audit.Audit(js, rec.by).record("cancelled", task_id=args.task_id, detail=rec.detail)
+                print(f"task {args.task_id} cancelled: nodes not yet started will not run")
+            else:
+                prior = await status.stopped(args.task_id)
+                print(f"task {args.task_id} was already stopped ({prior.reason if prior else '?'})")
+            return EXIT_OK
+        finally:
+            await bus.close(nc)
+
+
+class Events(ServerCommand):
+    """`taskerman events TASK_ID`: the task's audit trail, in order."""
+
+    name = "events"
+
+    def add_parser(self, subparsers: Subparsers) -> None:
+        ev = subparsers.add_parser(self.name, help="a task's audit trail, in order")
+        ev.add_argument("task_id")
+        ev.add_argument("--json", action="store_true")
+
+    async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
+        nc, js, _status = await common.connect_jetstream(settings)
+        try:
+            events = await audit.task_events(js, args.task_id)
+        finally:
+            await bus.close(nc)
+        if args.json:
+            print(msgspec.json.encode(events).decode())
+            return EXIT_OK
+        if not events:
+            print(f"no events for task {args.task_id!r}", file=sys.stderr)
+            return EXIT_FAILED
+        for e in events:
+            when = time.strftime("%H:%M:%S", time.localtime(e.at)) + f".{int(e.at % 1 * 1000):03d}"
+            where = e.node or "-"
+            print(f"{when}  {e.kind:<18} {where:<16} {e.detail}  [{e.by}]")
+        return EXIT_OK
+
+
+class Trace(ServerCommand):
+    """`taskerman trace TASK_ID`: the task's traces from the local span file (no server needed)."""
+
+    name = "trace"
+
+    def add_parser(self, subparsers: Subparsers) -> None:
+        tr = subparsers.add_parser(
+            self.name, help="a task's traces as a waterfall (from the local span file)"
+        )
+        tr.add_argument("task_id")
+        tr.add_argument("--spans", type=Path, help="a spans.jsonl file (default: $TASKERMAN_HOME/traces/)")
+        tr.add_argument("--json", action="store_true")
+
+    def run(self, args: argparse.Namespace, settings: Settings) -> int:
+        """Without an event loop: it only reads a file."""
+        home = args.spans.parent.parent if args.spans else settings.home
+        traces = render.task_traces(tracing.read_spans(home), args.task_id)
+        if not traces:
+            where = home / tracing.SPAN_FILE
+            print(f"taskerman trace: no spans for task {args.task_id!r} in {where}", file=sys.stderr)
+            return EXIT_FAILED
+        if args.json:
+            print(msgspec.json.encode(traces).decode())
+            return EXIT_OK
+        for trace_id, spans in sorted(traces.items(), key=lambda kv: min(s.start for s in kv[1])):
+            print(f"trace {trace_id}  ({len(spans)} spans)")
+            for line in render.waterfall(spans):
+                print(f"  {line}")
+        return EXIT_OK
+
+    async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
+        return self.run(args, settings)

@@ -1,0 +1,74 @@
+"""The `taskerman` parser is built from the commands registered under `taskerman.cli`."""
+
+from __future__ import annotations
+
+import argparse
+from importlib.metadata import entry_points
+
+import pytest
+
+from taskcore.cli import main as cli
+from taskcore.cli.command import ENTRY_POINT_GROUP, SettingsHook
+from taskcore.cli.plan import Plan
+from taskcore.cli.tasks import Status, Submit
+from taskcore.core.settings import Settings
+from taskerman_dev.cli import Dev
+
+TASKCORE_COMMANDS = {
+    "breaker", "cancel", "cluster", "dlq", "events", "health", "leases", "nodes",
+    "plan", "schedules", "status", "submit", "tasks", "trace", "watch",
+}  # fmt: skip
+
+
+def _commands(parser: argparse.ArgumentParser) -> set[str]:
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices)
+
+
+def test_every_registered_command_is_in_the_parser() -> None:
+    registered = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    assert registered == TASKCORE_COMMANDS | {"dev"}  # taskerman-dev is installed in development
+    assert _commands(cli.build_parser()) == registered
+    assert {c.name for c in cli.installed()} == registered
+
+
+def test_without_the_dev_group_there_is_no_dev_command() -> None:
+    commands = [c for c in cli.installed() if c.name != "dev"]
+    parser = cli.build_parser(commands)
+    assert _commands(parser) == TASKCORE_COMMANDS
+    with pytest.raises(SystemExit):
+        parser.parse_args(["dev", "up"])
+
+
+def test_parsed_arguments_name_their_command() -> None:
+    submit, status = Submit(), Status()
+    parser = cli.build_parser([submit, status, Plan()])
+    assert parser.parse_args(["status", "t1"]).command is status
+    assert parser.parse_args(["submit", "test:sleep", "--cluster", "c"]).command is submit
+
+
+def test_settings_hooks_adjust_the_settings_of_the_other_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Pinned:
+        name = "pinned"
+
+        def add_parser(self, subparsers: object) -> None:
+            raise AssertionError("not parsed here")
+
+        def run(self, args: argparse.Namespace, settings: Settings) -> int:
+            return 0
+
+        def adjust_settings(self, settings: Settings, env: object) -> Settings:
+            return Settings(nats_url="nats://pinned:1", zk_hosts=settings.zk_hosts)
+
+    pinned, status = Pinned(), Status()
+    assert isinstance(pinned, SettingsHook)
+    assert not isinstance(status, SettingsHook)
+    monkeypatch.setenv("TASKERMAN_NATS_URL", "nats://env:2")
+    assert cli.settings_for(status, [pinned, status]).nats_url == "nats://pinned:1"
+    assert cli.settings_for(pinned, [pinned, status]).nats_url == "nats://env:2"  # not its own
+
+
+def test_the_dev_hook_leaves_explicit_servers_alone() -> None:
+    settings = Settings(nats_url="nats://a:1", zk_hosts="b:2")
+    env = {"TASKERMAN_NATS_URL": "nats://a:1", "TASKERMAN_ZK_HOSTS": "b:2"}
+    assert Dev().adjust_settings(settings, env) is settings
