@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from taskcore.bus import audit, deadletter, tracking
+from taskcore.bus import audit, deadletter, queues, tracking
 from taskcore.bus import jetstream as bus
 from taskcore.bus.audit import Audit
 from taskcore.bus.tracking import StatusStore
@@ -108,8 +108,11 @@ class Router:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume `tasks.global` and advisories until `stop` is set."""
         sub = await self.js.pull_subscribe_bind(durable=subjects.ROUTER_DURABLE, stream=subjects.TASKS_STREAM)
-        adv = await self.nc.subscribe(f"{subjects.MAX_DELIVERIES_ADVISORY}.>", cb=self._on_advisory)
-        api = await self.nc.subscribe(subjects.PLAN_SUBJECT, queue=subjects.PLAN_QUEUE, cb=self._on_plan)
+        # one router of the group handles each advisory (the others would race it to the same letter)
+        adv = await self.nc.subscribe(
+            f"{subjects.MAX_DELIVERIES_ADVISORY}.>", queue=subjects.ROUTER_QUEUE, cb=self._on_advisory
+        )
+        api = await self.nc.subscribe(subjects.PLAN_SUBJECT, queue=subjects.ROUTER_QUEUE, cb=self._on_plan)
         loops = [asyncio.create_task(self._reconcile_every(stop), name="router-reconcile")]
         if self.sampler is not None:
             loops.append(asyncio.create_task(self.sampler.run(stop), name="router-sample"))
@@ -143,7 +146,7 @@ class Router:
         its consumer's ack floor, where every other item has been acked away. Returns how many."""
         found = 0
         for stream in (subjects.WORK_STREAM, subjects.TASKS_STREAM):
-            for info in await self.js.consumers_info(stream):
+            for info in await queues.consumers(self.js, stream):
                 subject = info.config.filter_subject
                 if not subject:
                     continue

@@ -26,7 +26,7 @@ ROUTER_DURABLE = "router"
 SUBMIT_SUBJECT = "taskerman.api.submit"
 SUBMIT_QUEUE = "schedulers"
 PLAN_SUBJECT = "taskerman.api.plan"  # routers preview a task's routing (request/reply)
-PLAN_QUEUE = "routers"
+ROUTER_QUEUE = "routers"  # the queue group of every router: plan previews, max-deliveries advisories
 MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 
 _SAFE = re.compile(r"[A-Za-z0-9_-]")
