@@ -1,5 +1,9 @@
 """The runner registry: each runner's ephemeral znode under `/registry/<cluster>/<node>`, with a
-heartbeat; discovery `registry` and `taskerman nodes` read it and tell live runners from stale."""
+heartbeat; discovery `registry` and `taskerman nodes` read it and tell live runners from stale.
+
+A process that serves many nodes beats once for all of them: its nodes name the process, whose own
+ephemeral znode under `/registry-processes/` carries the heartbeat, so a thousand simulated nodes
+cost one write per period, not a thousand. A node's heartbeat is then its process's."""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
+import uuid
 
 import msgspec
 from aiozk import exc
@@ -18,6 +24,7 @@ from taskcore.core.subjects import encode_token
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5.0
 STALE_AFTER = 3 * HEARTBEAT_SECONDS
+PROCESS_ROOT = "/registry-processes"
 
 
 class RunnerInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -30,6 +37,7 @@ class RunnerInfo(msgspec.Struct, frozen=True, kw_only=True):
     actions: tuple[str, ...]
     since: float
     heartbeat: float
+    process: str = ""  # the process that beats for this node, if not the node itself
 
     def stale(self, now: float, after: float = STALE_AFTER) -> bool:
         return now - self.heartbeat > after
@@ -39,11 +47,60 @@ def node_path(cluster: str, node: str) -> str:
     return f"/registry/{encode_token(cluster)}/{encode_token(node)}"
 
 
-class Registration:
-    """Registers one node's runner and keeps its heartbeat fresh while it runs."""
+class ProcessBeat(msgspec.Struct, frozen=True):
+    heartbeat: float
 
-    def __init__(self, zk: ZkSession, cluster: str, node: str, version: str, actions: list[str]) -> None:
+
+class ProcessHeartbeat:
+    """One heartbeat for every node this process registers (see the module docstring)."""
+
+    def __init__(self, zk: ZkSession) -> None:
         self.zk = zk
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}".replace("/", "_")
+        self.path = f"{PROCESS_ROOT}/{encode_token(self.id)}"
+        self.registrations: list[Registration] = []
+
+    async def start(self) -> None:
+        await self.zk.client.ensure_path(PROCESS_ROOT)
+        with contextlib.suppress(exc.NodeExists):
+            await self.zk.client.create(self.path, data=self._beat(), ephemeral=True)
+
+    @staticmethod
+    def _beat() -> bytes:
+        return msgspec.json.encode(ProcessBeat(heartbeat=time.time()))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Beat until `stop`; when our session was lost (our znode is gone, and with it every node's),
+        register everything again."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), HEARTBEAT_SECONDS)
+            try:
+                await self.zk.client.set_data(self.path, self._beat(), force=True)
+            except exc.NoNode:
+                await self.start()
+                for r in self.registrations:
+                    await r.register()
+            except Exception as e:
+                log.warning("process heartbeat failed process=%s error=%r", self.id, e)
+
+
+class Registration:
+    """Registers one node's runner and keeps its heartbeat fresh while it runs (or lets `process`
+    beat for it)."""
+
+    def __init__(
+        self,
+        zk: ZkSession,
+        cluster: str,
+        node: str,
+        version: str,
+        actions: list[str],
+        *,
+        process: ProcessHeartbeat | None = None,
+    ) -> None:
+        self.zk = zk
+        self.process = process
         self.info = RunnerInfo(
             cluster=cluster,
             node=node,
@@ -52,8 +109,11 @@ class Registration:
             actions=tuple(actions),
             since=time.time(),
             heartbeat=time.time(),
+            process=process.id if process else "",
         )
         self.path = node_path(cluster, node)
+        if process is not None:
+            process.registrations.append(self)
 
     async def register(self) -> None:
         """Create our ephemeral node (replacing a dead predecessor's, if its session still lingers)."""
@@ -63,7 +123,11 @@ class Registration:
         await self.zk.client.create(self.path, data=msgspec.json.encode(self.info), ephemeral=True)
 
     async def heartbeat(self, stop: asyncio.Event) -> None:
-        """Refresh the heartbeat until `stop`; re-register if the node vanished (session expired)."""
+        """Refresh the heartbeat until `stop`; re-register if the node vanished (session expired).
+        With a process heartbeat, that one beats for us: this only waits for `stop`."""
+        if self.process is not None:
+            await stop.wait()
+            return
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), HEARTBEAT_SECONDS)
@@ -84,6 +148,7 @@ async def registered(zk: ZkSession, cluster: str | None = None) -> list[RunnerIn
     except exc.NoNode:
         return []
     out: list[RunnerInfo] = []
+    beats: dict[str, float | None] = {}
     for ctok in sorted(clusters):
         try:
             nodes = await client.get_children(f"/registry/{ctok}")
@@ -92,8 +157,22 @@ async def registered(zk: ZkSession, cluster: str | None = None) -> list[RunnerIn
         for ntok in sorted(nodes):
             with contextlib.suppress(exc.NoNode, msgspec.DecodeError):
                 data = await client.get_data(f"/registry/{ctok}/{ntok}")
-                out.append(msgspec.json.decode(data, type=RunnerInfo))
+                info = msgspec.json.decode(data, type=RunnerInfo)
+                if info.process:
+                    if info.process not in beats:
+                        beats[info.process] = await _process_beat(zk, info.process)
+                    beat = beats[info.process]
+                    info = msgspec.structs.replace(info, heartbeat=beat if beat is not None else 0.0)
+                out.append(info)
     return out
+
+
+async def _process_beat(zk: ZkSession, process: str) -> float | None:
+    try:
+        data = await zk.client.get_data(f"{PROCESS_ROOT}/{encode_token(process)}")
+        return msgspec.json.decode(data, type=ProcessBeat).heartbeat
+    except (exc.NoNode, msgspec.DecodeError):
+        return None
 
 
 async def live_nodes(zk: ZkSession, cluster: str) -> list[str]:
