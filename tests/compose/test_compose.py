@@ -17,7 +17,7 @@ import yaml
 
 from taskcore.core.actions import ActionRegistry
 from taskerman_dev.launchers import nats_server_binary
-from taskerman_scheduler.schedules import load_schedules
+from taskerman_scheduler.schedule_file import load_schedules
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"

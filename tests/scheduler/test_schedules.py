@@ -12,19 +12,9 @@ import pytest
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.model import decode_task
 from taskcore.core.subjects import decode_token
-from taskerman_scheduler.schedules import (
-    Schedule,
-    ScheduleError,
-    ScheduleFile,
-    due_slots,
-    load_schedules,
-    manual_task_id,
-    next_slots,
-    parse_duration,
-    parse_schedules,
-    slot_delay,
-    slot_task_id,
-)
+from taskerman_scheduler.schedule_file import ScheduleFile, load_schedules, parse_duration, parse_schedules
+from taskerman_scheduler.schedules import Schedule, ScheduleError
+from taskerman_scheduler.slots import due_slots, manual_task_id, next_slots, slot_delay, slot_task_id
 from taskerman_scheduler.targets import matching
 
 GOOD = """\
