@@ -40,10 +40,9 @@ from taskcore.core.model import (
     with_task_id,
 )
 from taskcore.obs import metrics, tracing
+from taskcore.plugins import Discovery, Routing
 from taskerman_router import routing
-from taskerman_router.discovery import Discovery
 from taskerman_router.planner import Planner
-from taskerman_router.routing import Routing
 
 log = logging.getLogger(__name__)
 
