@@ -29,8 +29,13 @@ zookeeper:
 datastores:
 	bash scripts/install-datastores.sh
 
+# The import graph: no cycles, taskcore below the services, no service importing another.
+# No import cycles; taskcore imports no service and no development tooling; services import no other
+CHECK_IMPORTS := $(BIN)/python scripts/check_imports.py
+
 lint: install
 	$(BIN)/ruff check .
+	$(CHECK_IMPORTS)
 
 typecheck: install
 	$(BIN)/mypy
@@ -38,6 +43,7 @@ typecheck: install
 test: install zookeeper datastores
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(CHECK_IMPORTS)
 	$(BIN)/pytest -q -m "not slow"
 
 demo: install zookeeper

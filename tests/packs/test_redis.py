@@ -11,7 +11,8 @@ import pytest
 
 from taskcore.core.errors import ActionFailed, InvalidTask
 from taskcore.packs.backups import backup_name, prune_backups
-from taskcore.packs.redis import RedisBackup, RedisRestart
+from taskcore.packs.redis_backup import RedisBackup
+from taskcore.packs.redis_restart import RedisRestart
 from taskerman_dev.launchers import free_ports
 from tests.packs.datastores import (
     RedisServer,

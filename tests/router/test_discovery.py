@@ -23,10 +23,10 @@ from taskcore.coord.session import ZkSession
 from taskcore.core.errors import DiscoveryError
 from taskcore.core.model import NodeInfo
 from taskcore.core.settings import Settings
+from taskcore.plugins import DiscoveryContext
 from taskerman_dev.launchers import ZooKeeperServer
 from taskerman_router.discovery import (
     AwsTagsDiscovery,
-    DiscoveryContext,
     DnsDiscovery,
     RegistryDiscovery,
     StaticDiscovery,

@@ -7,11 +7,11 @@ import pytest
 
 from taskcore.core.actions import Action
 from taskcore.core.model import NodeInfo, Task, Wave
+from taskcore.plugins import Routing
 from taskerman_router.planner import Resolution, plan_leases
 from taskerman_router.routing import (
     ByName,
     ByTopology,
-    Routing,
     RoutingError,
     SeedsLast,
     load_routings,

@@ -8,7 +8,7 @@ import pytest
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.errors import DiscoveryError, InvalidTask
 from taskcore.core.model import NodeInfo, Task, Wave
-from taskerman_router.discovery import Discovery
+from taskcore.plugins import Discovery
 from taskerman_router.planner import Planner
 from taskerman_router.routing import ByName, ByTopology, RoutingError
 

@@ -9,7 +9,7 @@ from nats.js.errors import NotFoundError
 
 from taskcore.core import subjects
 from taskcore.core.model import Task, decode_task
-from taskerman_scheduler.schedules import CLUSTER_SEP, SLOT_ID_PREFIX, SLOT_TIME_FORMAT
+from taskerman_scheduler.slots import CLUSTER_SEP, SLOT_ID_PREFIX, SLOT_TIME_FORMAT
 
 
 async def published(js: JetStreamContext) -> list[tuple[str, Task]]:

@@ -20,7 +20,8 @@ from taskcore.core.actions import ActionRegistry
 from taskcore.core.errors import LeaseLost
 from taskcore.core.model import TaskRecord, decode_task
 from taskerman_scheduler.scheduler import Scheduler
-from taskerman_scheduler.schedules import Schedule, UnknownSchedule, slot_task_id
+from taskerman_scheduler.schedules import Schedule, UnknownSchedule
+from taskerman_scheduler.slots import slot_task_id
 from taskerman_scheduler.state import ScheduleState, StateStore
 
 from .helpers import published, slot_of

@@ -12,8 +12,9 @@ from taskcore.coord import clusters
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.settings import Settings
 from taskcore.obs import metrics
+from taskcore.plugins import DiscoveryContext
 from taskcore.runtime import lifecycle
-from taskerman_router.discovery import DiscoveryContext, load_plugins
+from taskerman_router.discovery import load_plugins
 from taskerman_router.router import Router
 from taskerman_router.routing import load_routings
 

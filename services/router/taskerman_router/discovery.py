@@ -1,5 +1,6 @@
-"""Discovery plugins: resolve a cluster's nodes, with their attributes. Found by the
-`taskerman.discovery` entry point; each is a factory called with a DiscoveryContext.
+"""The built-in discovery plugins (static, registry, dns, aws_tags), and loading every installed one.
+Each resolves a cluster's nodes, with their attributes; the protocol they implement (Discovery,
+DiscoveryFactory, DiscoveryContext) is in taskcore.plugins, with the `taskerman.discovery` group.
 
 A plugin raises DiscoveryError when the cluster cannot be resolved for good (the task is
 dead-lettered with that reason) and never returns an empty list. Any other exception is taken
@@ -12,10 +13,9 @@ import importlib
 import logging
 import socket
 import time
-from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 from aiozk import exc
@@ -26,30 +26,12 @@ from taskcore.coord.session import ZkSession
 from taskcore.core.errors import DiscoveryError
 from taskcore.core.model import NodeInfo
 from taskcore.core.subjects import encode_token
+from taskcore.plugins import DISCOVERY_GROUP, Discovery, DiscoveryContext, DiscoveryFactory
 from taskerman_router import inventory
 from taskerman_router.inventory import ClusterEntry, DnsConfig
 
-ENTRY_POINT_GROUP = "taskerman.discovery"
 AWS_CLUSTER_TAG = "taskerman:cluster"
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DiscoveryContext:
-    """What a discovery plugin may use to build itself."""
-
-    inventory: Path | None
-    zk: ZkSession | None
-
-
-class Discovery(Protocol):
-    """Resolves the nodes of a cluster; raises DiscoveryError, never returns an empty list."""
-
-    async def nodes(self, cluster: str) -> list[NodeInfo]: ...
-
-
-class DiscoveryFactory(Protocol):
-    def __call__(self, ctx: DiscoveryContext) -> Discovery: ...
 
 
 def _entry(path: Path | None, cluster: str) -> tuple[ClusterEntry | None, DnsConfig]:
@@ -259,7 +241,7 @@ def load_plugins(ctx: DiscoveryContext) -> dict[str, Discovery]:
     """Every installed discovery plugin, built for this context; one that fails to load is logged
     and left out (its tasks are then dead-lettered as naming an unknown plugin)."""
     plugins: dict[str, Discovery] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in entry_points(group=DISCOVERY_GROUP):
         try:
             factory: DiscoveryFactory = ep.load()
             plugins[ep.name] = factory(ctx)

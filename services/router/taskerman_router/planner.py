@@ -14,9 +14,8 @@ from taskcore.coord.session import ZkSession
 from taskcore.core.actions import Action, ActionRegistry
 from taskcore.core.errors import DiscoveryError, InvalidTask
 from taskcore.core.model import NodeInfo, Plan, PlanLease, Task, Wave
+from taskcore.plugins import Discovery, Routing
 from taskerman_router import routing
-from taskerman_router.discovery import Discovery
-from taskerman_router.routing import Routing
 
 log = logging.getLogger(__name__)
 EXPLICIT = "explicit"

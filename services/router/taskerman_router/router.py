@@ -39,10 +39,9 @@ from taskcore.core.model import (
     with_task_id,
 )
 from taskcore.obs import metrics, tracing
+from taskcore.plugins import Discovery, Routing
 from taskerman_router import routing
-from taskerman_router.discovery import Discovery
 from taskerman_router.planner import Planner
-from taskerman_router.routing import Routing
 
 log = logging.getLogger(__name__)
 FAN_OUT_WINDOW = 256  # work-item publishes in flight at once

@@ -1,5 +1,6 @@
 """Pure routing: the order of a task's nodes (routing plugins, topology), its waves, and the work
-item each node gets. Routing plugins are found by the `taskerman.routing` entry point."""
+item each node gets. Routing plugins implement taskcore.plugins.Routing and are found by the
+`taskerman.routing` entry point; the built-in ones (name, zone, seeds_last) are here."""
 
 from __future__ import annotations
 
@@ -7,15 +8,14 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from importlib.metadata import entry_points
-from typing import Protocol
 
 import msgspec
 
 from taskcore.core import subjects
 from taskcore.core.errors import InvalidTask
 from taskcore.core.model import NodeInfo, PlannedNode, Task, Wave, WorkItem
+from taskcore.plugins import ROUTING_GROUP, Routing
 
-ENTRY_POINT_GROUP = "taskerman.routing"
 DEFAULT_ROUTING = "name"
 TOPOLOGY_ROUTING = "zone"
 log = logging.getLogger(__name__)
@@ -33,13 +33,6 @@ class Route(msgspec.Struct, frozen=True):
     subject: str
     msg_id: str
     item: WorkItem
-
-
-class Routing(Protocol):
-    """Orders (and may filter) a task's nodes. Pure: the same input gives the same output. It may
-    only return nodes it was given, each at most once."""
-
-    def order(self, task: Task, nodes: list[NodeInfo]) -> list[NodeInfo]: ...
 
 
 class ByName:
@@ -70,7 +63,7 @@ def load_routings() -> dict[str, Routing]:
     """Every installed routing plugin (each entry point names a class built without arguments);
     one that fails to load is logged and left out (its tasks are then dead-lettered as unknown)."""
     plugins: dict[str, Routing] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in entry_points(group=ROUTING_GROUP):
         try:
             plugins[ep.name] = ep.load()()
         except Exception as e:

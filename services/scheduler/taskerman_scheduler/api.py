@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import msgspec
 import nats.errors
@@ -21,16 +21,15 @@ from taskcore.bus.submission import SubmitReply
 from taskcore.bus.tracking import StatusStore
 from taskcore.coord import schedule_control as control
 from taskcore.coord.schedule_control import ApiReply, ApiRequest, NextSlot, ScheduleInfo
-from taskcore.coord.session import Slot
+from taskcore.coord.session import Slot, ZkSession
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.errors import InvalidTask
 from taskcore.core.model import decode_task, with_task_id
 from taskcore.obs import tracing
-from taskerman_scheduler.schedules import Schedule, UnknownSchedule, next_slots, slot_task_id, window_start
+from taskerman_scheduler.schedules import Schedule, UnknownSchedule
+from taskerman_scheduler.slots import next_slots, slot_task_id, window_start
+from taskerman_scheduler.state import StateStore
 from taskerman_scheduler.targets import TargetError
-
-if TYPE_CHECKING:
-    from taskerman_scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +98,43 @@ class Submissions:
         return reply
 
 
+class Leader(Protocol):
+    """What the schedules API needs of the scheduler it answers for (the Scheduler, while it leads)."""
+
+    @property
+    def holder(self) -> str:
+        """Who leads: reported in every reply."""
+
+    @property
+    def schedules(self) -> Sequence[Schedule]:
+        """The schedules this leader runs."""
+
+    @property
+    def state(self) -> StateStore:
+        """Each schedule's newest handled slot and run."""
+
+    @property
+    def grace(self) -> timedelta:
+        """How late a slot may be and still go out."""
+
+    @property
+    def zk(self) -> ZkSession:
+        """The session the pause flags are read with."""
+
+    def find(self, name: str) -> Schedule:
+        """The schedule called `name`; UnknownSchedule if there is none."""
+
+    async def trigger(
+        self, name: str, slot: Slot, now: datetime | None = None, by: str = ""
+    ) -> tuple[str, ...]:
+        """Emit one run of the schedule called `name` now, as the holder of `slot`."""
+
+
 class SchedulesApi:
     """`taskerman.api.schedules` for one leadership term: answers about the schedules this leader
     runs, with their state from ZooKeeper, and triggers runs as the holder of `slot`."""
 
-    def __init__(self, scheduler: Scheduler, slot: Slot) -> None:
+    def __init__(self, scheduler: Leader, slot: Slot) -> None:
         self.scheduler = scheduler
         self.slot = slot
 

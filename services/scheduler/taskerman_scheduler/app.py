@@ -15,8 +15,9 @@ from taskcore.core.model import check_task
 from taskcore.core.settings import Settings
 from taskcore.runtime import lifecycle
 from taskerman_scheduler.canary import MIN_EVERY, CanaryConfig, ping_task
+from taskerman_scheduler.schedule_file import ScheduleFile
 from taskerman_scheduler.scheduler import Scheduler
-from taskerman_scheduler.schedules import Schedule, ScheduleError, ScheduleFile
+from taskerman_scheduler.schedules import Schedule, ScheduleError
 
 log = logging.getLogger(__name__)
 EXIT_INVALID = 2

@@ -18,7 +18,7 @@ import msgspec
 from taskcore.bus.tracking import StatusStore, TaskView
 from taskcore.coord.schedule_control import CANARY_EVERY, CanaryState
 from taskcore.core.model import Task, TaskermanParams, WorkqueueArgs
-from taskerman_scheduler.schedules import SLOT_TIME_FORMAT, with_cluster
+from taskerman_scheduler.slots import SLOT_TIME_FORMAT, with_cluster
 from taskerman_scheduler.state import CanaryStore
 
 log = logging.getLogger(__name__)

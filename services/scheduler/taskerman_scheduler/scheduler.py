@@ -6,10 +6,7 @@ emits schedule slots and canary pings and answers `taskerman.api.schedules`. The
 handled per schedule lives in ZooKeeper, so a new leader continues where the old one stopped; the
 slot's deterministic task id is also its `Nats-Msg-Id`, so not even two leaders can store one twice.
 
-Overlap policies, when a slot comes due while the schedule's newest run is unfinished:
-`allow` emits it anyway; `skip` skips it; `queue` keeps it (one at most) and emits it once the run
-has finished; a further slot while one waits is skipped. A paused schedule's slots are skipped
-(and a waiting one dropped); skipped slots are counted, logged and audited, never caught up later.
+Which due slots go out, wait or are skipped (overlap policies, pauses) is emission.py's concern.
 """
 
 from __future__ import annotations
@@ -21,43 +18,30 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-import msgspec
 from aiozk import exc
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from taskcore.bus import audit
-from taskcore.bus import jetstream as bus
 from taskcore.bus.audit import Audit
 from taskcore.bus.submission import SubmitReply
 from taskcore.bus.tracking import StatusStore
 from taskcore.coord import schedule_control as control
-from taskcore.coord.schedule_control import PauseFlag
 from taskcore.coord.session import Slot, SlotSemaphore, ZkSession
 from taskcore.core import subjects
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.errors import LeaseLost
-from taskcore.core.model import Task, TaskRecord, encode
-from taskcore.obs import tracing
-from taskcore.obs.metrics import Instruments
 from taskerman_scheduler import api
 from taskerman_scheduler.canary import Canary, CanaryConfig
-from taskerman_scheduler.schedules import (
-    Schedule,
-    ScheduleError,
-    ScheduleFile,
-    UnknownSchedule,
-    due_slots,
-    manual_task_id,
-    slot_task_id,
-    window_start,
-)
-from taskerman_scheduler.state import CanaryStore, ScheduleState, StateStore
-from taskerman_scheduler.targets import KnownClusters, NoTargets, TargetError
+from taskerman_scheduler.emission import Emitter
+from taskerman_scheduler.schedule_file import ScheduleFile
+from taskerman_scheduler.schedules import Schedule, ScheduleError, UnknownSchedule
+from taskerman_scheduler.state import CanaryStore, StateStore
+from taskerman_scheduler.targets import KnownClusters
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,7 +50,6 @@ LEADER_PATH = "/scheduler/leader"
 TICK_SECONDS = 1.0
 RELOAD_SECONDS = 2.0  # how often the schedule file's mtime is looked at
 SHUTDOWN_GRACE = 1.0  # how long in-hand work may take after SIGTERM before it is cancelled
-_FINISHED = {"succeeded", "failed", "dead"}
 
 
 class Scheduler:
@@ -99,19 +82,23 @@ class Scheduler:
         self.reload_every = reload_every
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
         self.audit = Audit(js, audit.actor("scheduler"))
-        self.metrics = Instruments()
         self.submissions = api.Submissions(js, status, registry, self.audit.by)
         self.leader = SlotSemaphore(zk, LEADER_PATH, 1)
-        self.state = StateStore(zk)
-        self.targets = KnownClusters(zk, inventory)
-        self.canary = Canary(canary, status, CanaryStore(zk), self._emit_ping) if canary else None
-        self._lock = asyncio.Lock()  # a schedule's state is changed by one coroutine at a time
-        self._tracer = tracing.tracer(__name__)
+        targets = KnownClusters(zk, inventory)
+        self.emitter = Emitter(
+            js, zk, status, self.leader, audit=self.audit, targets=targets, tick_seconds=tick
+        )
+        self.canary = Canary(canary, status, CanaryStore(zk), self.emitter.emit_ping) if canary else None
+
+    @property
+    def state(self) -> StateStore:
+        """Where each schedule's newest handled slot and run are kept."""
+        return self.emitter.state
 
     @property
     def grace(self) -> timedelta:
         """Slots this late are still on time: a few ticks plus a leader failover (session expiry)."""
-        return timedelta(seconds=self.zk.timeout + 3 * self.tick_seconds)
+        return self.emitter.grace
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve submissions, follow the schedule file and contend for leadership until `stop` is
@@ -254,204 +241,22 @@ class Scheduler:
         except Exception:
             log.exception("canary tick failed; retrying next tick")
 
-    # emission -----------------------------------------------------------------------------------
+    # emission (see emission.py) ---------------------------------------------------------------
 
     async def tick(self, slot: Slot, now: datetime | None = None, stop: asyncio.Event | None = None) -> int:
-        """One pass over every schedule as the holder of `slot`; returns how many tasks it emitted.
-        A schedule that fails is logged and retried next tick; losing leadership raises."""
-        now = now or datetime.now(UTC)
-        emitted = 0
-        for sched in list(self.schedules):
-            if stop is not None and stop.is_set():
-                break
-            try:
-                async with self._lock:
-                    emitted += await self._run_schedule(sched, slot, now, stop)
-            except (LeaseLost, exc.ZKError):
-                raise
-            except TargetError as e:
-                log.error("schedule not run, retrying next tick schedule=%s error=%s", sched.name, e)
-            except Exception:
-                log.exception("schedule failed, retrying next tick schedule=%s", sched.name)
-        return emitted
-
-    async def _run_schedule(
-        self, sched: Schedule, slot: Slot, now: datetime, stop: asyncio.Event | None
-    ) -> int:
-        state, version = await self.state.load(sched.name)
-        if state is None:  # a new schedule starts now: it has missed nothing yet
-            state = ScheduleState(last_slot=now - timedelta(seconds=2 * self.tick_seconds))
-            version = await self.state.save(sched.name, state, version)
-        start = window_start(sched, now, self.grace)
-        if state.last_slot < start:
-            log.warning(
-                "slots missed while no scheduler ran are not emitted schedule=%s after=%s until=%s",
-                sched.name,
-                state.last_slot.isoformat(),
-                start.isoformat(),
-            )
-            state = msgspec.structs.replace(state, last_slot=start)
-            version = await self.state.save(sched.name, state, version)
-        pause = await control.read_pause(self.zk, sched.name)
-        emitted = 0
-        if state.queued_slot is not None:
-            settled, emitted = await self._settle_queued(sched, slot, state, state.queued_slot, pause)
-            if settled != state:
-                state, version = settled, await self.state.save(sched.name, settled, version)
-        for when in due_slots(sched, state.last_slot, now, grace=self.grace):
-            if stop is not None and stop.is_set():
-                break
-            state, n = await self._handle_slot(sched, slot, state, when, pause)
-            emitted += n
-            version = await self.state.save(sched.name, state, version)
-        return emitted
-
-    async def _handle_slot(
-        self, sched: Schedule, slot: Slot, state: ScheduleState, when: datetime, pause: PauseFlag | None
-    ) -> tuple[ScheduleState, int]:
-        """Emit, queue or skip one due slot; the new state and how many tasks went out."""
-        state = msgspec.structs.replace(state, last_slot=when)
-        if pause is not None:
-            return await self._skip(sched, state, when, _paused(pause)), 0
-        if sched.overlap != "allow" and await self._running(state.run_ids):
-            if sched.overlap == "queue" and state.queued_slot is None:
-                log.info(
-                    "slot queued behind the running run schedule=%s slot=%s", sched.name, when.isoformat()
-                )
-                await self.audit.record(
-                    "queued",
-                    task_id=slot_task_id(sched.name, when),
-                    detail=f"schedule {sched.name}, slot {when.isoformat()}: waits for {state.last_task_id}",
-                )
-                return msgspec.structs.replace(state, queued_slot=when), 0
-            if sched.overlap == "queue" and state.queued_slot is not None:
-                reason = f"a run is queued already (slot {state.queued_slot.isoformat()})"
-            else:
-                reason = f"previous run {state.last_task_id} unfinished"
-            return await self._skip(sched, state, when, reason), 0
-        return await self._start_run(sched, slot, state, when)
-
-    async def _settle_queued(
-        self, sched: Schedule, slot: Slot, state: ScheduleState, queued: datetime, pause: PauseFlag | None
-    ) -> tuple[ScheduleState, int]:
-        """Emit the waiting slot once the run it waits for has finished (drop it when paused)."""
-        if pause is None and await self._running(state.run_ids):
-            return state, 0
-        state = msgspec.structs.replace(state, queued_slot=None)
-        if pause is not None:
-            return await self._skip(sched, state, queued, f"{_paused(pause)} while queued"), 0
-        return await self._start_run(sched, slot, state, queued)
-
-    async def _start_run(
-        self, sched: Schedule, slot: Slot, state: ScheduleState, when: datetime
-    ) -> tuple[ScheduleState, int]:
-        try:
-            ids = await self.emit_run(sched, slot, when)
-        except NoTargets as e:
-            return await self._skip(sched, state, when, str(e)), 0
-        return msgspec.structs.replace(state, last_task_id=ids[0], last_run=ids), len(ids)
-
-    async def _skip(
-        self, sched: Schedule, state: ScheduleState, when: datetime, reason: str
-    ) -> ScheduleState:
-        """Record a skipped slot: logged, counted in the state, and audited under the slot's id."""
-        log.info("slot skipped schedule=%s slot=%s reason=%s", sched.name, when.isoformat(), reason)
-        await self.audit.record(
-            "skipped",
-            task_id=slot_task_id(sched.name, when),
-            cluster="" if sched.multi else sched.task.cluster_name,
-            detail=f"schedule {sched.name}, slot {when.isoformat()}: {reason}",
-        )
-        return msgspec.structs.replace(
-            state, skipped=state.skipped + 1, last_skip=f"{when.isoformat()}: {reason}"
-        )
-
-    async def _running(self, task_ids: Sequence[str]) -> bool:
-        """Whether any task of a run is unfinished (a record that expired counts as finished)."""
-        for task_id in task_ids:
-            view = await self.status.view(task_id)
-            if view is not None and view.state not in _FINISHED:
-                return True
-        return False
-
-    async def emit_run(
-        self, sched: Schedule, slot: Slot, when: datetime, *, manual: bool = False
-    ) -> tuple[str, ...]:
-        """Emit one run of `sched`: one task per target cluster, all under one trace, each audited
-        with the schedule and the slot. NoTargets when a pattern matches no known cluster."""
-        clusters = await self.targets.resolve(sched)
-        run = f"manual-{when.isoformat()}" if manual else when.isoformat()
-        label = f"manual run at {when.isoformat()}" if manual else f"slot {when.isoformat()}"
-        ids: list[str] = []
-        attributes: dict[str, str | int] = {"schedule": sched.name, "run": run, "clusters": len(clusters)}
-        with self._tracer.start_as_current_span("schedule-run", attributes=attributes):
-            for i, cluster in enumerate(clusters, start=1):
-                per = cluster if sched.multi else None
-                task_id = (
-                    manual_task_id(sched.name, when, per) if manual else slot_task_id(sched.name, when, per)
-                )
-                of = f", cluster {i} of {len(clusters)}" if sched.multi else ""
-                await self.leader.verify(slot)
-                await self._emit(
-                    sched.task_for(cluster, task_id), sched.name, run, f"schedule {sched.name}, {label}{of}"
-                )
-                ids.append(task_id)
-        return tuple(ids)
-
-    async def _emit_ping(self, task: Task, run: str, detail: str) -> None:
-        await self._emit(task, "(canary)", run, detail)
-
-    async def _emit(self, task: Task, schedule: str, run: str, detail: str) -> None:
-        """Record the task as pending and publish it with its id as Nats-Msg-Id. A record left by a
-        leader that died before publishing is published again (JetStream drops the copy if the
-        first publish did land); one the router already took is left alone."""
-        task_id = task.task_id
-        attributes = {"task_id": task_id, "schedule": schedule, "slot": run, "cluster": task.cluster_name}
-        with self._tracer.start_as_current_span("emit", attributes=attributes):
-            record = TaskRecord(task=task, state="pending", created_at=time.time())
-            if not await self.status.create_task(task_id, record):
-                known = await self.status.get_task(task_id)
-                if known is not None and known.state != "pending":
-                    log.info("slot already emitted schedule=%s task_id=%s", schedule, task_id)
-                    return
-            ack = await bus.publish(self.js, subjects.GLOBAL, encode(task), msg_id=task_id)
-            if not ack.duplicate:
-                self.metrics.emitted.add(1, {"schedule": schedule})
-                await self.audit.record("emitted", task_id=task_id, cluster=task.cluster_name, detail=detail)
-        log.info(
-            "emitted schedule=%s slot=%s task_id=%s duplicate=%s", schedule, run, task_id, bool(ack.duplicate)
-        )
+        """One pass over every schedule as the holder of `slot`; returns how many tasks it emitted."""
+        return await self.emitter.tick(self.schedules, slot, now, stop)
 
     async def trigger(
         self, name: str, slot: Slot, now: datetime | None = None, by: str = ""
     ) -> tuple[str, ...]:
-        """Emit one run of the schedule now (ids `sched-<name>-manual-<time>`), paused or not. It
-        becomes the schedule's newest run: `skip` and `queue` wait for it like for any run."""
-        sched = self.find(name)
-        async with self._lock:
-            state, version = await self.state.load(name)
-            at = now or datetime.now(UTC)
-            ids = await self.emit_run(sched, slot, at, manual=True)
-            base = state or ScheduleState(last_slot=at - timedelta(seconds=2 * self.tick_seconds))
-            await self.state.save(
-                name, msgspec.structs.replace(base, last_task_id=ids[0], last_run=ids), version
-            )
-        who = f" by {by}" if by else ""
-        await self.audit.record(
-            "triggered", task_id=ids[0], detail=f"schedule {name}{who}: {len(ids)} task(s)"
-        )
-        return ids
+        """Emit one run of the schedule called `name` now, paused or not (UnknownSchedule if none)."""
+        return await self.emitter.trigger(self.find(name), slot, now, by)
 
     # submit API (every replica) -----------------------------------------------------------------
 
     async def submit(self, data: bytes, headers: dict[str, str] | None = None) -> SubmitReply:
         return await self.submissions.submit(data, headers)
-
-
-def _paused(flag: PauseFlag) -> str:
-    by = f" by {flag.by}" if flag.by else ""
-    why = f" ({flag.reason})" if flag.reason else ""
-    return f"paused{by}{why}"
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

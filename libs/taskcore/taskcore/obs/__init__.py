@@ -1,0 +1,3 @@
+"""Observability: structured logs, W3C tracing carried in NATS headers, and OpenTelemetry metrics."""
+
+__all__ = ["logs", "metrics", "tracing"]
