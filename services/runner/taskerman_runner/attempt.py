@@ -131,8 +131,8 @@ class Attempt:
             if stop := await self.node.status.stopped(task.task_id):
                 return await self._retire(stop)
             await self.emit(AttemptObserver.after_lease_taken, s)
-            await self._start()
-            await self._steps(action_cls(), self._context(args, conf), self._step_timeout(action_cls))
+            ctx = await self._start(args, conf)
+            await self._steps(action_cls(), ctx, self._step_timeout(action_cls))
         except RELEASED_BACK as e:
             return await self._release(e)
         except asyncio.CancelledError:
@@ -189,8 +189,10 @@ class Attempt:
                 return leases
             await leases.release()
 
-    async def _start(self) -> None:
-        """The attempt counts from here: the record becomes running, with its attempt number."""
+    async def _start(self, args: Any, conf: Any) -> ActionContext:
+        """The attempt counts from here: the record becomes running, with its attempt number. The
+        guard knows the item is acting before the record says so, so a shutdown that sees the
+        record running gives the action its grace instead of handing the item back."""
         s = self.state
         assert s.leases is not None
         s.began = time.monotonic()
@@ -207,11 +209,14 @@ class Attempt:
                 token=s.leases.tokens()["task"],
             ),
         )
+        ctx = self._context(args, conf)
+        self.node.guard.acting = ctx
         try:
             await self.emit(AttemptObserver.after_started, s)
         except Exception:
             s.record = admitted  # not written: the attempt did not start
             raise
+        return ctx
 
     def _context(self, args: Any, conf: Any) -> ActionContext:
         s, task = self.state, self.state.item.task

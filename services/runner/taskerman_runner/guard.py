@@ -24,8 +24,8 @@ class RunnerStopping(TaskermanError):
 
 
 class StepGuard:
-    """Guards the steps of one node's items. `acting` is the context of the item whose steps have
-    started (None before its first step); `abort` is set once the shutdown grace is over."""
+    """Guards the steps of one node's items. `acting` is the context of the item whose attempt has
+    started (None while it waits for its leases); `abort` is set once the shutdown grace is over."""
 
     def __init__(self, zk: ZkSession) -> None:
         self.zk = zk
