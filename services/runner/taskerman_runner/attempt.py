@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 from msgspec.structs import replace
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -40,6 +39,7 @@ from taskerman_runner.config import ActionOverride
 from taskerman_runner.guard import RunnerStopping, StepGuard
 from taskerman_runner.hooks import AttemptObserver, AttemptState, Hooks
 from taskerman_runner.lease_plan import leases_for
+from taskerman_runner.outcomes import Dead, Failed, Outcome, Released, Retired, Succeeded
 
 RELEASE_DELAY = 2.0  # a lost lease or a long wait: the item goes back after this delay
 STOP_POLL = 3.0  # how often a waiting item looks whether its task was stopped
@@ -48,39 +48,6 @@ STOP_POLL = 3.0  # how often a waiting item looks whether its task was stopped
 RELEASED_BACK: tuple[type[Exception], ...] = (LeaseLost, LeaseWaitTimeout, RunnerStopping, *bus.UNAVAILABLE)
 
 _tracer = tracing.tracer(__name__)
-
-
-class Succeeded(msgspec.Struct, frozen=True):
-    """Every step passed; the item is acked."""
-
-
-class Failed(msgspec.Struct, frozen=True):
-    """The attempt failed at `step` and is counted; the item comes back after its backoff."""
-
-    step: str
-    reason: str
-
-
-class Released(msgspec.Struct, frozen=True):
-    """The attempt ended at `step` without the action failing; the item comes back, not counted."""
-
-    step: str
-    reason: str
-
-
-class Retired(msgspec.Struct, frozen=True):
-    """The task was stopped before this node acted; the item is acked unrun."""
-
-    reason: str
-
-
-class Dead(msgspec.Struct, frozen=True):
-    """The item is in the dead-letter queue."""
-
-    reason: str
-
-
-Outcome = Succeeded | Failed | Released | Retired | Dead
 
 
 @dataclass(frozen=True)
@@ -111,16 +78,10 @@ class Attempt:
         self.emit = node.hooks.emit
 
     async def run(self, action_cls: type[Action], args: Any, conf: Any = None) -> Outcome:
-        s, task = self.state, self.state.item.task
-        s.record = await self.node.status.get_node(task.task_id, self.node.node) or NodeRecord()
-        if s.record.failures > task.retry_count:  # settled as failed before, but the ack was lost
-            return await self._dead(s.record.error or "attempt budget exhausted")
-        if (
-            s.record.state == "running"
-        ):  # the previous delivery never settled: its runner died or lost the ack
-            await self.emit(AttemptObserver.after_attempt_lost, s)
-        if stop := await self.node.status.stopped(task.task_id):
-            return await self._retire(stop)
+        """admit → lease wait → pre_check → execute_action → post_check → settle."""
+        s = self.state
+        if ended := await self._admit():
+            return ended
         keepalive = asyncio.create_task(self._keep_claim())
         try:
             with _tracer.start_as_current_span("lease wait"):
@@ -128,7 +89,7 @@ class Attempt:
             if isinstance(leases, StopRecord):  # stopped while we waited
                 return await self._retire(leases)
             s.leases = leases
-            if stop := await self.node.status.stopped(task.task_id):
+            if stop := await self.node.status.stopped(s.task_id):
                 return await self._retire(stop)
             await self.emit(AttemptObserver.after_lease_taken, s)
             ctx = await self._start(args, conf)
@@ -156,6 +117,19 @@ class Attempt:
         return outcome
 
     # --- the stages -----------------------------------------------------------------------------
+
+    async def _admit(self) -> Outcome | None:
+        """Read the node's record (the attempt's one read of it) and end here what may not run: an
+        item whose attempt budget an earlier delivery spent, or the item of a stopped task."""
+        s, task = self.state, self.state.item.task
+        s.record = await self.node.status.get_node(task.task_id, self.node.node) or NodeRecord()
+        if s.record.failures > task.retry_count:  # settled as failed before, but the ack was lost
+            return await self._dead(s.record.error or "attempt budget exhausted")
+        if s.record.state == "running":
+            # the previous delivery never settled: its runner died or lost the ack
+            await self.emit(AttemptObserver.after_attempt_lost, s)
+        stop = await self.node.status.stopped(task.task_id)
+        return await self._retire(stop) if stop else None
 
     async def _lease_wait(self, action_cls: type[Action]) -> LeaseSet | StopRecord:
         """Wait for a closed breaker and every lease (on watches, keeping the item claimed); a

@@ -32,17 +32,7 @@ from taskcore.core.model import decode_work_item
 from taskcore.core.settings import Settings
 from taskcore.obs import logs, tracing
 from taskcore.obs.metrics import Instruments
-from taskerman_runner.attempt import (
-    RELEASE_DELAY,
-    Attempt,
-    Dead,
-    Failed,
-    NodeServices,
-    Outcome,
-    Retired,
-    Succeeded,
-    dead_letter,
-)
+from taskerman_runner.attempt import RELEASE_DELAY, Attempt, NodeServices, dead_letter
 from taskerman_runner.config import DEFAULT_GRACE, ActionOverride
 from taskerman_runner.guard import StepGuard
 from taskerman_runner.hooks import Hooks
@@ -53,6 +43,7 @@ from taskerman_runner.observers import (
     MetricsObserver,
     StatusObserver,
 )
+from taskerman_runner.outcomes import Dead, Failed, Outcome, Retired, Succeeded
 
 log = logging.getLogger(__name__)
 ABORT_WAIT = 5.0  # after the grace: how long the cancelled action's release may take before we cancel it all
