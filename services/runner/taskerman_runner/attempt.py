@@ -1,0 +1,353 @@
+"""One attempt of one work item on its node, as explicit stages:
+
+    admit → lease wait → pre_check → execute_action → post_check → settle
+
+and one outcome: succeeded; failed at a step (retried with backoff); released back (a lost lease,
+a long lease wait, shutdown: nak'd, not counted); retired (the task was stopped, acked unrun); or
+dead (dead-lettered). The node's tracking record is read once, at admission, and changed here
+only; every transition is emitted as a hook (see hooks.py), and the observers keep the record,
+the audit trail, the metrics and the log. Acks, naks and lease releases are shielded from
+cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from msgspec.structs import replace
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from taskcore.bus import deadletter
+from taskcore.bus import jetstream as bus
+from taskcore.bus.tracking import StatusStore, StopRecord
+from taskcore.coord import clusters
+from taskcore.coord.clusters import Breaker
+from taskcore.coord.leases import LeaseSet
+from taskcore.coord.session import ZkSession
+from taskcore.core.actions import Action, ActionContext
+from taskcore.core.errors import LeaseLost, LeaseWaitTimeout
+from taskcore.core.model import DeadLetter, NodeRecord, WorkItem
+from taskcore.core.settings import Settings
+from taskcore.obs import tracing
+from taskerman_runner import policy
+from taskerman_runner.config import ActionOverride
+from taskerman_runner.guard import RunnerStopping, StepGuard
+from taskerman_runner.hooks import AttemptObserver, AttemptState, Hooks
+from taskerman_runner.lease_plan import leases_for
+from taskerman_runner.outcomes import Dead, Failed, Outcome, Released, Retired, Succeeded
+
+RELEASE_DELAY = 2.0  # a lost lease or a long wait: the item goes back after this delay
+STOP_POLL = 3.0  # how often a waiting item looks whether its task was stopped
+
+# Ends of an attempt that are not the action's failure: the item goes back, nothing is counted.
+RELEASED_BACK: tuple[type[Exception], ...] = (LeaseLost, LeaseWaitTimeout, RunnerStopping, *bus.UNAVAILABLE)
+
+_tracer = tracing.tracer(__name__)
+
+
+@dataclass(frozen=True)
+class NodeServices:
+    """What every attempt on one node uses."""
+
+    js: JetStreamContext
+    status: StatusStore
+    zk: ZkSession
+    settings: Settings
+    cluster: str
+    node: str
+    breaker: Breaker
+    guard: StepGuard
+    hooks: Hooks
+    actor: str  # who acts, for the stop records this node writes
+    packs: Mapping[str, Mapping[str, Any]]
+    overrides: Mapping[str, ActionOverride]
+
+
+class Attempt:
+    """One delivery of one work item, run to one outcome."""
+
+    def __init__(self, node: NodeServices, msg: Msg, item: WorkItem) -> None:
+        self.node = node
+        self.msg = msg
+        self.state = AttemptState(item=item, cluster=node.cluster, node=node.node)
+        self.emit = node.hooks.emit
+
+    async def run(self, action_cls: type[Action], args: Any, conf: Any = None) -> Outcome:
+        """admit → lease wait → pre_check → execute_action → post_check → settle."""
+        s = self.state
+        if ended := await self._admit():
+            return ended
+        keepalive = asyncio.create_task(self._keep_claim())
+        try:
+            with _tracer.start_as_current_span("lease wait"):
+                leases = await self._lease_wait(action_cls)
+            if isinstance(leases, StopRecord):  # stopped while we waited
+                return await self._retire(leases)
+            s.leases = leases
+            if stop := await self.node.status.stopped(s.task_id):
+                return await self._retire(stop)
+            await self.emit(AttemptObserver.after_lease_taken, s)
+            ctx = await self._start(args, conf)
+            await self._steps(action_cls(), ctx, self._step_timeout(action_cls))
+        except RELEASED_BACK as e:
+            return await self._release(e)
+        except asyncio.CancelledError:
+            await _settle(self.msg.nak())
+            raise
+        except Exception as e:
+            return await self._fail(f"{type(e).__name__}: {e}")
+        finally:
+            keepalive.cancel()
+            if s.leases is not None:
+                await asyncio.shield(s.leases.release())
+        return await self._succeed()
+
+    async def reject(self, reason: str) -> Outcome:
+        """A decodable item this node will not run: dead-letter it at once, never spin through
+        retries, and record the node as dead with the reason so that the task finishes."""
+        s = self.state
+        s.record = await self.node.status.get_node(s.task_id, self.node.node) or NodeRecord()
+        outcome = await self._dead(reason)
+        await self._node_failed("")
+        return outcome
+
+    # --- the stages -----------------------------------------------------------------------------
+
+    async def _admit(self) -> Outcome | None:
+        """Read the node's record (the attempt's one read of it) and end here what may not run: an
+        item whose attempt budget an earlier delivery spent, or the item of a stopped task."""
+        s, task = self.state, self.state.item.task
+        s.record = await self.node.status.get_node(task.task_id, self.node.node) or NodeRecord()
+        if s.record.failures > task.retry_count:  # settled as failed before, but the ack was lost
+            return await self._dead(s.record.error or "attempt budget exhausted")
+        if s.record.state == "running":
+            # the previous delivery never settled: its runner died or lost the ack
+            await self.emit(AttemptObserver.after_attempt_lost, s)
+        stop = await self.node.status.stopped(task.task_id)
+        return await self._retire(stop) if stop else None
+
+    async def _lease_wait(self, action_cls: type[Action]) -> LeaseSet | StopRecord:
+        """Wait for a closed breaker and every lease (on watches, keeping the item claimed); a
+        breaker that opened meanwhile sends us back to waiting. Every few seconds the wait looks
+        whether the task was stopped (then its stop record). LeaseWaitTimeout past the upper bound."""
+        node, item = self.node, self.state.item
+        deadline = time.monotonic() + node.settings.lease_wait
+        while True:
+            if stop := await node.status.stopped(item.task.task_id):
+                return stop
+            round_end = min(deadline, time.monotonic() + STOP_POLL)
+            try:
+                await node.breaker.wait_closed(round_end - time.monotonic())
+                budget = (await clusters.read_config(node.zk, node.cluster)).budget
+                override = node.overrides.get(item.task.action)
+                leases = leases_for(
+                    item,
+                    action_cls,
+                    budget,
+                    zk=node.zk,
+                    cluster=node.cluster,
+                    node=node.node,
+                    override=override,
+                )
+                await leases.acquire(round_end)
+            except TimeoutError as e:
+                if time.monotonic() >= deadline:
+                    raise LeaseWaitTimeout(str(e)) from e
+                continue
+            if await node.breaker.state() != "open":
+                return leases
+            await leases.release()
+
+    async def _start(self, args: Any, conf: Any) -> ActionContext:
+        """The attempt counts from here: the record becomes running, with its attempt number. The
+        guard knows the item is acting before the record says so, so a shutdown that sees the
+        record running gives the action its grace instead of handing the item back."""
+        s = self.state
+        assert s.leases is not None
+        s.began = time.monotonic()
+        now = time.time()
+        admitted, s.record = (
+            s.record,
+            replace(
+                s.record,
+                state="running",
+                attempts=s.record.attempts + 1,
+                started_at=now,
+                finished_at=None,
+                first_attempt_at=s.record.first_attempt_at or now,
+                token=s.leases.tokens()["task"],
+            ),
+        )
+        ctx = self._context(args, conf)
+        self.node.guard.acting = ctx
+        try:
+            await self.emit(AttemptObserver.after_started, s)
+        except Exception:
+            s.record = admitted  # not written: the attempt did not start
+            raise
+        return ctx
+
+    def _context(self, args: Any, conf: Any) -> ActionContext:
+        s, task = self.state, self.state.item.task
+        assert s.leases is not None
+        return ActionContext(
+            task=task,
+            cluster=s.cluster,
+            node=s.node,
+            args=args,
+            token=s.leases.tokens()["task"],
+            attempt=s.record.attempts,
+            pack_config=self.node.packs.get(task.action.split(":", 1)[0], {}),
+            tokens=s.leases.tokens(),
+            checkpoint=self.node.zk.check,
+            config=conf,
+        )
+
+    def _step_timeout(self, action_cls: type[Action]) -> float | None:
+        """The node's `[actions."<name>"] timeout`, else the action's own."""
+        override = self.node.overrides.get(self.state.action)
+        return override.timeout if override and override.timeout is not None else action_cls.timeout
+
+    async def _steps(self, action: Action, ctx: ActionContext, time_limit: float | None) -> None:
+        s = self.state
+        assert s.leases is not None
+        for step_fn in (action.pre_check, action.execute_action, action.post_check):
+            s.step = step_fn.__name__
+            await s.leases.verify()
+            with _tracer.start_as_current_span(s.step):
+                await self.node.guard.run(step_fn(ctx), ctx, s.step, time_limit)
+            await self.emit(AttemptObserver.after_step_passed, s, s.step)
+
+    # --- settle ---------------------------------------------------------------------------------
+
+    async def _succeed(self) -> Outcome:
+        s = self.state
+        await self.node.breaker.record_success()
+        s.record = replace(s.record, state="succeeded", finished_at=time.time(), error=None)
+        await self.emit(AttemptObserver.before_succeeded, s)
+        with _tracer.start_as_current_span("ack"):
+            await _settle(self.msg.ack_sync())
+        await self.emit(AttemptObserver.after_succeeded, s)
+        return Succeeded()
+
+    async def _release(self, error: Exception) -> Outcome:
+        s = self.state
+        reason = f"{type(error).__name__}: {error}"
+        state = "pending" if isinstance(error, LeaseWaitTimeout) else "retrying"
+        s.record = replace(s.record, state=state, error=reason)
+        await self.emit(AttemptObserver.before_released, s, error)
+        await _settle(self.msg.nak(delay=RELEASE_DELAY))
+        await self.emit(AttemptObserver.after_released, s, error)
+        return Released(s.step, reason)
+
+    async def _fail(self, reason: str) -> Outcome:
+        """An attempt failed: count it, feed the breaker, then retry with backoff or dead-letter.
+        A post_check failure is different: the cluster may be on fire, so the breaker trips, the
+        node is dead-lettered at once and the whole task stops."""
+        s, task = self.state, self.state.item.task
+        on_fire = s.step == "post_check"
+        await self.node.breaker.record_failure(f"{task.task_id} on {s.node}: {reason}", trip=on_fire)
+        s.record = replace(s.record, failures=s.record.failures + 1, error=reason)
+        await self.emit(AttemptObserver.after_step_failed, s, reason)
+        if on_fire or policy.after_failure(s.record.failures, task.retry_count) == "dead":
+            outcome = await self._dead(reason)
+            await self._node_failed(reason if on_fire else "")
+            return outcome
+        s.record = replace(s.record, state="retrying")
+        delay = policy.retry_delay(task.taskerman_params.workqueue_args, s.record.failures)
+        await self.emit(AttemptObserver.before_retried, s, delay)
+        attributes = {"delay_s": delay, "failures": s.record.failures}
+        with _tracer.start_as_current_span("retry", attributes=attributes):
+            await _settle(self.msg.nak(delay=delay))
+        await self.emit(AttemptObserver.after_retried, s, delay)
+        return Failed(s.step, reason)
+
+    async def _retire(self, stop: StopRecord) -> Outcome:
+        """A stopped task's item that has not started is retired: acked and recorded as skipped
+        (or cancelled). Nodes already running finish on their own."""
+        s = self.state
+        state = "cancelled" if stop.reason == "cancelled" else "skipped"
+        s.record = replace(
+            s.record, state=state, finished_at=time.time(), error=f"task stopped: {stop.reason}"
+        )
+        await self.emit(AttemptObserver.before_retired, s, stop)
+        await _settle(self.msg.ack_sync())
+        await self.emit(AttemptObserver.after_retired, s, stop)
+        return Retired(stop.reason)
+
+    async def _dead(self, reason: str) -> Outcome:
+        s = self.state
+        await dead_letter(
+            self.node.js,
+            self.msg,
+            cluster=s.cluster,
+            node=s.node,
+            task_id=s.task_id,
+            reason=reason,
+            rec=s.record,
+        )
+        s.record = replace(s.record, state="dead", error=reason, finished_at=time.time())
+        await self.emit(AttemptObserver.after_dead_lettered, s, reason)
+        return Dead(reason)
+
+    async def _node_failed(self, post_check_reason: str) -> None:
+        """Count a failed node against the task's max_failures; stop the task past it (or at once
+        after a post_check failure)."""
+        s, task = self.state, self.state.item.task
+        failed = await self.node.status.add_failure(task.task_id)
+        allowed = task.taskerman_params.max_failures
+        if post_check_reason:
+            reason, detail = "post_check", f"post_check failed on {s.node}: {post_check_reason}"
+        elif failed > allowed:
+            reason, detail = "failures", f"{failed} failed node(s), max_failures {allowed}"
+        else:
+            return
+        stop = StopRecord(reason=reason, detail=detail, by=self.node.actor, at=time.time())
+        if await self.node.status.stop(task.task_id, stop):
+            await self.emit(AttemptObserver.after_task_stopped, s, detail)
+
+    async def _keep_claim(self) -> None:
+        """In-progress acks while we hold the item, so the server does not redeliver it."""
+        while True:
+            await asyncio.sleep(self.node.settings.ack_wait / 3)
+            with contextlib.suppress(Exception):
+                await self.msg.in_progress()
+
+
+async def dead_letter(
+    js: JetStreamContext,
+    msg: Msg,
+    *,
+    cluster: str,
+    node: str,
+    task_id: str,
+    reason: str,
+    rec: NodeRecord | None,
+) -> None:
+    """Copy the item into the DLQ (its stream sequence is the message id), then ack it away."""
+    letter = DeadLetter(
+        task_id=task_id,
+        cluster=cluster,
+        node=node,
+        reason=reason,
+        deliveries=msg.metadata.num_delivered,
+        payload=msg.data.decode(errors="replace"),
+        trace_id=tracing.current_trace_id(),
+        span_id=tracing.current_span_id(),
+        source_subject=msg.subject,
+        first_attempt_at=rec.first_attempt_at if rec else None,
+        last_attempt_at=rec.started_at if rec else None,
+    )
+    with _tracer.start_as_current_span("dead-letter", attributes={"reason": reason}):
+        await deadletter.send(js, letter, msg_id=f"{msg.metadata.sequence.stream}")
+        await _settle(msg.ack_sync())
+
+
+async def _settle(op: Awaitable[Any]) -> None:
+    """Acks and naks must happen even while we are being cancelled."""
+    await asyncio.shield(op)
