@@ -27,6 +27,7 @@ from taskcore.bus import jetstream as bus
 from taskcore.bus.tracking import StatusStore
 from taskcore.core import subjects
 from taskcore.core.model import Task, TaskermanParams, WorkItem
+from taskcore.runtime import procs
 from taskerman_dev import demo_fleet
 
 from .conftest import BIN, Stack, publish_raw, task_json, wait_final
@@ -141,7 +142,7 @@ async def test_service_restart_restarts_a_real_process_and_waits_for_its_probe(
     assert view.state == "succeeded", view
     after = await demo.pid(within=1)
     assert after != before  # a new process answers its probe
-    assert not demo_fleet.pid_alive(before)
+    assert not procs.alive(before)
     events = await kinds(js[1], "svc")
     assert events.index("pre_check-passed") < events.index("execute_action-passed")
     assert (
@@ -230,10 +231,7 @@ async def test_arguments_are_rejected_before_any_step_with_the_reason(
 
 
 def proc_state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return "gone"
+    return procs.state(pid) or "gone"
 
 
 async def test_chaos_kills_and_pauses_processes_the_config_names(

@@ -28,6 +28,7 @@ import msgspec
 from taskcore.bus.jetstream import REPLICAS_ENV
 from taskcore.core.errors import ServerNotReady, TaskermanError
 from taskcore.core.settings import Settings
+from taskcore.runtime import procs
 from taskerman_dev import demo_fleet
 from taskerman_dev.launchers import (
     NatsCluster,
@@ -133,9 +134,7 @@ def is_alive(proc: StackProcess) -> bool:
 
 def _recorded_alive(proc: StackProcess) -> bool:
     """Whether the pid recorded at start still runs as the same process."""
-    if not demo_fleet.pid_alive(proc.pid):
-        return False
-    return proc.start_ticks is None or demo_fleet.start_ticks(proc.pid) == proc.start_ticks
+    return procs.alive(proc.pid, proc.start_ticks)
 
 
 def is_running(settings: Settings) -> bool:
@@ -233,15 +232,6 @@ def _script(name: str) -> Path:
     return path
 
 
-def _cmdline(pid: int) -> list[str]:
-    """The argv of a running process, as far as /proc tells."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
 def _service_port(node_index: int, taken: set[int]) -> int:
     """18080+i when free, else any free port."""
     port = SERVICE_BASE_PORT + node_index
@@ -290,7 +280,7 @@ class _Starter:
 
     def record(self, proc: StackProcess) -> None:
         """Add a started process to the record."""
-        proc.start_ticks = demo_fleet.start_ticks(proc.pid)
+        proc.start_ticks = procs.start_ticks(proc.pid)
         proc.started_at = time.time()
         self.stack.processes.append(proc)
         _save(self.settings, self.stack)
@@ -313,7 +303,10 @@ class _Starter:
             server.start()
             self.record(
                 StackProcess(
-                    name=name, pid=server.pid, command=_cmdline(server.pid), log=str(server.log_path)
+                    name=name,
+                    pid=server.pid,
+                    command=procs.cmdline(server.pid) or [],
+                    log=str(server.log_path),
                 )
             )
         try:
@@ -338,7 +331,7 @@ class _Starter:
                         StackProcess(
                             name=name,
                             pid=member.pid,
-                            command=_cmdline(member.pid),
+                            command=procs.cmdline(member.pid) or [],
                             member=i,
                             log=str(member.log_path),
                         )
@@ -517,13 +510,13 @@ def down(settings: Settings) -> int:
         return 0
     stopped = killed = 0
     for rank in range(len(STOP_ORDER)):
-        procs = [p for p in stack.processes if _stop_rank(p) == rank]
-        pids = [pid for p in procs for pid in _pids_of(p)]
+        group = [p for p in stack.processes if _stop_rank(p) == rank]
+        pids = [pid for p in group for pid in _pids_of(p)]
         if pids:
-            killed += len(demo_fleet.terminate(pids, STOP_TIMEOUT))
+            killed += len(procs.terminate(pids, STOP_TIMEOUT))
             stopped += len(pids)
-            print(f"  stopped {', '.join(sorted({p.name for p in procs}))} ({len(pids)})", flush=True)
-        for p in procs:
+            print(f"  stopped {', '.join(sorted({p.name for p in group}))} ({len(pids)})", flush=True)
+        for p in group:
             if p.state_dir is not None:
                 demo_fleet.stop_service(Path(p.state_dir), timeout=1.0)  # clears a pidfile left by a kill
     stack_path(settings).unlink(missing_ok=True)

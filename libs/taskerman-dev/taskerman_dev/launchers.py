@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import IO, Any, Generic, Self, TypeVar
 
 from taskcore.core.errors import ServerNotReady
+from taskcore.runtime import procs
 
 ZOOKEEPER_JAR = Path("/usr/share/java/zookeeper.jar")
 # The manifest of zookeeper.jar pulls in its dependencies but no slf4j binding: add log4j explicitly.
@@ -176,15 +177,8 @@ class _ServerProcess(_Managed):
 
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the server (SIGTERM, then SIGKILL after `timeout`) and reap it."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.send_signal(signal.SIGCONT)  # a paused process must run to see SIGTERM
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        if self._proc is not None:
+            procs.terminate([self._proc], timeout)
         self._close_log()
 
     def kill(self) -> None:
@@ -219,7 +213,7 @@ class _ServerProcess(_Managed):
         """Send a signal to the running server."""
         if not self.running:
             raise ServerNotReady(f"{self.name} is not running")
-        os.kill(self.pid, sig)
+        procs.send_signal(self.pid, sig)
 
     def _close_log(self) -> None:
         """Close the log file handle held for the child."""
