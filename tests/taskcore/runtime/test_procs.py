@@ -16,9 +16,18 @@ import pytest
 from taskcore.runtime import procs
 
 
+def _spawn(argv: list[str], name: str) -> subprocess.Popen[bytes]:
+    """Start `argv` and wait until it has exec'd (until then the child is a copy of this interpreter)."""
+    proc = subprocess.Popen(argv)
+    deadline = time.monotonic() + 5
+    while procs.comm(proc.pid) != name and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proc
+
+
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(["sleep", "60"])
+    proc = _spawn(["sleep", "60"], "sleep")
     yield proc
     if proc.poll() is None:
         proc.kill()
@@ -47,7 +56,7 @@ def test_stat_of_a_running_child(sleeper: subprocess.Popen[bytes]) -> None:
 def test_a_name_with_parentheses_and_spaces_does_not_shift_the_fields(tmp_path: Path) -> None:
     odd = tmp_path / "a) b (c"
     odd.symlink_to(shutil.which("sleep") or "/bin/sleep")
-    proc = subprocess.Popen([str(odd), "60"])
+    proc = _spawn([str(odd), "60"], "a) b (c")
     try:
         assert procs.comm(proc.pid) == "a) b (c"
         found = procs.stat(proc.pid)

@@ -1,14 +1,4 @@
-"""The local stack behind `taskerman dev up|down|status`: servers, services and a demo fleet under one home.
-
-Every process started is recorded in `$TASKERMAN_HOME/stack.json` (name, pid, command, and for runners
-and demo services their cluster and node), so that `down` stops exactly what `up` started and a chaos
-tool can find every pid.
-
-`up --cluster-mode` runs the multi-node topology of compose/ on loopback instead of one server of each:
-three clustered nats-servers and a three-server ZooKeeper ensemble (each member recorded as its own
-`nats-server` / `zookeeper` process with its `member` index), every stream at 3 replicas. The record
-keeps the servers' URLs, so the CLI finds them while `TASKERMAN_NATS_URL` / `TASKERMAN_ZK_HOSTS` are
-unset (`with_stack_servers`)."""
+"""`taskerman dev up`: the servers, the demo fleet and the services, each recorded as soon as it runs."""
 
 from __future__ import annotations
 
@@ -18,18 +8,31 @@ import shlex
 import sys
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import msgspec
 
 from taskcore.bus.jetstream import REPLICAS_ENV
-from taskcore.core.errors import ServerNotReady, TaskermanError
+from taskcore.core.errors import ServerNotReady
 from taskcore.core.settings import Settings
 from taskcore.runtime import procs
 from taskerman_dev import demo_fleet
+from taskerman_dev.devstack.addresses import nats_listen, server_groups, zk_listen
+from taskerman_dev.devstack.record import (
+    CLUSTER,
+    CLUSTER_SIZE,
+    Stack,
+    StackError,
+    StackProcess,
+    absolute,
+    display_name,
+    is_alive,
+    load_stack,
+    save,
+    stack_path,
+)
+from taskerman_dev.devstack.stopping import down
 from taskerman_dev.launchers import (
     NatsCluster,
     NatsServer,
@@ -39,184 +42,12 @@ from taskerman_dev.launchers import (
     port_open,
 )
 
-CLUSTER = "demo:web"
-STACK_FILE = "stack.json"
 SERVICE_BASE_PORT = 18080
 CANARY_EVERY = 10  # seconds between the scheduler's taskerman:ping tasks to the demo cluster
-STOP_TIMEOUT = 10.0
 SETTLE_S = 1.0
 NATS_READY_S = 30.0
 ZK_READY_S = 60.0
 HEALTH_READY_S = 15.0
-CLUSTER_SIZE = 3  # --cluster-mode: nats-servers, ZooKeeper servers, and so stream replicas
-# The order `down` stops things in: workers first, so nothing acts on a fleet that is going away.
-STOP_ORDER = (("runner",), ("router", "scheduler"), ("demo-service",), ("nats-server", "zookeeper"))
-
-
-class StackProcess(msgspec.Struct, kw_only=True):
-    """One process the stack started."""
-
-    name: str
-    pid: int
-    command: list[str]
-    cluster: str | None = None
-    node: str | None = None
-    member: int | None = None  # cluster mode: the server's place (1-based) in the stack's nats_url / zk_hosts
-    log: str | None = None
-    state_dir: str | None = None  # demo services: their pidfile lives here (their pid changes on restart)
-    start_ticks: int | None = None  # tells the recorded pid from a later reuse of the same number
-    started_at: float = 0.0
-
-
-class Stack(msgspec.Struct, kw_only=True):
-    """The contents of `stack.json`."""
-
-    home: str
-    nats_url: str  # every server's URL, comma-separated (the form of TASKERMAN_NATS_URL)
-    zk_hosts: str
-    created_at: float
-    cluster_mode: bool = False
-    processes: list[StackProcess] = []
-
-
-class StackError(TaskermanError):
-    """Starting the stack failed; the message says what and where to look."""
-
-
-# --- the record ------------------------------------------------------------------------------------------
-
-
-def _absolute(settings: Settings) -> Settings:
-    """The settings with `home` made absolute, so every child agrees on it."""
-    return msgspec.structs.replace(settings, home=settings.home.resolve())
-
-
-def stack_path(settings: Settings) -> Path:
-    """Where the stack's record lives."""
-    return settings.home / STACK_FILE
-
-
-def load_stack(settings: Settings) -> Stack | None:
-    """The recorded stack, or None when there is none (an unreadable record is reported and ignored)."""
-    path = stack_path(settings)
-    try:
-        return msgspec.json.decode(path.read_bytes(), type=Stack)
-    except FileNotFoundError:
-        return None
-    except (OSError, msgspec.DecodeError) as e:
-        print(f"taskerman dev: ignoring unreadable {path}: {e}", file=sys.stderr)
-        return None
-
-
-def _save(settings: Settings, stack: Stack) -> None:
-    """Write the record atomically."""
-    path = stack_path(settings)
-    tmp = path.with_name(f".{STACK_FILE}.{os.getpid()}")
-    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(stack)) + b"\n")
-    tmp.replace(path)
-
-
-def current_pid(proc: StackProcess) -> int:
-    """The process's pid now: a demo service's comes from its pidfile, since a restart changes it."""
-    if proc.state_dir is not None:
-        pid = demo_fleet.read_pid(Path(proc.state_dir))
-        if pid is not None:
-            return pid
-    return proc.pid
-
-
-def is_alive(proc: StackProcess) -> bool:
-    """Whether the recorded process (not some later one that reuses its pid) still runs."""
-    if proc.state_dir is not None and demo_fleet.read_pid(Path(proc.state_dir)) is not None:
-        return True
-    return _recorded_alive(proc)
-
-
-def _recorded_alive(proc: StackProcess) -> bool:
-    """Whether the pid recorded at start still runs as the same process."""
-    return procs.alive(proc.pid, proc.start_ticks)
-
-
-def is_running(settings: Settings) -> bool:
-    """Whether any process of the recorded stack still runs."""
-    stack = load_stack(_absolute(settings))
-    return stack is not None and any(is_alive(p) for p in stack.processes)
-
-
-def with_stack_servers(settings: Settings, env: Mapping[str, str]) -> Settings:
-    """The settings with the running stack's NATS URLs and ZooKeeper hosts wherever `env` leaves
-    `TASKERMAN_NATS_URL` / `TASKERMAN_ZK_HOSTS` unset, so the CLI reaches a `dev up --cluster-mode`
-    stack (or one on non-default ports) without exports; unchanged when no stack runs under home."""
-    if not stack_path(settings).is_file():
-        return settings
-    stack = load_stack(settings)
-    if stack is None or not any(is_alive(p) for p in stack.processes):
-        return settings
-    return msgspec.structs.replace(
-        settings,
-        nats_url=env.get("TASKERMAN_NATS_URL", stack.nats_url),
-        zk_hosts=env.get("TASKERMAN_ZK_HOSTS", stack.zk_hosts),
-    )
-
-
-# --- up --------------------------------------------------------------------------------------------------
-
-
-def _nats_addresses(url: str) -> list[tuple[str, int]]:
-    """Host and port of every NATS URL in the comma-separated list."""
-    found = []
-    for item in url.split(","):
-        parts = urllib.parse.urlsplit(item.strip() if "://" in item else f"nats://{item.strip()}")
-        found.append((parts.hostname or "127.0.0.1", parts.port or 4222))
-    return found
-
-
-def _zk_addresses(hosts: str) -> list[tuple[str, int]]:
-    """Host and port of every ZooKeeper host in the comma-separated list, ignoring any chroot."""
-    found = []
-    for item in hosts.partition("/")[0].split(","):
-        host, _, port = item.strip().rpartition(":")
-        if port.isdigit():
-            found.append((host.strip("[]") or "127.0.0.1", int(port)))
-        else:
-            found.append((item.strip() or "127.0.0.1", 2181))
-    return found
-
-
-def _nats_listen(url: str) -> tuple[str, int]:
-    """Host and port to listen on, from the (first) NATS URL."""
-    return _nats_addresses(url)[0]
-
-
-def _zk_listen(hosts: str) -> tuple[str, int]:
-    """Host and port to listen on, from the (first) ZooKeeper host, ignoring any chroot."""
-    return _zk_addresses(hosts)[0]
-
-
-def _member_ports(what: str, addresses: list[tuple[str, int]]) -> tuple[str, list[int]]:
-    """The host and client ports of a cluster's members: the addresses when the setting names exactly
-    CLUSTER_SIZE on one host (as `dev up --cluster-mode` prints them), else consecutive ports from the
-    first (4222-4224 from the default)."""
-    host, first = addresses[0]
-    if len(addresses) == CLUSTER_SIZE:
-        if {h for h, _ in addresses} != {host}:
-            raise StackError(f"the {what} servers of --cluster-mode must share one host, not {addresses}")
-        return host, [port for _, port in addresses]
-    if first + CLUSTER_SIZE - 1 > 65535:
-        raise StackError(f"no {CLUSTER_SIZE} {what} ports from {first} on")
-    return host, [first + i for i in range(CLUSTER_SIZE)]
-
-
-def _server_groups(settings: Settings) -> tuple[NatsCluster, ZooKeeperEnsemble]:
-    """The NATS cluster and ZooKeeper ensemble of cluster mode, on the ports the settings name (their
-    route, monitoring, quorum and election ports are free ones); data kept under home across restarts."""
-    nats_host, nats_ports = _member_ports("NATS", _nats_addresses(settings.nats_url))
-    zk_host, zk_ports = _member_ports("ZooKeeper", _zk_addresses(settings.zk_hosts))
-    home = settings.home
-    return (
-        NatsCluster(home / "nats-cluster", size=CLUSTER_SIZE, host=nats_host, ports=nats_ports),
-        ZooKeeperEnsemble(home / "zookeeper-ensemble", size=CLUSTER_SIZE, host=zk_host, ports=zk_ports),
-    )
 
 
 def _toml_str(value: str) -> str:
@@ -283,17 +114,17 @@ class _Starter:
         proc.start_ticks = procs.start_ticks(proc.pid)
         proc.started_at = time.time()
         self.stack.processes.append(proc)
-        _save(self.settings, self.stack)
+        save(self.settings, self.stack)
         where = f"  {proc.cluster} {proc.node}" if proc.node else ""
-        print(f"  {_display_name(proc.name, proc.member):<13} pid {proc.pid:<8}{where}", flush=True)
+        print(f"  {display_name(proc.name, proc.member):<13} pid {proc.pid:<8}{where}", flush=True)
 
     def servers(self) -> None:
         """NATS and ZooKeeper on the ports the settings name; data kept under home across restarts."""
         if self.groups is not None:
             self.cluster_servers(*self.groups)
             return
-        nats_host, nats_port = _nats_listen(self.settings.nats_url)
-        zk_host, zk_port = _zk_listen(self.settings.zk_hosts)
+        nats_host, nats_port = nats_listen(self.settings.nats_url)
+        zk_host, zk_port = zk_listen(self.settings.zk_hosts)
         for what, host, port in (("NATS", nats_host, nats_port), ("ZooKeeper", zk_host, zk_port)):
             if port_open(host, port):
                 raise StackError(f"{what} port {host}:{port} is already in use (another stack or server?)")
@@ -426,12 +257,12 @@ def up(settings: Settings, runners: int = 4, cluster_mode: bool = False) -> int:
     """Start NATS, ZooKeeper, the demo fleet, router, scheduler and one runner per node in the background;
     with `cluster_mode`, three clustered nats-servers and a three-server ZooKeeper ensemble instead of one
     of each, and the services' streams at 3 replicas."""
-    settings = _absolute(settings)
+    settings = absolute(settings)
     if runners < 1:
         print("taskerman dev up: --runners must be at least 1", file=sys.stderr)
         return 1
     try:
-        groups = _server_groups(settings) if cluster_mode else None
+        groups = server_groups(settings) if cluster_mode else None
     except StackError as e:
         print(f"taskerman dev up: {e}", file=sys.stderr)
         return 1
@@ -481,94 +312,3 @@ def up(settings: Settings, runners: int = 4, cluster_mode: bool = False) -> int:
             f"  export TASKERMAN_ZK_HOSTS={shlex.quote(settings.zk_hosts)}"
         )
     return 0
-
-
-# --- down ------------------------------------------------------------------------------------------------
-
-
-def _stop_rank(proc: StackProcess) -> int:
-    """Position of the process in the stopping order (unknown names go with the router)."""
-    return next((i for i, names in enumerate(STOP_ORDER) if proc.name in names), 1)
-
-
-def _pids_of(proc: StackProcess) -> list[int]:
-    """The live pids that belong to a recorded process (a demo service: its pidfile's and the original)."""
-    pids = []
-    if proc.state_dir is not None and (pid := demo_fleet.read_pid(Path(proc.state_dir))) is not None:
-        pids.append(pid)
-    if _recorded_alive(proc) and proc.pid not in pids:
-        pids.append(proc.pid)
-    return pids
-
-
-def down(settings: Settings) -> int:
-    """Stop everything the recorded stack started, in order; SIGTERM, then SIGKILL after a deadline."""
-    settings = _absolute(settings)
-    stack = load_stack(settings)
-    if stack is None:
-        print(f"no stack recorded under {settings.home}: nothing to stop")
-        return 0
-    stopped = killed = 0
-    for rank in range(len(STOP_ORDER)):
-        group = [p for p in stack.processes if _stop_rank(p) == rank]
-        pids = [pid for p in group for pid in _pids_of(p)]
-        if pids:
-            killed += len(procs.terminate(pids, STOP_TIMEOUT))
-            stopped += len(pids)
-            print(f"  stopped {', '.join(sorted({p.name for p in group}))} ({len(pids)})", flush=True)
-        for p in group:
-            if p.state_dir is not None:
-                demo_fleet.stop_service(Path(p.state_dir), timeout=1.0)  # clears a pidfile left by a kill
-    stack_path(settings).unlink(missing_ok=True)
-    if stopped:
-        print(
-            f"stack under {settings.home} stopped ({stopped} processes"
-            + (f", {killed} killed)" if killed else ")")
-        )
-    else:
-        print(f"nothing was running under {settings.home}; removed the stale record")
-    return 0
-
-
-# --- status ----------------------------------------------------------------------------------------------
-
-
-def status(settings: Settings, as_json: bool) -> int:
-    """Every recorded process with its pid and whether it runs; 0 when all run, 1 otherwise."""
-    settings = _absolute(settings)
-    stack = load_stack(settings)
-    procs = stack.processes if stack is not None else []
-    rows: list[dict[str, object]] = [
-        {
-            "name": p.name,
-            "pid": current_pid(p),
-            "alive": is_alive(p),
-            "cluster": p.cluster,
-            "node": p.node,
-            "member": p.member,
-        }
-        for p in procs
-    ]
-    if as_json:
-        print(json.dumps(rows, indent=2))
-    elif stack is not None and rows:
-        mode = f" (cluster mode, streams at {CLUSTER_SIZE} replicas)" if stack.cluster_mode else ""
-        print(f"NATS {stack.nats_url}  ZooKeeper {stack.zk_hosts}{mode}")
-        _print_table(rows)
-    else:
-        print(f"no stack recorded under {settings.home}")
-    return 0 if rows and all(r["alive"] for r in rows) else 1
-
-
-def _display_name(name: object, member: object) -> str:
-    """The name, with a cluster member's index (`nats-server-2`)."""
-    return f"{name}-{member}" if member is not None else str(name)
-
-
-def _print_table(rows: Sequence[dict[str, object]]) -> None:
-    """The rows as an aligned table."""
-    print(f"{'NAME':<13} {'PID':>8}  {'ALIVE':<5}  {'CLUSTER':<10} NODE")
-    for r in rows:
-        alive = "yes" if r["alive"] else "no"
-        name = _display_name(r["name"], r["member"])
-        print(f"{name:<13} {r['pid']!s:>8}  {alive:<5}  {r['cluster'] or '-'!s:<10} {r['node'] or '-'}")
