@@ -198,12 +198,17 @@ async def _dlq(args: argparse.Namespace, js: JetStreamContext, status: StatusSto
         if not args.all and args.id is None:
             print("taskerman dlq replay: give an ID or --all", file=sys.stderr)
             return EXIT_INVALID
-        missing = 0
+        failed = 0
         for seq in ids:
-            letter = await deadletter.replay(js, status, seq)
+            try:
+                letter = await deadletter.replay(js, status, seq)
+            except deadletter.TruncatedPayload as e:
+                print(f"taskerman dlq replay: {e}", file=sys.stderr)
+                failed += 1
+                continue
             if letter is None:
                 print(f"no dead letter {seq}", file=sys.stderr)
-                missing += 1
+                failed += 1
             else:
                 await audit.Audit(js, _user()).record(
                     "replayed",
@@ -213,7 +218,7 @@ async def _dlq(args: argparse.Namespace, js: JetStreamContext, status: StatusSto
                     detail=f"dead letter {seq} ({letter.reason})",
                 )
                 print(f"replayed {seq} (task {letter.task_id}, node {letter.node or '-'})")
-        return EXIT_FAILED if missing else EXIT_OK
+        return EXIT_FAILED if failed else EXIT_OK
     # purge
     if not args.yes:
         if not sys.stdin.isatty():
