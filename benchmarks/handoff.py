@@ -30,7 +30,6 @@ import math
 import os
 import random
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from taskcore.coord.session import ZkSession
 from taskcore.core import subjects
 from taskcore.core.model import Task, TaskermanParams
 from taskcore.core.settings import Settings
+from taskcore.runtime import procs
 from taskerman_dev.launchers import NatsServer, ZooKeeperServer
 
 BIN = Path(sys.executable).parent
@@ -159,16 +159,7 @@ class Processes:
         self.procs.append(subprocess.Popen([str(BIN / name), *args], env=self.env, stdout=log, stderr=log))
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for p in self.procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        procs.terminate(self.procs, timeout=10)
 
 
 @contextmanager

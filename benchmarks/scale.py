@@ -41,17 +41,17 @@ import msgspec
 from nats.js import JetStreamContext, api
 
 sys.path.insert(0, str(Path(__file__).parent))
-import handoff  # noqa: E402 - the shared stack and witness helpers beside this file
+import handoff
 
-from taskcore.bus import jetstream as bus  # noqa: E402
-from taskcore.bus.tracking import StatusStore  # noqa: E402
-from taskcore.coord import clusters  # noqa: E402
-from taskcore.coord.semaphore import FairSemaphore  # noqa: E402
-from taskcore.coord.session import Slot, ZkSession  # noqa: E402
-from taskcore.core import subjects  # noqa: E402
-from taskcore.core.model import Task, TaskermanParams  # noqa: E402
-from taskcore.core.settings import Settings  # noqa: E402
-from taskerman_dev.zkstats import packets_received  # noqa: E402
+from taskcore.bus import jetstream as bus
+from taskcore.bus.tracking import StatusStore
+from taskcore.coord import clusters
+from taskcore.coord.semaphore import FairSemaphore
+from taskcore.coord.session import Slot, ZkSession
+from taskcore.core import subjects
+from taskcore.core.model import Task, TaskermanParams
+from taskcore.core.settings import Settings
+from taskerman_dev.zkstats import packets_received
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 CLUSTER = handoff.CLUSTER
@@ -140,10 +140,8 @@ async def makespan(stack: Stack, n: int, m: int, mode: str, seed: int) -> dict[s
     intervals = handoff.read_witness(stack.witness, {t.task_id for t in tasks})
     span = max(i["end"] for i in intervals) - min(i["start"] for i in intervals)
     in_order = [durations[node] for node in nodes]
-    if mode == "fixed":
-        ideal = math.ceil(n / m) * 0.5
-    else:
-        ideal = handoff.greedy_makespan(in_order, m)  # instant hand-offs, nodes in plan order
+    # fixed T: ceil(n/m)·T; varied T: instant hand-offs, nodes taken in plan order
+    ideal = math.ceil(n / m) * 0.5 if mode == "fixed" else handoff.greedy_makespan(in_order, m)
     batches = batches_makespan(in_order, m)
     idle = handoff.idle_slot_delays(intervals, m)
     return {
@@ -281,7 +279,7 @@ async def zk_cost(stack: Stack, waiters: int, hand_offs: int = 20) -> dict[str, 
             await slots.put((sem, await sem.acquire(f"w{i}")))
 
         tasks = [asyncio.create_task(waiter(i)) for i in range(waiters)]
-        while await sems[0].waiting() < waiters:
+        while await sems[0].waiting() < waiters:  # noqa: ASYNC110 - polling ZooKeeper, not a local flag
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)
         idle_s = 5.0

@@ -11,12 +11,12 @@ import pytest
 from taskcore.core.actions import ActionContext, ActionRegistry
 from taskcore.core.errors import ActionFailed, InvalidTask
 from taskcore.core.model import decode_task
+from taskcore.runtime import procs
 from taskerman_dev.demo_fleet import (
     DemoRestart,
     RestartArgs,
     ServiceUnhealthy,
     check_health,
-    pid_alive,
     read_pid,
     start_service,
     stop_service,
@@ -64,7 +64,7 @@ async def test_restart_replaces_the_process(service: dict[str, Any]) -> None:
     after = await check_health(service["port"])
     assert after.pid != before.pid
     assert after.pid == action.pid_after == read_pid(Path(service["state_dir"]))
-    assert not pid_alive(before.pid)
+    assert not procs.alive(before.pid)
 
 
 async def test_missing_service_fails_pre_check(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import nats
 import pytest
 
 from taskcore.core import subjects
+from taskcore.runtime.procs import alive
 from taskerman_dev.launchers import free_port, free_ports
 
 _T = TypeVar("_T")
@@ -81,15 +82,8 @@ def test_dev_stack_rolling_restart(dev_env: dict[str, str]) -> None:
     assert down.returncode == 0, down.stdout + down.stderr
     for p in procs:
         if p["name"] != "demo-service":  # a service's recorded pid changed when it was restarted
-            assert not Path(f"/proc/{p['pid']}").exists() or _zombie(p["pid"]), p
+            assert not alive(p["pid"], reap=False), p
     assert tm(dev_env, "dev", "status").returncode == 1
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except OSError:
-        return True
 
 
 @pytest.fixture
@@ -158,7 +152,7 @@ def test_dev_stack_cluster_mode_survives_losing_a_server_of_each(cluster_env: di
     down = tm(user_env, "dev", "down")
     assert down.returncode == 0, down.stdout + down.stderr
     for p in after:
-        assert not Path(f"/proc/{p['pid']}").exists() or _zombie(p["pid"]), p
+        assert not alive(p["pid"], reap=False), p
     assert tm(user_env, "dev", "status").returncode == 1
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import os
 import time
 
 import msgspec
@@ -18,7 +20,7 @@ from taskcore.core import subjects
 from taskcore.core.model import DeadLetter, Task, WorkItem
 from taskcore.core.settings import Settings
 
-from .conftest import Stack, task_json, wait_final
+from .conftest import Stack, publish_raw, task_json, wait_final
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -120,3 +122,45 @@ async def test_unknown_task_status_and_bad_submit_exit_codes(stack: Stack) -> No
     out = stack.cli("submit", "test:sleep", "--cluster", "c1", "--arg", "seconds=abc")
     assert out.returncode == 2
     assert "seconds" in out.stderr
+
+
+async def test_an_oversized_garbage_task_is_dead_lettered_truncated_and_the_router_goes_on(
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    """600 KB of random bytes on tasks.global: escaped whole, the dead letter would pass NATS' 1 MB.
+    The router keeps the start of the payload with its size and digest, refuses to replay it, and
+    routes the next task as ever."""
+    router = stack.router()
+    stack.runner("c1", ["n1"])
+    garbage = os.urandom(600_000)
+    await publish_raw(js[1], garbage, msg_id="garbage-1")
+    letters: list[tuple[int, DeadLetter]] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not letters:
+        letters = [(s, d) for s, d in await deadletter.entries(js[1]) if d.payload_truncated]
+        await asyncio.sleep(0.2)
+    assert len(letters) == 1, stack.logs()
+    seq, letter = letters[0]
+    assert letter.payload_size == len(garbage)
+    assert letter.payload_sha256 == hashlib.sha256(garbage).hexdigest()
+    assert letter.payload == garbage[: deadletter.PAYLOAD_LIMIT].decode(errors="replace")
+    assert letter.source_subject == subjects.GLOBAL
+    assert len(letter.reason) <= deadletter.REASON_LIMIT
+    assert router.poll() is None, stack.logs()
+
+    out = stack.cli("dlq", "replay", str(seq))
+    assert out.returncode == 1
+    assert "truncated" in out.stderr
+    assert await deadletter.get(js[1], seq) is not None  # left in place
+
+    valid = task_json(
+        action="test:sleep",
+        cluster_name="c1",
+        nodes=["n1"],
+        task_id="after-garbage",
+        taskerman_params={"action_args": {"seconds": 0}},
+    )
+    await publish_raw(js[1], valid)
+    view = await wait_final(status, "after-garbage", stack=stack)
+    assert view.state == "succeeded", stack.logs()
+    assert router.poll() is None

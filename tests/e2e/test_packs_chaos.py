@@ -13,16 +13,14 @@ from nats.js import JetStreamContext
 
 from taskcore.bus import deadletter
 from taskcore.bus.tracking import StatusStore
+from taskcore.runtime import procs
 
 from .conftest import Stack, publish_raw, wait_final
 from .node_runners import node_config, runner, task, wait_for
 
 
 def proc_state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return "gone"
+    return procs.state(pid) or "gone"
 
 
 async def test_chaos_kills_and_pauses_processes_the_config_names(

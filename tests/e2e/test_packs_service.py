@@ -21,6 +21,7 @@ from taskcore.bus import jetstream as bus
 from taskcore.bus.tracking import StatusStore
 from taskcore.core import subjects
 from taskcore.core.model import Task, TaskermanParams, WorkItem
+from taskcore.runtime import procs
 from taskerman_dev import demo_fleet
 
 from .conftest import Stack, publish_raw, wait_final
@@ -80,7 +81,7 @@ async def test_service_restart_restarts_a_real_process_and_waits_for_its_probe(
     assert view.state == "succeeded", view
     after = await demo.pid(within=1)
     assert after != before  # a new process answers its probe
-    assert not demo_fleet.pid_alive(before)
+    assert not procs.alive(before)
     events = await kinds(js[1], "svc")
     assert events.index("pre_check-passed") < events.index("execute_action-passed")
     assert (

@@ -17,7 +17,7 @@ import msgspec
 
 from taskcore.core.actions import Action, ActionContext, ActionRegistry
 from taskcore.core.model import Task
-from taskerman_dev.demo_fleet import terminate
+from taskcore.runtime import procs
 
 FAKES = Path(__file__).parent / "fakes"
 INSTALL_HINT = "run `bash scripts/install-datastores.sh` (make test does)"
@@ -146,7 +146,7 @@ class RedisServer:
 
     def stop(self) -> None:
         if (pid := self.pid()) is not None:
-            terminate([pid], timeout=5.0)
+            procs.terminate([pid], timeout=5.0)
 
     def log_tail(self) -> str:
         with contextlib.suppress(OSError):

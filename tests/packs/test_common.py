@@ -29,6 +29,7 @@ from taskcore.packs.common import (
     wait_down,
     wait_healthy,
 )
+from taskcore.runtime import procs
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -196,11 +197,8 @@ async def test_a_missing_program_is_named() -> None:
 
 
 def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
+    state = procs.state(pid)
+    return state is not None and state not in procs.DEAD_STATES
 
 
 # --- settings and names ---------------------------------------------------------------------------------

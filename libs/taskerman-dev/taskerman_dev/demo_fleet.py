@@ -23,6 +23,7 @@ import msgspec
 
 from taskcore.core.actions import Action, ActionContext
 from taskcore.core.errors import ActionFailed, TaskermanError
+from taskcore.runtime import procs
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ HOST = "127.0.0.1"
 PACK = "demo"
 PIDFILE = "service.pid"
 LOGFILE = "service.log"
-SERVICE_MARKER = b"taskerman_dev.demo_fleet"
+SERVICE_MARKER = "taskerman_dev.demo_fleet"
 PROBE_INTERVAL = 0.1
 PROBE_TIMEOUT = 2.0
 
@@ -88,67 +89,6 @@ def spawn_detached(
     return int(out)
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (state first), or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rpartition(")")[2].split()
-
-
-def start_ticks(pid: int) -> int | None:
-    """When the process started, in clock ticks since boot; tells a pid from a later reuse of it."""
-    fields = _proc_stat(pid)
-    return int(fields[19]) if fields and len(fields) > 19 else None
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether the process runs (reaping it first if it is our exited child; a zombie counts as dead)."""
-    if pid <= 0:
-        return False
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    fields = _proc_stat(pid)
-    return not (fields and fields[0] in ("Z", "X"))
-
-
-def terminate(pids: Sequence[int], timeout: float = 10.0) -> list[int]:
-    """SIGTERM the processes, wait up to `timeout` for them to exit, then SIGKILL the rest.
-
-    Returns the pids that had to be killed."""
-    live = [pid for pid in pids if pid_alive(pid)]
-    for pid in live:
-        _signal(pid, signal.SIGTERM)
-        _signal(pid, signal.SIGCONT)  # a paused process must run to see SIGTERM
-    deadline = time.monotonic() + timeout
-    while (live := [pid for pid in live if pid_alive(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in live:
-        log.warning("pid %d ignored SIGTERM for %.1fs: killing it", pid, timeout)
-        _signal(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while any(pid_alive(pid) for pid in live) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return live
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    """Send a signal, ignoring a process that is already gone."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
 # --- the service's control: start, stop, health ------------------------------------------------------
 
 
@@ -158,13 +98,12 @@ def read_pid(state_dir: Path) -> int | None:
         pid = int((Path(state_dir) / PIDFILE).read_text().strip())
     except (OSError, ValueError):
         return None
-    if not pid_alive(pid):
+    if not procs.alive(pid):
         return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+    argv = procs.cmdline(pid)
+    if argv is None:
         return pid  # no /proc: trust the pidfile
-    return pid if SERVICE_MARKER in cmdline else None
+    return pid if SERVICE_MARKER in "\0".join(argv) else None
 
 
 def service_command(port: int, state_dir: Path, node: str = "") -> list[str]:
@@ -188,7 +127,7 @@ def stop_service(state_dir: Path, timeout: float = 10.0) -> int | None:
     pidfile = Path(state_dir) / PIDFILE
     pid = read_pid(Path(state_dir))
     if pid is not None:
-        killed = terminate([pid], timeout)
+        killed = procs.terminate([pid], timeout)
         log.info("demo service stopped: pid=%d%s", pid, " (killed)" if killed else "")
     _remove_pidfile(pidfile, pid)
     return pid
@@ -200,7 +139,7 @@ def _remove_pidfile(pidfile: Path, pid: int | None) -> None:
         text = pidfile.read_text().strip()
     except OSError:
         return
-    if pid is None or text == str(pid) or not (text.isdigit() and pid_alive(int(text))):
+    if pid is None or text == str(pid) or not (text.isdigit() and procs.alive(int(text))):
         pidfile.unlink(missing_ok=True)
 
 

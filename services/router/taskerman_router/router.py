@@ -29,7 +29,6 @@ from taskcore.core import subjects
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.errors import DiscoveryError, InvalidTask
 from taskcore.core.model import (
-    DeadLetter,
     PlannedNode,
     PlanReply,
     Task,
@@ -299,16 +298,13 @@ class Router:
         """Dead-letter a task that cannot be routed; `kind` (invalid, discovery) labels the count."""
         seq = msg.metadata.sequence.stream
         task_id = task.task_id if task else ""
-        letter = DeadLetter(
+        letter = deadletter.letter(
+            data=msg.data,
+            subject=msg.subject,
+            deliveries=msg.metadata.num_delivered,
+            reason=reason,
             task_id=task_id,
             cluster=task.cluster_name if task else "",
-            node="",
-            reason=reason,
-            deliveries=msg.metadata.num_delivered,
-            payload=msg.data.decode(errors="replace"),
-            trace_id=tracing.current_trace_id(),
-            span_id=tracing.current_span_id(),
-            source_subject=msg.subject,
         )
         await deadletter.send(self.js, letter, msg_id=f"global:{seq}")
         if task_id:
@@ -350,16 +346,14 @@ class Router:
                 reason = f"{reason}; undecodable: {e}"
         headers = dict(raw.headers or {})
         with self._tracer.start_as_current_span("dead-letter", context=tracing.extract_context(headers)):
-            letter = DeadLetter(
+            letter = deadletter.letter(
+                data=payload,
+                subject=raw.subject or "",
+                deliveries=adv.deliveries,
+                reason=reason,
                 task_id=task_id,
                 cluster=cluster,
                 node=node,
-                reason=reason,
-                deliveries=adv.deliveries,
-                payload=payload.decode(errors="replace"),
-                trace_id=tracing.current_trace_id(),
-                span_id=tracing.current_span_id(),
-                source_subject=raw.subject or "",
             )
             prefix = "" if adv.stream == subjects.WORK_STREAM else "global:"
             await deadletter.send(self.js, letter, msg_id=f"{prefix}{adv.stream_seq}")

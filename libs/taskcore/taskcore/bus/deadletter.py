@@ -1,6 +1,12 @@
-"""The dead-letter queue on `tasks.dead.>`: writing, listing, replaying and purging dead letters."""
+"""The dead-letter queue on `tasks.dead.>`: building, writing, listing, replaying and purging dead letters.
+
+A dead letter is bounded, so it always fits in a NATS message (1 MB by default) whatever it carries:
+a payload beyond PAYLOAD_LIMIT bytes is kept truncated, with its full size and sha256 digest, and
+such a letter cannot be replayed; a reason beyond REASON_LIMIT characters is cut."""
 
 from __future__ import annotations
+
+import hashlib
 
 import msgspec
 from nats.js import JetStreamContext
@@ -9,10 +15,64 @@ from nats.js.errors import NotFoundError
 from taskcore.bus import jetstream as bus
 from taskcore.bus.tracking import StatusStore
 from taskcore.core import subjects
+from taskcore.core.errors import TaskermanError
 from taskcore.core.model import DeadLetter, NodeRecord
 from taskcore.obs import tracing
 
 NO_NAME = "-"  # stands for the cluster or node of a task too broken to name them
+# Escaped as JSON, a payload can grow up to sixfold (control bytes become \u00XX): 64 KiB of payload
+# and 2 KiB of reason stay far below NATS' 1 MB.
+PAYLOAD_LIMIT = 64 * 1024  # bytes of the original payload a dead letter keeps
+REASON_LIMIT = 2 * 1024  # characters of the reason a dead letter keeps
+CUT = " [...]"
+
+
+class TruncatedPayload(TaskermanError):
+    """The dead letter keeps only the start of its payload: replaying that would send something else."""
+
+    def __init__(self, seq: int, letter: DeadLetter) -> None:
+        self.seq = seq
+        self.size = letter.payload_size
+        self.sha256 = letter.payload_sha256
+        super().__init__(
+            f"dead letter {seq} keeps only {PAYLOAD_LIMIT} of its {self.size} payload bytes "
+            f"(sha256 {self.sha256}): not replaying a truncated payload; publish the original again"
+        )
+
+
+def letter(
+    *,
+    data: bytes,
+    subject: str,
+    deliveries: int,
+    reason: str,
+    task_id: str = "",
+    cluster: str = "",
+    node: str = "",
+    first_attempt_at: float | None = None,
+    last_attempt_at: float | None = None,
+) -> DeadLetter:
+    """The dead letter of a message (its `data` from `subject`), in the current trace, bounded: a
+    payload beyond PAYLOAD_LIMIT bytes keeps its start, size and digest; a long reason is cut."""
+    truncated = len(data) > PAYLOAD_LIMIT
+    if len(reason) > REASON_LIMIT:
+        reason = reason[: REASON_LIMIT - len(CUT)] + CUT
+    return DeadLetter(
+        task_id=task_id,
+        cluster=cluster,
+        node=node,
+        reason=reason,
+        deliveries=deliveries,
+        payload=data[:PAYLOAD_LIMIT].decode(errors="replace"),
+        trace_id=tracing.current_trace_id(),
+        span_id=tracing.current_span_id(),
+        source_subject=subject,
+        first_attempt_at=first_attempt_at,
+        last_attempt_at=last_attempt_at,
+        payload_size=len(data) if truncated else None,
+        payload_sha256=hashlib.sha256(data).hexdigest() if truncated else None,
+        payload_truncated=truncated,
+    )
 
 
 async def send(js: JetStreamContext, letter: DeadLetter, msg_id: str) -> None:
@@ -62,10 +122,13 @@ async def purge(js: JetStreamContext) -> int:
 
 async def replay(js: JetStreamContext, status: StatusStore, seq: int) -> DeadLetter | None:
     """Republish a dead letter's original payload where it came from, with a fresh attempt budget
-    (its node's record starts over), then remove the dead letter. None when there is none."""
+    (its node's record starts over), then remove the dead letter. None when there is none;
+    TruncatedPayload, leaving it in place, when it kept only the start of its payload."""
     letter = await get(js, seq)
     if letter is None:
         return None
+    if letter.payload_truncated:
+        raise TruncatedPayload(seq, letter)
     if letter.task_id and letter.node:
         await status.put_node(letter.task_id, letter.node, NodeRecord(state="pending"))
         await status.forgive(letter.task_id)

@@ -86,12 +86,17 @@ async def _replay(args: argparse.Namespace, js: JetStreamContext, status: Status
     if not args.all and args.id is None:
         print("taskerman dlq replay: give an ID or --all", file=sys.stderr)
         return EXIT_INVALID
-    missing = 0
+    failed = 0
     for seq in ids:
-        letter = await deadletter.replay(js, status, seq)
+        try:
+            letter = await deadletter.replay(js, status, seq)
+        except deadletter.TruncatedPayload as e:
+            print(f"taskerman dlq replay: {e}", file=sys.stderr)
+            failed += 1
+            continue
         if letter is None:
             print(f"no dead letter {seq}", file=sys.stderr)
-            missing += 1
+            failed += 1
         else:
             await audit.Audit(js, common.user()).record(
                 "replayed",
@@ -101,7 +106,7 @@ async def _replay(args: argparse.Namespace, js: JetStreamContext, status: Status
                 detail=f"dead letter {seq} ({letter.reason})",
             )
             print(f"replayed {seq} (task {letter.task_id}, node {letter.node or '-'})")
-    return EXIT_FAILED if missing else EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 async def _purge(args: argparse.Namespace, js: JetStreamContext) -> int:

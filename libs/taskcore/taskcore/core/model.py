@@ -153,7 +153,8 @@ class PlanChunk(msgspec.Struct, frozen=True):
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
-    """A dead letter on `tasks.dead.>`: the original payload, the reason, the delivery count, the trace id."""
+    """A dead letter on `tasks.dead.>`: the original payload (truncated beyond a bound), the reason,
+    the delivery count, the trace id."""
 
     task_id: str
     cluster: str
@@ -167,6 +168,10 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     first_attempt_at: float | None = None
     last_attempt_at: float | None = None
     dead_at: float = msgspec.field(default_factory=time.time)
+    # A payload larger than the bound is kept truncated: its full size and digest say what it was.
+    payload_size: int | None = None
+    payload_sha256: str | None = None
+    payload_truncated: bool = False
 
 
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")

@@ -9,7 +9,6 @@ config gives it; the config finds it by pidfile or by exact name in /proc. A tas
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ import msgspec
 from taskcore.core.actions import Action, ActionContext
 from taskcore.core.errors import ActionFailed, InvalidTask
 from taskcore.packs.common import Seconds, allowed_name, pack_config
+from taskcore.runtime import procs
 
 log = logging.getLogger(__name__)
 PACK = "chaos"
@@ -74,43 +74,30 @@ class Target(msgspec.Struct, frozen=True):
 # --- /proc ----------------------------------------------------------------------------------------------
 
 
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (state first), or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rpartition(")")[2].split()
-
-
 def state(target: Target) -> str | None:
     """The process state letter (R, S, T, Z ...), or None when the process is gone (or the pid reused)."""
-    fields = _stat(target.pid)
-    if not fields or len(fields) < 20 or int(fields[19]) != target.started:
-        return None
-    return fields[0]
+    return procs.state(target.pid, target.started)
 
 
 def alive(target: Target) -> bool:
-    return state(target) not in (None, "Z", "X")
+    """Whether the target still runs; never reaps it (it is the node's process, not ours to reap)."""
+    return procs.alive(target.pid, target.started, reap=False)
 
 
 def target(pid: int) -> Target | None:
-    fields = _stat(pid)
-    if not fields or len(fields) < 20 or fields[0] in ("Z", "X"):
+    found = procs.stat(pid)
+    if found is None or found.state in procs.DEAD_STATES:
         return None
-    return Target(pid=pid, started=int(fields[19]))
+    return Target(pid=pid, started=found.start_ticks)
 
 
 def names(pid: int) -> set[str]:
     """What a process is called: its comm, and the basename of its argv[0]."""
     found = set()
-    with contextlib.suppress(OSError):
-        found.add(Path(f"/proc/{pid}/comm").read_text().rstrip("\n"))
-    with contextlib.suppress(OSError, IndexError):
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-        if argv0:
-            found.add(os.path.basename(argv0.decode(errors="replace")))
+    if (name := procs.comm(pid)) is not None:
+        found.add(name)
+    if argv := procs.cmdline(pid):
+        found.add(os.path.basename(argv[0]))
     return found
 
 
@@ -131,11 +118,9 @@ def find(key: str, proc: ProcessDef, step: str) -> list[Target]:
         return [found]
     mine = {os.getpid(), os.getppid()}
     matches = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) not in mine and proc.name in names(int(entry.name)):
-            found = target(int(entry.name))
-            if found is not None:
-                matches.append(found)
+    for pid in procs.pids():
+        if pid not in mine and proc.name in names(pid) and (found := target(pid)) is not None:
+            matches.append(found)
     if not matches:
         raise ActionFailed(step, f"process {key!r}: no process named {proc.name!r} is running")
     if len(matches) > 1 and not proc.all:
@@ -151,15 +136,11 @@ def send(targets: list[Target], sig: signal.Signals) -> list[Target]:
     """Signal each target that is still the same process; returns those signalled."""
     sent = []
     for t in targets:
-        if not alive(t):
-            continue
         try:
-            os.kill(t.pid, sig)
-        except ProcessLookupError:
-            continue
+            if alive(t) and procs.send_signal(t.pid, sig):
+                sent.append(t)
         except PermissionError as e:
             raise ActionFailed("execute_action", f"not allowed to send {sig.name} to pid {t.pid}: {e}") from e
-        sent.append(t)
     return sent
 
 
@@ -253,7 +234,7 @@ class PauseProcess(Action):
         conf = pack_config(ctx, ChaosConfig, "pre_check")
         args: PauseArgs = ctx.args
         for t in find(args.process, conf.processes[args.process], "pre_check"):
-            if state(t) in ("T", "t"):
+            if state(t) in procs.STOPPED_STATES:
                 raise ActionFailed("pre_check", f"process {args.process!r} (pid {t.pid}) is already stopped")
 
     async def execute_action(self, ctx: ActionContext) -> None:
@@ -286,9 +267,9 @@ class PauseProcess(Action):
         args: PauseArgs = ctx.args
         for t in self.paused:
             st = state(t)
-            if st is None or st in ("Z", "X"):
+            if st is None or st in procs.DEAD_STATES:
                 raise ActionFailed("post_check", f"process {args.process!r} (pid {t.pid}) died while paused")
-            if st in ("T", "t"):
+            if st in procs.STOPPED_STATES:
                 raise ActionFailed("post_check", f"process {args.process!r} (pid {t.pid}) is still stopped")
 
 
