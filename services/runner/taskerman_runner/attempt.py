@@ -31,7 +31,7 @@ from taskcore.coord.leases import LeaseSet
 from taskcore.coord.session import ZkSession
 from taskcore.core.actions import Action, ActionContext
 from taskcore.core.errors import LeaseLost, LeaseWaitTimeout
-from taskcore.core.model import DeadLetter, NodeRecord, WorkItem
+from taskcore.core.model import NodeRecord, WorkItem
 from taskcore.core.settings import Settings
 from taskcore.obs import tracing
 from taskerman_runner import policy
@@ -330,20 +330,18 @@ async def dead_letter(
     rec: NodeRecord | None,
 ) -> None:
     """Copy the item into the DLQ (its stream sequence is the message id), then ack it away."""
-    letter = DeadLetter(
+    letter = deadletter.letter(
+        data=msg.data,
+        subject=msg.subject,
+        deliveries=msg.metadata.num_delivered,
+        reason=reason,
         task_id=task_id,
         cluster=cluster,
         node=node,
-        reason=reason,
-        deliveries=msg.metadata.num_delivered,
-        payload=msg.data.decode(errors="replace"),
-        trace_id=tracing.current_trace_id(),
-        span_id=tracing.current_span_id(),
-        source_subject=msg.subject,
         first_attempt_at=rec.first_attempt_at if rec else None,
         last_attempt_at=rec.started_at if rec else None,
     )
-    with _tracer.start_as_current_span("dead-letter", attributes={"reason": reason}):
+    with _tracer.start_as_current_span("dead-letter", attributes={"reason": letter.reason}):
         await deadletter.send(js, letter, msg_id=f"{msg.metadata.sequence.stream}")
         await _settle(msg.ack_sync())
 
