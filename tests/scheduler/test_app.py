@@ -18,7 +18,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from taskcore.bus.tracking import StatusStore
-from taskcore.coord.session import SlotSemaphore, ZkSession
+from taskcore.coord.semaphore import FairSemaphore
+from taskcore.coord.session import ZkSession
 from taskcore.core.subjects import SUBMIT_SUBJECT
 from taskerman_scheduler.scheduler import LEADER_PATH
 from tests.e2e.conftest import Stack
@@ -130,7 +131,7 @@ async def test_one_leader_emits_each_slot_once_across_a_sigkill(
     path = stack.tmp / "schedules.toml"
     path.write_text(SCHEDULES)
     procs = {p.pid: p for p in (stack.spawn("taskerman-scheduler", "--schedules", str(path)) for _ in "ab")}
-    leader_lock = SlotSemaphore(zk, LEADER_PATH, 1)
+    leader_lock = FairSemaphore(zk, LEADER_PATH, 1)
 
     async def slots(name: str) -> list[datetime]:
         return sorted(s for i, _ in await published(jsc) if (s := slot_of(i, name)))
@@ -145,7 +146,7 @@ async def test_one_leader_emits_each_slot_once_across_a_sigkill(
         return (await slots("tick"))[-1] >= first + timedelta(seconds=2)
 
     await _until(led_a_while, "the leader emitting for 2 s", 30, stack)
-    (holder,) = await leader_lock.holders()
+    (holder,) = await leader_lock.holder_ids()
     leader_pid = int(holder.split("#")[0].rsplit(":", 1)[1])
     procs[leader_pid].kill()
     procs[leader_pid].wait()

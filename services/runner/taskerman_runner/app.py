@@ -15,6 +15,8 @@ from pathlib import Path
 
 import msgspec
 
+from taskcore.bus.stops import StopSignals
+from taskcore.coord.runners import ProcessHeartbeat
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.errors import TaskermanError
 from taskcore.core.settings import Settings
@@ -65,6 +67,9 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
     for name in config.unknown_overrides(nodes[0], registry):
         log.warning('[actions."%s"] in the node config: no such action is enabled here', name)
     async with lifecycle.connected(settings, "taskerman-runner") as c:
+        stops = StopSignals(c.nc)  # one subscription and one heartbeat for every node served here
+        process = ProcessHeartbeat(c.zk)
+        await process.start()
         workers = [
             NodeWorker(
                 js=c.js,
@@ -76,6 +81,8 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 node=n.node,
                 packs=n.packs,
                 overrides=n.actions,
+                stops=stops,
+                process=process,
             )
             for n in nodes
         ]
@@ -94,6 +101,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
             log.info("cron run finished: %d item(s) did not succeed", unsettled)
             return 1 if unsettled else 0
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(process.run(stop))
             for w in workers:
                 tg.create_task(w.run(stop, grace))
     return 0

@@ -3,10 +3,15 @@
     admit → lease wait → pre_check → execute_action → post_check → settle
 
 and one outcome: succeeded; failed at a step (retried with backoff); released back (a lost lease,
-a long lease wait, shutdown: nak'd, not counted); retired (the task was stopped, acked unrun); or
-dead (dead-lettered). The node's tracking record is read once, at admission, and changed here
-only; every transition is emitted as a hook (see hooks.py), and the observers keep the record,
-the audit trail, the metrics and the log. Acks, naks and lease releases are shielded from
+shutdown: nak'd, not counted); retired (the task was stopped, or the node waited past the task's
+deadline: acked unrun); or dead (dead-lettered). Waiting for the leases costs nothing per second:
+the semaphores' watches, the breaker's watch and the process's stop signals wake it, and the item
+stays claimed with in-progress acks, which JetStream does not count as deliveries, so a node may
+wait for days and still run. A success once recorded is final: a redelivery only acks it.
+
+The node's tracking record is read once, at admission, and changed here only; every transition is
+emitted as a hook (see hooks.py), and the observers keep the record, the audit trail, the metrics
+and the log. Acks, naks and lease releases are shielded from
 cancellation."""
 
 from __future__ import annotations
@@ -24,14 +29,15 @@ from nats.js import JetStreamContext
 
 from taskcore.bus import deadletter
 from taskcore.bus import jetstream as bus
+from taskcore.bus.stops import StopSignals
 from taskcore.bus.tracking import StatusStore, StopRecord
 from taskcore.coord import clusters
 from taskcore.coord.clusters import Breaker
 from taskcore.coord.leases import LeaseSet
 from taskcore.coord.session import ZkSession
 from taskcore.core.actions import Action, ActionContext
-from taskcore.core.errors import LeaseLost, LeaseWaitTimeout
-from taskcore.core.model import NodeRecord, WorkItem
+from taskcore.core.errors import LeaseLost
+from taskcore.core.model import NodeRecord, NodeStateName, WorkItem
 from taskcore.core.settings import Settings
 from taskcore.obs import tracing
 from taskerman_runner import policy
@@ -41,11 +47,10 @@ from taskerman_runner.hooks import AttemptObserver, AttemptState, Hooks
 from taskerman_runner.lease_plan import leases_for
 from taskerman_runner.outcomes import Dead, Failed, Outcome, Released, Retired, Succeeded
 
-RELEASE_DELAY = 2.0  # a lost lease or a long wait: the item goes back after this delay
-STOP_POLL = 3.0  # how often a waiting item looks whether its task was stopped
+RELEASE_DELAY = 2.0  # a lost lease: the item goes back after this delay
 
 # Ends of an attempt that are not the action's failure: the item goes back, nothing is counted.
-RELEASED_BACK: tuple[type[Exception], ...] = (LeaseLost, LeaseWaitTimeout, RunnerStopping, *bus.UNAVAILABLE)
+RELEASED_BACK: tuple[type[Exception], ...] = (LeaseLost, RunnerStopping, *bus.UNAVAILABLE)
 
 _tracer = tracing.tracer(__name__)
 
@@ -64,6 +69,7 @@ class NodeServices:
     guard: StepGuard
     hooks: Hooks
     actor: str  # who acts, for the stop records this node writes
+    stops: StopSignals
     packs: Mapping[str, Mapping[str, Any]]
     overrides: Mapping[str, ActionOverride]
 
@@ -123,6 +129,9 @@ class Attempt:
         item whose attempt budget an earlier delivery spent, or the item of a stopped task."""
         s, task = self.state, self.state.item.task
         s.record = await self.node.status.get_node(task.task_id, self.node.node) or NodeRecord()
+        if s.record.state == "succeeded":  # it ran; only the ack was lost
+            await _settle(self.msg.ack_sync())
+            return Succeeded()
         if s.record.failures > task.retry_count:  # settled as failed before, but the ack was lost
             return await self._dead(s.record.error or "attempt budget exhausted")
         if s.record.state == "running":
@@ -132,36 +141,52 @@ class Attempt:
         return await self._retire(stop) if stop else None
 
     async def _lease_wait(self, action_cls: type[Action]) -> LeaseSet | StopRecord:
-        """Wait for a closed breaker and every lease (on watches, keeping the item claimed); a
-        breaker that opened meanwhile sends us back to waiting. Every few seconds the wait looks
-        whether the task was stopped (then its stop record). LeaseWaitTimeout past the upper bound."""
+        """Wait for a closed breaker and every lease, on watches, as long as it takes; a breaker
+        that opened meanwhile sends us back to waiting. A stop of the task (heard, not polled)
+        ends the wait with its stop record; so does the task's deadline, with one of its own."""
+        node, task = self.node, self.state.item.task
+        deadline_s = task.taskerman_params.deadline_s
+        until = None if deadline_s is None else self.state.item.routed_at + deadline_s
+        async with node.stops.watching(task.task_id) as stop_heard:
+            while True:
+                if stop := await node.status.stopped(task.task_id):
+                    return stop
+                stop_heard.clear()
+                left = None if until is None else until - time.time()
+                if left is not None and left <= 0:
+                    return _expired(deadline_s)
+                taking = asyncio.create_task(self._take_leases(action_cls))
+                hearing = asyncio.create_task(stop_heard.wait())
+                try:
+                    first = asyncio.FIRST_COMPLETED
+                    await asyncio.wait({taking, hearing}, timeout=left, return_when=first)
+                finally:
+                    hearing.cancel()
+                    if not taking.done():
+                        taking.cancel()  # what it took is released on the way out
+                    await asyncio.gather(taking, hearing, return_exceptions=True)
+                if not taking.cancelled() and (leases := taking.result()) is not None:
+                    return leases
+
+    async def _take_leases(self, action_cls: type[Action]) -> LeaseSet | None:
+        """A closed breaker, then every lease; None when the breaker opened meanwhile."""
         node, item = self.node, self.state.item
-        deadline = time.monotonic() + node.settings.lease_wait
-        while True:
-            if stop := await node.status.stopped(item.task.task_id):
-                return stop
-            round_end = min(deadline, time.monotonic() + STOP_POLL)
-            try:
-                await node.breaker.wait_closed(round_end - time.monotonic())
-                budget = (await clusters.read_config(node.zk, node.cluster)).budget
-                override = node.overrides.get(item.task.action)
-                leases = leases_for(
-                    item,
-                    action_cls,
-                    budget,
-                    zk=node.zk,
-                    cluster=node.cluster,
-                    node=node.node,
-                    override=override,
-                )
-                await leases.acquire(round_end)
-            except TimeoutError as e:
-                if time.monotonic() >= deadline:
-                    raise LeaseWaitTimeout(str(e)) from e
-                continue
-            if await node.breaker.state() != "open":
-                return leases
-            await leases.release()
+        await node.breaker.wait_closed(None)
+        budget = (await clusters.read_config(node.zk, node.cluster)).budget
+        leases = leases_for(
+            item,
+            action_cls,
+            budget,
+            zk=node.zk,
+            cluster=node.cluster,
+            node=node.node,
+            override=node.overrides.get(item.task.action),
+        )
+        await leases.acquire()
+        if await node.breaker.state() != "open":
+            return leases
+        await leases.release()
+        return None
 
     async def _start(self, args: Any, conf: Any) -> ActionContext:
         """The attempt counts from here: the record becomes running, with its attempt number. The
@@ -238,8 +263,7 @@ class Attempt:
     async def _release(self, error: Exception) -> Outcome:
         s = self.state
         reason = f"{type(error).__name__}: {error}"
-        state = "pending" if isinstance(error, LeaseWaitTimeout) else "retrying"
-        s.record = replace(s.record, state=state, error=reason)
+        s.record = replace(s.record, state="retrying", error=reason)
         await self.emit(AttemptObserver.before_released, s, error)
         await _settle(self.msg.nak(delay=RELEASE_DELAY))
         await self.emit(AttemptObserver.after_released, s, error)
@@ -271,10 +295,13 @@ class Attempt:
         """A stopped task's item that has not started is retired: acked and recorded as skipped
         (or cancelled). Nodes already running finish on their own."""
         s = self.state
-        state = "cancelled" if stop.reason == "cancelled" else "skipped"
-        s.record = replace(
-            s.record, state=state, finished_at=time.time(), error=f"task stopped: {stop.reason}"
-        )
+        state: NodeStateName = "skipped"
+        error = f"task stopped: {stop.reason}"
+        if stop.reason == "cancelled":
+            state = "cancelled"
+        elif stop.reason == DEADLINE:
+            state, error = "expired", f"expired: {stop.detail}"
+        s.record = replace(s.record, state=state, finished_at=time.time(), error=error)
         await self.emit(AttemptObserver.before_retired, s, stop)
         await _settle(self.msg.ack_sync())
         await self.emit(AttemptObserver.after_retired, s, stop)
@@ -344,6 +371,14 @@ async def dead_letter(
     with _tracer.start_as_current_span("dead-letter", attributes={"reason": letter.reason}):
         await deadletter.send(js, letter, msg_id=f"{msg.metadata.sequence.stream}")
         await _settle(msg.ack_sync())
+
+
+DEADLINE = "deadline"  # the reason of the stop record a node writes itself when its wait expires
+
+
+def _expired(deadline_s: float | None) -> StopRecord:
+    detail = f"waited past the task's deadline of {deadline_s:g}s without starting"
+    return StopRecord(reason=DEADLINE, detail=detail, at=time.time())
 
 
 async def _settle(op: Awaitable[Any]) -> None:

@@ -20,10 +20,11 @@ from nats.js import JetStreamContext
 from taskcore.bus import audit
 from taskcore.bus import jetstream as bus
 from taskcore.bus.audit import Audit
+from taskcore.bus.stops import StopSignals
 from taskcore.bus.tracking import StatusStore
 from taskcore.coord import clusters
 from taskcore.coord.clusters import Breaker
-from taskcore.coord.runners import Registration
+from taskcore.coord.runners import ProcessHeartbeat, Registration
 from taskcore.coord.session import ZkSession
 from taskcore.core import subjects
 from taskcore.core.actions import ActionRegistry
@@ -47,6 +48,7 @@ from taskerman_runner.outcomes import Dead, Failed, Outcome, Retired, Succeeded
 
 log = logging.getLogger(__name__)
 ABORT_WAIT = 5.0  # after the grace: how long the cancelled action's release may take before we cancel it all
+IDLE_FETCH_WAIT = 20.0  # a daemon's pull request waits this long for an item
 DRAIN_WAIT = 1.0  # cron mode: nothing arrives for this long, so nothing more is due
 DRAIN_RERUNS = 2  # cron mode: runs again of an item released back (not failed) in the same drain
 DrainResult = Literal["ok", "failed", "released"]
@@ -74,7 +76,11 @@ class NodeWorker:
         node: str,
         packs: Mapping[str, Mapping[str, Any]] | None = None,
         overrides: Mapping[str, ActionOverride] | None = None,
+        stops: StopSignals | None = None,
+        process: ProcessHeartbeat | None = None,
     ) -> None:
+        """`stops` and `process` may be shared by every node of a process (one subscription to
+        stop records, one heartbeat); by default the node has its own."""
         self.js = js
         self.status = status
         self.zk = zk
@@ -84,7 +90,8 @@ class NodeWorker:
         self.node = node
         self.packs = packs or {}
         self.breaker = Breaker(zk, cluster, clusters.breaker_policy(settings))
-        self.registration = Registration(zk, cluster, node, _version(), registry.names())
+        self.registration = Registration(zk, cluster, node, _version(), registry.names(), process=process)
+        self.stops = stops or StopSignals(js._nc)
         self.audit = Audit(js, audit.actor(f"runner:{node}"))
         self.metrics = Instruments()
         self.guard = StepGuard(zk)  # watches the running step; `guard.abort` ends it past the grace
@@ -108,6 +115,7 @@ class NodeWorker:
             guard=self.guard,
             hooks=self.hooks,
             actor=self.audit.by,
+            stops=self.stops,
             packs=self.packs,
             overrides=overrides or {},
         )
@@ -127,13 +135,27 @@ class NodeWorker:
         heartbeat = asyncio.create_task(self.registration.heartbeat(stop))
         try:
             while not stop.is_set():
-                for msg in await self._fetch(wait=1.0):
+                for msg in await self._fetch_until(stop):
                     try:
                         await self._handle_until(stop, msg)
                     except bus.UNAVAILABLE as e:  # not settled: it comes back after ack_wait
                         log.warning("nats unavailable, item comes back node=%s error=%r", self.node, e)
         finally:
             heartbeat.cancel()
+
+    async def _fetch_until(self, stop: asyncio.Event) -> list[Msg]:
+        """The next item, waiting long (an idle node costs the server one pull request every
+        IDLE_FETCH_WAIT seconds, not one a second), or nothing once `stop` is set."""
+        fetching = asyncio.create_task(self._fetch(wait=IDLE_FETCH_WAIT))
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({fetching, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not fetching.done():
+                fetching.cancel()
+            await asyncio.gather(fetching, stopping, return_exceptions=True)
+        return [] if fetching.cancelled() else fetching.result()
 
     async def drain(self, stop: asyncio.Event | None = None, grace: float = DEFAULT_GRACE) -> int:
         """Cron mode: handle what is due for this node now, then return how many of the items it

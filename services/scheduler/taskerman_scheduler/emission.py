@@ -25,7 +25,8 @@ from taskcore.bus.audit import Audit
 from taskcore.bus.tracking import StatusStore
 from taskcore.coord import schedule_control as control
 from taskcore.coord.schedule_control import PauseFlag
-from taskcore.coord.session import Slot, SlotSemaphore, ZkSession
+from taskcore.coord.semaphore import FairSemaphore
+from taskcore.coord.session import Slot, ZkSession
 from taskcore.core import subjects
 from taskcore.core.errors import LeaseLost
 from taskcore.core.model import Task, TaskRecord, encode
@@ -50,7 +51,7 @@ class Emitter:
         js: JetStreamContext,
         zk: ZkSession,
         status: StatusStore,
-        leader: SlotSemaphore,
+        leader: FairSemaphore,
         *,
         audit: Audit,
         targets: KnownClusters,

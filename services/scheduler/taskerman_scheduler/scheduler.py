@@ -31,7 +31,8 @@ from taskcore.bus.audit import Audit
 from taskcore.bus.submission import SubmitReply
 from taskcore.bus.tracking import StatusStore
 from taskcore.coord import schedule_control as control
-from taskcore.coord.session import Slot, SlotSemaphore, ZkSession
+from taskcore.coord.semaphore import FairSemaphore
+from taskcore.coord.session import Slot, ZkSession
 from taskcore.core import subjects
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.errors import LeaseLost
@@ -83,7 +84,7 @@ class Scheduler:
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
         self.audit = Audit(js, audit.actor("scheduler"))
         self.submissions = api.Submissions(js, status, registry, self.audit.by)
-        self.leader = SlotSemaphore(zk, LEADER_PATH, 1)
+        self.leader = FairSemaphore(zk, LEADER_PATH, 1)
         targets = KnownClusters(zk, inventory)
         self.emitter = Emitter(
             js, zk, status, self.leader, audit=self.audit, targets=targets, tick_seconds=tick

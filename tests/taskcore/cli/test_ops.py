@@ -10,9 +10,10 @@ import pytest
 
 from taskcore.cli import main as cli
 from taskcore.coord import clusters
-from taskcore.coord.leases import SharedSlots, lease_path
+from taskcore.coord.leases import lease_path
 from taskcore.coord.runners import Registration, RunnerInfo, node_path
-from taskcore.coord.session import SlotSemaphore, ZkSession
+from taskcore.coord.semaphore import FairSemaphore
+from taskcore.coord.session import ZkSession
 from taskcore.core.settings import Settings
 from taskcore.core.subjects import encode_token
 from taskerman_dev.launchers import NatsServer, ZooKeeperServer
@@ -104,13 +105,13 @@ async def test_breaker_status_without_any_breaker(
 
 async def test_leases_show_holders_and_owners(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     async with ZkSession.from_settings(settings) as zk:
-        task_slot = await SlotSemaphore(zk, lease_path("restart-1"), 2).acquire("node-1")
-        other_slot = await SlotSemaphore(zk, lease_path("elsewhere"), 1).acquire("db-7")
-        budget_slot = await SlotSemaphore(zk, clusters.cluster_path(CLUSTER, "budget"), 2).acquire("node-1")
+        task_slot = await FairSemaphore(zk, lease_path("restart-1"), 2).acquire("node-1")
+        other_slot = await FairSemaphore(zk, lease_path("elsewhere"), 1).acquire("db-7")
+        budget_slot = await FairSemaphore(zk, clusters.cluster_path(CLUSTER, "budget"), 2).acquire("node-1")
         group = clusters.cluster_path(CLUSTER, "exclusion", encode_token("io"))
-        member = await SharedSlots(zk, group, 1).acquire("backup-1", "node-2")
-        global_member = await SharedSlots(zk, f"/global/{encode_token('test:backup')}", 2).acquire(
-            CLUSTER, "node-2"
+        member = await FairSemaphore(zk, group, 1).acquire("node-2", owner=encode_token("backup-1"))
+        global_member = await FairSemaphore(zk, f"/global/{encode_token('test:backup')}", 2).acquire(
+            "node-2", owner=encode_token(CLUSTER)
         )
         await clusters.set_budget(zk, CLUSTER, 2)
 
@@ -120,7 +121,7 @@ async def test_leases_show_holders_and_owners(settings: Settings, capsys: pytest
         [holder] = tasks["restart-1"]
         assert holder["node"] == "node-1"
         assert holder["holder"] == task_slot.holder
-        assert holder["znode"] == "slot-0"
+        assert holder["znode"].endswith(task_slot.holder.rsplit("#", 1)[1])
         assert holder["token"] == task_slot.token
         assert holder["since"] == pytest.approx(time.time(), abs=60)
         [cl] = view["clusters"]
@@ -145,12 +146,12 @@ async def test_leases_show_holders_and_owners(settings: Settings, capsys: pytest
         assert f"token {task_slot.token}" in out
         assert f"cluster {CLUSTER}: budget 1 of 2 held" in out
         assert "exclusion io: owner task backup-1" in out
-        assert f"test:backup slot-0: owner cluster {CLUSTER}" in out
+        assert f"test:backup: owner cluster {CLUSTER}" in out
         assert "waiters are not shown" in out
 
-        await SlotSemaphore(zk, lease_path("restart-1"), 2).release(task_slot)
-        await SlotSemaphore(zk, lease_path("elsewhere"), 1).release(other_slot)
-        await SharedSlots(zk, group, 1).release(member)
+        await FairSemaphore(zk, lease_path("restart-1"), 2).release(task_slot)
+        await FairSemaphore(zk, lease_path("elsewhere"), 1).release(other_slot)
+        await FairSemaphore(zk, group, 1).release(member)
         view = await run_json(settings, capsys, "leases")
         assert view["tasks"] == []
         assert view["clusters"][0]["exclusion"] == []  # released: no owner shown any more

@@ -1,4 +1,5 @@
-"""Our m-of-n semaphore on a real ZooKeeper: never more than m holders, fencing tokens, crash recovery."""
+"""The lease semaphore as m-of-n on a real ZooKeeper: never more than m holders, fencing tokens,
+ghost creates, crash recovery, clean-up."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import time
 
 import pytest
 
-from taskcore.coord.session import SlotSemaphore, ZkSession
+from taskcore.coord.semaphore import FairSemaphore
+from taskcore.coord.session import ZkSession
 from taskcore.core.errors import LeaseLost
 from taskerman_dev.launchers import ZooKeeperServer
 
@@ -25,7 +27,7 @@ async def test_twenty_acquirers_limit_three(zk_server: ZooKeeperServer, prefix: 
 
         async def worker(i: int) -> None:
             nonlocal holders, peak
-            sem = SlotSemaphore(sessions[i % len(sessions)], "/leases/sem", 3)
+            sem = FairSemaphore(sessions[i % len(sessions)], "/leases/sem", 3)
             for _ in range(3):
                 slot = await sem.acquire(f"w{i}", max_wait=60)
                 holders += 1
@@ -49,7 +51,7 @@ async def test_fencing_tokens_increase_and_stale_slot_fails_verify(
     zk_server: ZooKeeperServer, prefix: str
 ) -> None:
     async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as zk:
-        sem = SlotSemaphore(zk, "/leases/t", 1)
+        sem = FairSemaphore(zk, "/leases/t", 1)
         first = await sem.acquire("a")
         await sem.release(first)
         second = await sem.acquire("b")
@@ -60,29 +62,31 @@ async def test_fencing_tokens_increase_and_stale_slot_fails_verify(
         with pytest.raises(TimeoutError):
             await sem.acquire("c", max_wait=0.5)
         await sem.release(second)
-        assert await sem.holders() == []
+        assert await sem.holder_ids() == []
 
 
 async def test_ghost_create_is_found_again(zk_server: ZooKeeperServer, prefix: str) -> None:
-    """A create that succeeded but whose reply was lost (aiozk retries it) must not give us two slots."""
+    """A take that landed but whose reply was lost (aiozk retries it, and the retry fails) must
+    find its own holder node again, not take a second one."""
     async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as zk:
-        sem = SlotSemaphore(zk, "/leases/ghost", 2)
-        await zk.client.ensure_path("/leases/ghost")
-        await zk.client.create("/leases/ghost/slot-0", data=b"me#1", ephemeral=True)
-        slot = await sem._try_slots("me#1")  # the retry of the same holder finds its node
+        sem = FairSemaphore(zk, "/leases/ghost", 2)
+        await zk.client.ensure_path("/leases/ghost/h")
+        await zk.client.create("/leases/ghost/h/own~abc", data=b"me#abc", ephemeral=True)  # the ghost
+        slot = await sem._take(0, "own", "abc", "me#abc")  # the version moved: only our node decides
         assert slot is not None
-        assert slot.path.endswith("slot-0")
-        assert await sem.holders() == ["me#1"]
+        assert slot.path.endswith("/h/own~abc")
+        assert await sem.holder_ids() == ["me#abc"]
 
 
 HOLDER = textwrap.dedent(
     """
     import asyncio, sys
-    from taskcore.coord.session import SlotSemaphore, ZkSession
+    from taskcore.coord.semaphore import FairSemaphore
+    from taskcore.coord.session import ZkSession
 
     async def main():
         async with ZkSession(sys.argv[1], sys.argv[2], 2.0) as zk:
-            sem = SlotSemaphore(zk, "/leases/crash", 1)
+            sem = FairSemaphore(zk, "/leases/crash", 1)
             await sem.acquire("victim")
             print("held", flush=True)
             await asyncio.sleep(600)
@@ -103,7 +107,7 @@ async def test_killed_holder_frees_its_slot_within_session_timeout(
         line = await asyncio.wait_for(proc.stdout.readline(), 30)
         assert line.strip() == b"held"
         async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as zk:
-            sem = SlotSemaphore(zk, "/leases/crash", 1)
+            sem = FairSemaphore(zk, "/leases/crash", 1)
             with pytest.raises(TimeoutError):
                 await sem.acquire("waiter", max_wait=1.0)  # held by the live process
             proc.kill()
@@ -122,7 +126,7 @@ async def test_killed_holder_frees_its_slot_within_session_timeout(
 async def test_emptied_lease_folder_is_reaped(zk_server: ZooKeeperServer, prefix: str) -> None:
     """The last holder out deletes the per-task lease folder: finished tasks leave no garbage."""
     async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as zk:
-        sem = SlotSemaphore(zk, "/leases/tasks/finished-task", 2)
+        sem = FairSemaphore(zk, "/leases/tasks/finished-task", 2)
         first, second = await sem.acquire("n1"), await sem.acquire("n2")
         await sem.release(first)
         assert await zk.client.exists("/leases/tasks/finished-task")  # n2 still holds a slot

@@ -27,7 +27,7 @@ from taskcore.core.model import (
 )
 from taskcore.core.subjects import encode_token
 
-_FINISHED = {"succeeded", "failed", "dead", "skipped", "cancelled"}
+_FINISHED = {"succeeded", "failed", "dead", "skipped", "cancelled", "expired"}
 CHUNK_NODES = 500  # nodes per plan chunk at most
 CHUNK_BYTES = 256 * 1024  # and bytes per chunk at most (attributes vary in size)
 READ_CONCURRENCY = 256  # node records read at once for a view
@@ -108,7 +108,7 @@ def derive_state(task: TaskRecord, names: list[str], nodes: dict[str, NodeRecord
     if all(s in _FINISHED for s in states):
         if all(s == "succeeded" for s in states):
             return "succeeded"
-        if "skipped" in states or "cancelled" in states:
+        if "skipped" in states or "cancelled" in states or "expired" in states:
             return "failed"  # stopped before every node ran
         return "dead" if "dead" in states else "failed"
     if any(s != "pending" for s in states):

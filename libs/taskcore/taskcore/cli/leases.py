@@ -8,12 +8,13 @@ import argparse
 import time
 
 import msgspec
-from aiozk import exc
 
 from taskcore.cli import common, render
 from taskcore.cli.command import ServerCommand, Subparsers
 from taskcore.cli.common import EXIT_OK
 from taskcore.coord import clusters, fleet, runners
+from taskcore.coord.leases import TASK_LEASES_ROOT
+from taskcore.coord.semaphore import HolderNode, read_holders
 from taskcore.coord.session import ZkSession
 from taskcore.core.settings import Settings
 
@@ -80,46 +81,33 @@ class Leases(ServerCommand):
         return await leases_cmd(args, settings)
 
 
-async def _holder(zk: ZkSession, path: str) -> Holder | None:
-    """A slot znode whose data is `<node>#<uuid>`."""
-    try:
-        data, stat = await zk.client.get(path)
-    except exc.NoNode:
-        return None
-    holder, znode = data.decode(errors="replace"), path.rsplit("/", 1)[1]
-    node, since = holder.rsplit("#", 1)[0], stat.created / 1000  # ctime is in milliseconds
-    return Holder(node=node, holder=holder, znode=znode, token=stat.created_zxid, since=since)
+def _holder(h: HolderNode) -> Holder:
+    """A holder of the node `<node>#<uuid>`."""
+    node = h.holder.rsplit("#", 1)[0]
+    return Holder(node=node, holder=h.holder, znode=h.znode, token=h.token, since=h.since)
 
 
 async def _slots(zk: ZkSession, path: str) -> list[Holder]:
-    """Holders of a `SlotSemaphore` under `path`."""
-    return [
-        h
-        for c in await fleet.children(zk, path)
-        if c.startswith("slot-") and (h := await _holder(zk, f"{path}/{c}"))
-    ]
+    """Holders of an m-of-n lease under `path`."""
+    return [_holder(h) for h in await read_holders(zk, path)]
 
 
 async def _shared(zk: ZkSession, path: str, name: str) -> list[SharedHeld]:
-    """Held slots of a `SharedSlots` under `path` (empty, abandoned slots are left out)."""
-    out: list[SharedHeld] = []
-    for slot in await fleet.children(zk, path):
-        try:
-            owner = (await zk.client.get_data(f"{path}/{slot}")).decode(errors="replace")  # task or cluster
-        except exc.NoNode:
-            continue
-        sp = f"{path}/{slot}"
-        members = [h for m in await fleet.children(zk, sp) if (h := await _holder(zk, f"{sp}/{m}"))]
-        if members:
-            out.append(SharedHeld(name=name, slot=slot, owner=owner, holders=members))
-    return out
+    """Owners of a shared lease under `path` (a task or a cluster), each with its holders."""
+    owners: dict[str, list[Holder]] = {}
+    for h in await read_holders(zk, path):
+        owners.setdefault(h.owner, []).append(_holder(h))
+    return [
+        SharedHeld(name=name, slot=owner, owner=fleet.znode_name(owner), holders=holders)
+        for owner, holders in owners.items()
+    ]
 
 
 async def _leases(zk: ZkSession, cluster: str | None) -> LeasesView:
     tasks = [
         TaskLeases(task_id=fleet.znode_name(t), holders=hs)
-        for t in await fleet.children(zk, "/leases/tasks")
-        if (hs := await _slots(zk, f"/leases/tasks/{t}"))
+        for t in await fleet.children(zk, TASK_LEASES_ROOT)
+        if "~" not in t and (hs := await _slots(zk, f"{TASK_LEASES_ROOT}/{t}"))
     ]
     per_cluster: list[ClusterLeases] = []
     for c in [cluster] if cluster else await fleet.cluster_names(zk):
@@ -160,8 +148,7 @@ async def _leases(zk: ZkSession, cluster: str | None) -> LeasesView:
 
 
 def _holder_line(h: Holder, now: float) -> str:
-    slot = h.znode if h.znode.startswith("slot-") else "member"  # a shared slot's member: m-<uuid>
-    return f"    {slot:<8} {h.node:<20} token {h.token:<12} since {render.ago(h.since, now)}"
+    return f"    {h.node:<20} token {h.token:<12} since {render.ago(h.since, now)}"
 
 
 def _print_leases(v: LeasesView, now: float) -> None:
@@ -182,7 +169,7 @@ def _print_leases(v: LeasesView, now: float) -> None:
                 print(_holder_line(h, now))
     print(f"global leases ({len(v.global_leases)} held)")
     for s in v.global_leases:
-        print(f"  {s.name} {s.slot}: owner cluster {s.owner}")
+        print(f"  {s.name}: owner cluster {s.owner}")
         for h in s.holders:
             print(_holder_line(h, now))
     print(f"({v.note})")

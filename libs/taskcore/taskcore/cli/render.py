@@ -17,7 +17,7 @@ from taskcore.obs.tracing import SpanRecord
 
 FINAL_OK = {"succeeded"}
 FINAL_BAD = {"failed", "dead"}
-FINISHED_NODE = {"succeeded", "failed", "dead", "skipped", "cancelled"}
+FINISHED_NODE = {"succeeded", "failed", "dead", "skipped", "cancelled", "expired"}
 STATE_STYLE = {"succeeded": "green", "running": "cyan", "failed": "red", "dead": "red", "pending": "white"}
 
 

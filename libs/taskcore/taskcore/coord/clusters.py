@@ -1,23 +1,25 @@
 """Per-cluster safety state in ZooKeeper: the disruption budget, the circuit breaker and counters.
 
 Paths (under the chroot): `/clusters/<cluster>/config` (budget), `/clusters/<cluster>/breaker`,
-`/clusters/<cluster>/budget/slot-*` (the budget's slots), `/clusters/<cluster>/exclusion/<group>`,
-`/stats/<cluster>/<action>`. Decisions are pure functions; the I/O is compare-and-set on JSON znodes."""
+`/clusters/<cluster>/budget` and `/clusters/<cluster>/exclusion/<group>` (semaphores, see
+coord/semaphore.py), `/stats/<cluster>/<action>`. Decisions are pure functions; the I/O is
+compare-and-set on JSON znodes."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from typing import Literal
 
 import msgspec
 from aiozk import exc
-from aiozk.protocol import WatchEvent
 
+from taskcore.coord import watches
 from taskcore.coord.session import ZkSession, read_json, update_json
 from taskcore.core.settings import Settings
 from taskcore.core.subjects import encode_token
+
+BREAKER_BACKSTOP = 60.0  # a waiter looks at an open breaker again after this, watch or no watch
 
 BreakerStateName = Literal["closed", "open", "half-open"]
 
@@ -109,32 +111,28 @@ class Breaker:
     async def reset(self) -> BreakerState:
         return await update_json(self.zk, self.path, BreakerState, lambda _s: BreakerState())
 
-    async def wait_closed(self, max_wait: float) -> None:
-        """Return once work may start on the cluster (closed or half-open); TimeoutError past `max_wait`.
-        Waits on a data watch, so a reset is seen at once."""
-        deadline = time.monotonic() + max_wait
+    async def wait_closed(self, max_wait: float | None = None) -> None:
+        """Return once work may start on the cluster (closed or half-open); TimeoutError past
+        `max_wait` (None: as long as it takes). Waits on a data watch, so a reset is seen at once;
+        it looks again only when a cooldown ends, or after a slow backstop."""
+        deadline = None if max_wait is None else time.monotonic() + max_wait
         client = self.zk.client
         while True:
-            changed = client.wait_for_events(
-                [WatchEvent.DATA_CHANGED, WatchEvent.CREATED, WatchEvent.DELETED], self.path
-            )
-            try:
+            with watches.Watch(client, [watches.DATA, watches.CREATED, watches.DELETED], self.path) as w:
                 with contextlib.suppress(exc.NoNode):
                     await client.exists(self.path, watch=True)
                 s = await self.read()
                 if view_state(s, time.time(), self.policy) != "open":
                     return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"breaker of {self.cluster!r} is open: {s.reason}")
-                wait = min(left, 5.0)
+                wait = BREAKER_BACKSTOP
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"breaker of {self.cluster!r} is open: {s.reason}")
+                    wait = min(wait, left)
                 if self.policy.cooldown > 0 and s.opened_at is not None:
                     wait = min(wait, max(s.opened_at + self.policy.cooldown - time.time(), 0.05))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(changed), wait)
-            finally:
-                if not changed.done():
-                    changed.cancel()
+                await w.wait(wait)
 
 
 async def read_config(zk: ZkSession, cluster: str) -> ClusterConfig:

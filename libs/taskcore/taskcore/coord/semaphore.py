@@ -32,6 +32,7 @@ import logging
 import time
 import uuid
 
+import msgspec
 from aiozk import exc, protocol
 
 from taskcore.coord import watches
@@ -253,8 +254,9 @@ class FairSemaphore:
     async def clean_up(self) -> None:
         """Delete the folders when nobody waits or holds (a racing newcomer recreates them). The
         queue goes first: while anyone waits, one request tells, and the holders stay."""
-        if await delete_if_empty(self.zk, self.queue) and await delete_if_empty(self.zk, self.holders_path):
-            await delete_if_empty(self.zk, self.path)
+        for folder in (self.queue, self.holders_path, self.path):
+            if not await _empty_or_gone(self.zk, folder):
+                return
 
     # --- read ---------------------------------------------------------------------------------
 
@@ -269,12 +271,56 @@ class FairSemaphore:
                     out.setdefault(holder_owner(name), []).append(data.decode())
         return out
 
+    async def holder_ids(self) -> list[str]:
+        """Every holder id, whatever its owner."""
+        return [h for ids in (await self.holders()).values() for h in ids]
+
     async def waiting(self) -> int:
         """How many wait in the queue now."""
         try:
             return len(await self.zk.client.get_children(self.queue))
         except exc.NoNode:
             return 0
+
+
+class HolderNode(msgspec.Struct, frozen=True, kw_only=True):
+    """A holder as `read_holders` finds it: its owner (an encoded token), holder id, znode name,
+    fencing token and creation time (epoch seconds)."""
+
+    owner: str
+    holder: str
+    znode: str
+    token: int
+    since: float
+
+
+async def read_holders(zk: ZkSession, path: str) -> list[HolderNode]:
+    """The holders of the semaphore at `path` (none when there is no such semaphore)."""
+    client = zk.client
+    folder = f"{path.rstrip('/')}/h"
+    out: list[HolderNode] = []
+    try:
+        names = sorted(await client.get_children(folder))
+    except exc.NoNode:
+        return out
+    for name in names:
+        with contextlib.suppress(exc.NoNode):
+            data, stat = await client.get(f"{folder}/{name}")
+            out.append(
+                HolderNode(
+                    owner=holder_owner(name),
+                    holder=data.decode(errors="replace"),
+                    znode=name,
+                    token=stat.created_zxid,
+                    since=stat.created / 1000,  # ctime is in milliseconds
+                )
+            )
+    return out
+
+
+async def _empty_or_gone(zk: ZkSession, path: str) -> bool:
+    """Delete `path` if it has no children; True when it is gone now."""
+    return await delete_if_empty(zk, path) or not await zk.client.exists(path)
 
 
 class _Requeue(Exception):

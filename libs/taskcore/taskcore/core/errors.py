@@ -37,10 +37,6 @@ class LeaseLost(TaskermanError):
     """The runner can no longer prove it holds its slot (session suspended or possibly expired)."""
 
 
-class LeaseWaitTimeout(TaskermanError):
-    """A work item waited its upper bound for its leases (or a closed breaker); it is released back."""
-
-
 class DiscoveryError(TaskermanError):
     """Discovery could not resolve a cluster's nodes."""
 

@@ -47,6 +47,9 @@ class TaskermanParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, o
     # the routing plugin (`taskerman.routing` entry point) that orders or filters the nodes;
     # "" is the default: by name ("zone" order when `topology` is set)
     routing: Annotated[str, msgspec.Meta(max_length=100)] = ""
+    # seconds after routing past which a node that has not started gives up waiting (`expired`);
+    # none: a node waits for its turn as long as it takes (days, in a long rollout)
+    deadline_s: Annotated[float, msgspec.Meta(gt=0, le=365 * 86400)] | None = None
 
 
 class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -93,7 +96,7 @@ class WorkItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
 
 
 NodeStateName = Literal[
-    "pending", "running", "retrying", "succeeded", "failed", "dead", "skipped", "cancelled"
+    "pending", "running", "retrying", "succeeded", "failed", "dead", "skipped", "cancelled", "expired"
 ]
 TaskStateName = Literal["pending", "routed", "running", "succeeded", "failed", "dead"]
 

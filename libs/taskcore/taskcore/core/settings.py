@@ -28,7 +28,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     events_retention: float = 30 * 86400.0  # the audit trail keeps its own retention
     metrics_port: int = 0  # > 0: serve Prometheus metrics on this port
     metrics_addr: str = "127.0.0.1"
-    lease_wait: float = 600.0  # upper bound on waiting for leases before the item is released back
     breaker_threshold: int = 5
     breaker_window: float = 600.0
     breaker_cooldown: float = 0.0  # > 0: the breaker half-opens after this many seconds
@@ -47,7 +46,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ack_wait=float(env.get("TASKERMAN_ACK_WAIT", d.ack_wait)),
             max_deliver=int(env.get("TASKERMAN_MAX_DELIVER", d.max_deliver)),
             duplicate_window=float(env.get("TASKERMAN_DUPLICATE_WINDOW", d.duplicate_window)),
-            lease_wait=float(env.get("TASKERMAN_LEASE_WAIT", d.lease_wait)),
             metrics_port=int(env.get("TASKERMAN_METRICS_PORT", d.metrics_port)),
             metrics_addr=env.get("TASKERMAN_METRICS_ADDR", d.metrics_addr),
             status_retention=float(env.get("TASKERMAN_STATUS_RETENTION", d.status_retention)),
@@ -68,7 +66,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "TASKERMAN_ACK_WAIT": str(self.ack_wait),
             "TASKERMAN_MAX_DELIVER": str(self.max_deliver),
             "TASKERMAN_DUPLICATE_WINDOW": str(self.duplicate_window),
-            "TASKERMAN_LEASE_WAIT": str(self.lease_wait),
             "TASKERMAN_STATUS_RETENTION": str(self.status_retention),
             "TASKERMAN_EVENTS_RETENTION": str(self.events_retention),
             "TASKERMAN_BREAKER_THRESHOLD": str(self.breaker_threshold),

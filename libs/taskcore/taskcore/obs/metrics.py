@@ -247,7 +247,7 @@ class FleetSampler:
         return stale_samples(found, now)
 
     async def _lease_holders(self, zk: ZkSession) -> Samples:
-        """Slots held under each task's lease (`<root>/<task token>/slot-<i>`) summed per cluster of
+        """Holders of each task's lease (`<root>/<task token>/h/*`) summed per cluster of
         the task (from the status bucket, remembered while the task holds slots); clusters with a
         registered runner and none held read 0."""
         held: dict[str, int] = {}
@@ -256,11 +256,9 @@ class FleetSampler:
                 task_id = subjects.decode_token(token)  # `<token>~topology` is not a task slot
             except InvalidName:
                 continue
-            slots = [
-                s for s in await fleet.children(zk, f"{TASK_LEASES_ROOT}/{token}") if s.startswith("slot-")
-            ]
-            if slots:
-                held[task_id] = len(slots)
+            holders = await fleet.children(zk, f"{TASK_LEASES_ROOT}/{token}/h")
+            if holders:
+                held[task_id] = len(holders)
         for task_id in self._task_clusters.keys() - held.keys():
             del self._task_clusters[task_id]
         per_cluster = dict.fromkeys(self._runner_clusters, 0)
