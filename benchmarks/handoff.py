@@ -13,7 +13,7 @@ Modes:
           one `seconds` for all nodes of a task, so durations cannot vary within one task).
   budget  durations drawn uniformly from [--min, --max] per node: one single-node task per node,
           and the cluster's disruption budget set to m, so the window is the budget semaphore
-          (the same SlotSemaphore recipe, plus one uncontended task slot per node).
+          (the same fair semaphore recipe, plus one uncontended task slot per node).
 
 Hand-off delay: for every interval start after the first m, start - the latest end <= start after
 which fewer than m intervals were open. It covers everything between one action's last checkpoint

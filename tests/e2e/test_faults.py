@@ -5,14 +5,14 @@ nothing lost, and nobody acting once its session could have expired.
 
 What happens in the pause test, step by step (from the runner and ZooKeeper logs; session timeout 4 s,
 trust window 3 s = timeout minus a 25% margin):
- 1. Runner A takes slot-0 of the task's semaphore (fencing token = the slot's czxid, T1) and starts its
-    8 s sleep; runner B fetches its item, finds the slot taken and waits on a children watch, keeping
-    its item claimed with in-progress acks.
+ 1. Runner A takes the slot of the task's semaphore (fencing token = its holder node's czxid, T1)
+    and starts its 8 s sleep; runner B fetches its item, finds the slot taken and waits at the head
+    of the queue on a children watch, keeping its item claimed with in-progress acks.
  2. A is SIGSTOPped. ZooKeeper hears nothing from it; 4 s after A's last ping (~3.9 s after the stop)
     it expires the session ("Expiring session 0x…, timeout of 4000ms exceeded") and deletes A's
-    ephemeral slot-0. A's own trust window had closed a second earlier, at last round trip + 3 s.
- 3. B's watch fires, B creates slot-0 again (token T2 > T1) and starts its own 8 s sleep (~40 ms after
-    the expiry).
+    ephemeral holder node. A's own trust window had closed a second earlier, at last round trip + 3 s.
+ 3. B's watch fires, B creates its own holder node (token T2 > T1) and starts its own 8 s sleep
+    (~40 ms after the expiry).
  4. A is SIGCONTed ~8 s after the stop, while B is mid-sleep. A's event loop first runs its overdue
     timers: the sleep's checkpoint (or the runner's guard) finds the last ZooKeeper round trip ~8 s old,
     far past the 3 s trust window, and raises LeaseLost before any further step. The witness interval
@@ -22,8 +22,8 @@ trust window 3 s = timeout minus a 25% margin):
     `retrying`. aiozk still says "connected": the server closed the connection during the pause, and
     only the next write fails ("Exception during write", "Aborting connection"); ZooKeeper answers the
     reconnect with "Invalid session 0x…, probably expired", and aiozk opens a new session. A's release
-    then finds slot-0 holding B's id and leaves it alone.
- 5. The item comes back to A, which waits for the slot until B finishes and releases it, takes slot-0
+    then finds its own holder node gone and deletes nothing of B's.
+ 5. The item comes back to A, which waits for the slot until B finishes and releases it, takes the slot
     (token T3 > T2) and runs its sleep again from scratch: attempt 2, no failure counted.
 """
 

@@ -23,7 +23,8 @@ from taskcore.coord.clusters import BreakerState
 from taskcore.coord.leases import lease_path
 from taskcore.coord.runners import RunnerInfo, node_path
 from taskcore.coord.schedule_control import CANARY_PATH
-from taskcore.coord.session import SlotSemaphore, ZkSession, update_json
+from taskcore.coord.semaphore import FairSemaphore
+from taskcore.coord.session import ZkSession, update_json
 from taskcore.core import subjects
 from taskcore.core.model import Task, TaskRecord
 from taskcore.core.settings import Settings
@@ -261,7 +262,7 @@ async def test_zookeeper_gauges_and_the_canary(
     await zk.client.create(node_path("c1", "ghost"), data=msgspec.json.encode(ghost), ephemeral=True)
     task = Task(action=ACTION, cluster_name="c2", limit=2, task_id="held-1")
     await status.put_task("held-1", TaskRecord(task=task, state="routed", created_at=now))
-    slot = await SlotSemaphore(zk, lease_path("held-1"), 2).acquire("n9")
+    slot = await FairSemaphore(zk, lease_path("held-1"), 2).acquire("n9")
 
     def sampled(s: Scrape) -> bool:
         return (
@@ -289,7 +290,7 @@ async def test_zookeeper_gauges_and_the_canary(
     assert emitted.series("taskerman_tasks_routed_total") == []
 
     # a reset breaker reads closed; with its slot released, c2 (no runner registered) has no series
-    await SlotSemaphore(zk, lease_path("held-1"), 2).release(slot)
+    await FairSemaphore(zk, lease_path("held-1"), 2).release(slot)
     await clusters.Breaker(zk, "c2", clusters.BreakerPolicy()).reset()
     await wait_scrape(
         router_port,

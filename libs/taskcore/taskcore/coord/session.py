@@ -63,12 +63,21 @@ class ZkSession:
             await asyncio.wait_for(self.client.close(), self.timeout)
 
     async def _watch_liveness(self) -> None:
+        """Ping, and when a ping succeeds again after failing (or on another session), wake every
+        waiter: watches may have fired while we were away, or been forgotten with the session."""
+        known_session = self.session_id
+        failed = False
         while True:
             sent = time.monotonic()
             try:
                 await asyncio.wait_for(self.client.exists("/"), self.timeout / 3)
                 self._last_ok = sent
+                if failed or self.session_id != known_session:
+                    woken = watches.wake_all(self.client)
+                    log.info("zk reachable again session=%s, woke %d waiter(s)", self.session_id, woken)
+                known_session, failed = self.session_id, False
             except (TimeoutError, exc.ZKError) as e:
+                failed = True
                 log.warning("zk liveness check failed error=%r", e)
             await asyncio.sleep(self.timeout / 6)
 

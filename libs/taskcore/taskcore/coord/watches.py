@@ -59,6 +59,20 @@ def install(client: ZKClient) -> None:
     session.event_dispatch = dispatch
 
 
+def wake_all(client: ZKClient) -> int:
+    """Wake every waiter of this client, as if its event had come: after the connection came back
+    (an event may have fired while it was away) or the session was replaced (the server forgot
+    every watch, and the waiters' ephemeral nodes with it). Each waiter looks again and sets its
+    watches anew. Returns how many were woken."""
+    loop = asyncio.get_running_loop()
+    woken = 0
+    for (_type, path), callbacks in list(client.session.watch_callbacks.items()):
+        for callback in list(callbacks):
+            loop.call_soon(callback, path)
+            woken += 1
+    return woken
+
+
 def callback_count(client: ZKClient) -> int:
     """How many watch callbacks the session holds (the soak tests watch this stay flat)."""
     return sum(len(c) for c in client.session.watch_callbacks.values())
