@@ -1,5 +1,6 @@
 """ZooKeeper coordination: a session that knows when it can no longer be trusted, and our own
-m-of-n semaphore with fencing tokens (aiozk's `Lease` lets limit+1 holders in; see DESIGN.md)."""
+m-of-n semaphore with fencing tokens (aiozk's `Lease` lets limit+1 holders in; see
+docs/architecture.md#aiozk-lease-is-unsafe)."""
 
 from __future__ import annotations
 
