@@ -20,7 +20,7 @@ from taskcore.core.model import (
     with_task_id,
 )
 
-# Verbatim from DESIGN.md, "The task (the wire contract)".
+# Verbatim from docs/architecture.md#wire-contract.
 SAMPLE = """{"action": "cassandra_task:restart", "version": 1.2, "limit": 2,
  "cluster_name": "cassandra:geo_counter", "discovery": "aws_tags", "owner": "gsi", "task_id": "abcd-ef123",
  "taskerman_params": {"action_args": {"force": true}, "workqueue_args": {"retry_count": 3}},

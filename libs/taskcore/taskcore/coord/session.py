@@ -1,6 +1,7 @@
 """ZooKeeper coordination: a session that knows when it can no longer be trusted, and the small
 helpers every recipe shares (held slots, JSON znodes, folder clean-up). The one lease recipe is
-coord/semaphore.py (aiozk's own `Lease` lets limit+1 holders in; see docs/architecture.md)."""
+coord/semaphore.py (aiozk's own `Lease` lets limit+1 holders in; see
+docs/architecture.md#aiozk-lease-is-unsafe)."""
 
 from __future__ import annotations
 
