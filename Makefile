@@ -50,8 +50,10 @@ demo: install zookeeper
 	$(BIN)/python -m taskerman_dev.demo
 
 .PHONY: bench
+# Fleet-size figures next to their targets, also written to benchmarks/results/latest.json
+# (`make bench BENCH_ARGS=--quick` for small sizes; the test suite runs that version too).
 bench: install zookeeper
-	$(BIN)/python benchmarks/handoff.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/scale.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .taskerman .pytest_cache .mypy_cache .ruff_cache

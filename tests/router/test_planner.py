@@ -90,11 +90,11 @@ async def test_unknown_discovery_plugin_is_an_invalid_task() -> None:
 async def test_preview_lists_leases_without_zookeeper() -> None:
     plan = await _planner().preview(_task(action="test:backup", limit=3))
     assert [(lease.name, lease.limit) for lease in plan.leases] == [
+        ("task", 3),
         ("exclusion", 1),
         ("budget", None),
-        ("task", 3),
     ]
-    assert plan.leases[1].detail == "unknown (no ZooKeeper)"
+    assert plan.leases[2].detail == "unknown (no ZooKeeper)"
     assert plan.breaker == ""
     with pytest.raises(InvalidTask, match="unknown action"):
         await _planner().preview(_task(action="nope:x"))

@@ -126,27 +126,29 @@ def _valid(node: NodeInfo) -> bool:
 def plan_leases(
     task: Task, action_cls: type[Action], res: Resolution, known_budget: bool
 ) -> tuple[PlanLease, ...]:
-    """The leases each node takes, in the runner's order (see taskerman_runner.worker.leases_for),
-    as the action declares them (a node's runner config may override groups and global limit)."""
-    out: list[PlanLease] = []
+    """The leases each node takes, in the runner's order (see taskerman_runner.lease_plan), as
+    the action declares them (a node's runner config may override groups and global limit)."""
+    detail = (
+        f"at most {task.limit} of the task's {len(res.nodes)} node(s) at once, in plan order "
+        "(fencing token: the slot)"
+    )
+    out: list[PlanLease] = [PlanLease(name="task", limit=task.limit, detail=detail)]
+    key = routing.topology_key(task)
+    if key:
+        groups = len(res.waves)
+        detail = f"one {key} at a time, {groups} {key}(s) in plan order (owner: the node's {key})"
+        out.append(PlanLease(name="topology", limit=1, detail=detail))
+    for group in sorted(set(action_cls.exclusion_groups)):
+        detail = f"group {group!r}: no other task of the group acts on the cluster meanwhile (owner: task)"
+        out.append(PlanLease(name="exclusion", limit=1, detail=detail))
     if action_cls.global_limit:
         n = action_cls.global_limit
         detail = f"at most {n} cluster(s) run {task.action} at once, fleet-wide (owner: the cluster)"
         out.append(PlanLease(name="global", limit=n, detail=detail))
-    for group in sorted(set(action_cls.exclusion_groups)):
-        detail = f"group {group!r}: no other task of the group acts on the cluster meanwhile (owner: task)"
-        out.append(PlanLease(name="exclusion", limit=1, detail=detail))
-    key = routing.topology_key(task)
-    if key:
-        groups = len(res.waves)
-        detail = f"one {key} at a time, {groups} {key}(s) (owner: the node's {key})"
-        out.append(PlanLease(name="topology", limit=1, detail=detail))
     if res.budget:
         detail = f"cluster disruption budget: at most {res.budget} node(s) of the cluster at once, any task"
         out.append(PlanLease(name="budget", limit=res.budget, detail=detail))
     else:
         detail = "no disruption budget set for the cluster" if known_budget else "unknown (no ZooKeeper)"
         out.append(PlanLease(name="budget", limit=None, detail=detail))
-    detail = f"at most {task.limit} of the task's {len(res.nodes)} node(s) at once (fencing token: the slot)"
-    out.append(PlanLease(name="task", limit=task.limit, detail=detail))
     return tuple(out)

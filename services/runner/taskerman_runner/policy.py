@@ -6,7 +6,7 @@ from typing import Literal
 
 from taskcore.core.model import WorkqueueArgs
 
-MAX_BACKOFF = 300.0
+MAX_BACKOFF = 300.0  # the default cap (`backoff_max`)
 
 
 def attempt_budget(retry_count: int) -> int:
@@ -26,10 +26,10 @@ def retry_delay(args: WorkqueueArgs, failures: int) -> float:
         if not args.backoff:
             return 0.0
         return float(args.backoff[min(max(failures, 1), len(args.backoff)) - 1])
-    return min(backoff_delay(args.backoff, failures, args.backoff_factor), args.backoff_max)
+    return backoff_delay(args.backoff, failures, args.backoff_factor, args.backoff_max)
 
 
-def backoff_delay(base: float, deliveries: int, factor: float = 2.0) -> float:
-    """Exponential backoff before the next attempt: base, factor·base, factor²·base … capped."""
+def backoff_delay(base: float, deliveries: int, factor: float = 2.0, cap: float = MAX_BACKOFF) -> float:
+    """Exponential backoff before the next attempt: base, factor·base, factor²·base … up to `cap`."""
     exponent = min(max(deliveries - 1, 0), 64)  # past any cap already; avoids OverflowError
-    return float(min(base * factor**exponent, MAX_BACKOFF))
+    return float(min(base * factor**exponent, cap))

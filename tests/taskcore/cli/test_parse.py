@@ -168,3 +168,18 @@ def test_submit_and_plan_share_the_routing_options() -> None:
     assert task.discovery == "dns"
     plan = cli.build_parser().parse_args(["plan", "test:sleep", "--cluster", "c", "--topology", "rack"])
     assert common.build_task(plan, ActionRegistry.installed()).taskerman_params.topology == "rack"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90.0), ("90s", 90.0), ("30m", 1800.0), ("6h", 21600.0), ("2d", 172800.0), ("1.5h", 5400.0)],
+)
+def test_deadline_durations(text: str, seconds: float) -> None:
+    assert common.parse_duration(text, "--deadline") == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "-5m", "0", "h"])
+def test_bad_deadline_names_the_option(text: str) -> None:
+    with pytest.raises(InvalidTask) as e:
+        common.parse_duration(text, "--deadline")
+    assert e.value.field == "--deadline"

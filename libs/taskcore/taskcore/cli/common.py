@@ -98,6 +98,27 @@ def add_task_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--discovery", help="discovery plugin (default: static)")
     p.add_argument("--routing", help="routing plugin (default: name, or zone with --topology)")
     p.add_argument("--topology", choices=["zone", "rack"], help="one zone (or rack) at a time")
+    p.add_argument(
+        "--deadline",
+        help="a node that has not started this long after routing gives up (expired); e.g. 90s, 30m, 6h, 2d",
+    )
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, option: str) -> float:
+    """`90`, `90s`, `30m`, `6h`, `2d` → seconds (> 0)."""
+    raw = text.strip().lower()
+    unit = DURATION_UNITS.get(raw[-1:], 0)
+    number = raw[:-1] if unit else raw
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise InvalidTask(f"expected a duration such as 90s, 30m, 6h or 2d, got {text!r}", field=option)
+    return seconds
 
 
 def parse_arg(text: str) -> tuple[str, Any]:
@@ -118,6 +139,8 @@ def build_task(args: argparse.Namespace, registry: ActionRegistry) -> Task:
     for option in ("topology", "routing"):
         if value := getattr(args, option, None):
             params[option] = value
+    if deadline := getattr(args, "deadline", None):
+        params["deadline_s"] = parse_duration(deadline, "--deadline")
     if args.retries is not None:
         params["workqueue_args"] = msgspec.structs.asdict(WorkqueueArgs(retry_count=args.retries))
     raw = {

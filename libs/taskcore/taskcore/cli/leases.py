@@ -1,6 +1,6 @@
 """`taskerman leases [CLUSTER]`: who holds which lease, read from ZooKeeper (see `coord.leases`):
 the m-of-n slots of each task, cluster budgets and exclusion groups, global leases. Waiters are not
-shown: in ZooKeeper a waiting runner only holds a watch."""
+shown: each waits in its lease's queue (see coord/semaphore.py)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class LeasesView(msgspec.Struct, frozen=True, kw_only=True):
     global_leases: list[SharedHeld]
     tasks_filtered_by: str | None
     note: str = (
-        "waiters are not shown: in ZooKeeper a waiting runner only holds a watch; "
+        "waiters are not shown (each waits in its lease's queue, watching the one ahead of it); "
         "`taskerman status TASK_ID` shows its nodes as pending"
     )
 
