@@ -5,8 +5,9 @@ wedging a service:
 - MAX_PAYLOAD_BYTES (1 MiB): a task or work item as published. NATS' default max_payload; anything
   larger could not have been published to a default server, and decoding stays cheap.
 - MAX_JSON_DEPTH (32): nesting of the whole document, checked on the raw bytes before msgspec
-  decodes (msgspec recurses; 5,000 levels raise RecursionError). A task uses 3 levels before its
-  `action_args`, so arguments may nest MAX_ARGS_DEPTH (29) levels: far more than any action needs.
+  decodes (msgspec recurses; 5,000 levels raise RecursionError). A task uses 2 levels around its
+  `action_args` (the task and `taskerman_params`), so the arguments may nest MAX_ARGS_DEPTH (30)
+  levels, their own object included: far more than any action needs.
 - MAX_ARGS_BYTES (64 KiB): `action_args` encoded. Every work item carries them, once per node, and
   a dead letter keeps 64 KiB of payload: large inputs belong in a file or a URL the action reads.
 - MAX_NAME_CHARS (512) and MAX_NAME_TOKEN (1,024): a cluster or node name, in characters and once
@@ -34,7 +35,7 @@ from taskcore.core.errors import InvalidTask
 
 MAX_PAYLOAD_BYTES = 1024 * 1024
 MAX_JSON_DEPTH = 32
-TASK_DEPTH = 3  # levels a task uses before its action_args: {task {taskerman_params {action_args
+TASK_DEPTH = 2  # levels around a task's action_args: the task and taskerman_params
 MAX_ARGS_DEPTH = MAX_JSON_DEPTH - TASK_DEPTH
 MAX_ARGS_BYTES = 64 * 1024
 MAX_NAME_CHARS = 512
