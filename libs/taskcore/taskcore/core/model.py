@@ -294,6 +294,8 @@ def decode_work_item(data: bytes) -> WorkItem:
     """Decode a work item; raises InvalidTask naming the field."""
     item = _decode(limits.check_payload(data, "work item"), WorkItem)
     check_task(item.task)
+    if not item.task.task_id:
+        raise InvalidTask("must not be empty in a work item (the router sets it)", field="task.task_id")
     limits.check_token(token_length(item.node), "node")
     return item
 
