@@ -158,7 +158,15 @@ def test_peek_task_id_reads_what_it_can() -> None:
 
 
 def test_work_item_node_token_is_bounded() -> None:
-    item = WorkItem(task=Task(action="test:sleep", cluster_name="c"), node="😀" * 100, routed_at=0)
+    task = Task(action="test:sleep", cluster_name="c", task_id="t")
+    item = WorkItem(task=task, node="😀" * 100, routed_at=0)
     with pytest.raises(InvalidTask) as info:
         decode_work_item(msgspec.json.encode(item))
     assert info.value.field == "node"
+
+
+def test_work_item_needs_its_task_id() -> None:
+    item = WorkItem(task=Task(action="test:sleep", cluster_name="c"), node="n", routed_at=0)
+    with pytest.raises(InvalidTask) as info:
+        decode_work_item(msgspec.json.encode(item))
+    assert info.value.field == "task.task_id"
