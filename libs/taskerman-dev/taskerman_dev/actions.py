@@ -7,11 +7,13 @@ import asyncio
 import json
 import os
 import time
+from typing import Annotated
 
 import msgspec
 
 from taskcore.core.actions import Action, ActionContext
 from taskcore.core.errors import ActionFailed
+from taskcore.core.limits import MAX_NAME_CHARS, MAX_NODES, MAX_SLEEP_SECONDS
 
 WITNESS_ENV = "TASKERMAN_WITNESS_FILE"
 CHECKPOINT_EVERY = 0.05
@@ -30,11 +32,18 @@ def witness(event: dict[str, object]) -> None:
         os.close(fd)
 
 
+NodeNames = Annotated[
+    list[Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]], msgspec.Meta(max_length=MAX_NODES)
+]
+
+
 class SleepArgs(msgspec.Struct, forbid_unknown_fields=True):
-    seconds: float = 1.0
+    """`seconds` from 0 to MAX_SLEEP_SECONDS (an hour): no negative or absurd sleeps."""
+
+    seconds: Annotated[float, msgspec.Meta(ge=0, le=MAX_SLEEP_SECONDS)] = 1.0
     fail: bool = False
-    fail_nodes: list[str] = []
-    post_check_fail_nodes: list[str] = []
+    fail_nodes: NodeNames = []
+    post_check_fail_nodes: NodeNames = []
 
 
 class TestSleep(Action):

@@ -28,6 +28,7 @@ from taskcore.coord.session import ZkSession
 from taskcore.core import subjects
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.errors import DiscoveryError, InvalidTask
+from taskcore.core.limits import UNEXPECTED_STRIKES
 from taskcore.core.model import (
     PlannedNode,
     PlanReply,
@@ -35,12 +36,14 @@ from taskcore.core.model import (
     TaskRecord,
     decode_task,
     decode_work_item,
+    peek_task_id,
     with_task_id,
 )
 from taskcore.obs import metrics, tracing
 from taskcore.plugins import Discovery, Routing
 from taskerman_router import routing
 from taskerman_router.planner import Planner
+from taskerman_router.rejection import TaskIdTaken, record_dead, same_task, taken
 
 log = logging.getLogger(__name__)
 FAN_OUT_WINDOW = 256  # work-item publishes in flight at once
@@ -122,6 +125,8 @@ class Router:
                     except bus.UNAVAILABLE as e:  # not acked: it comes back after ack_wait
                         seq = msg.metadata.sequence.stream
                         log.warning("nats unavailable, routing later seq=%s error=%r", seq, e)
+                    except Exception:  # `handle` contains its errors; this is the last line
+                        log.exception("message not handled seq=%s", msg.metadata.sequence.stream)
         finally:
             for loop in loops:
                 loop.cancel()
@@ -176,30 +181,63 @@ class Router:
         return found
 
     async def handle(self, msg: Msg) -> None:
-        """Route one message of `tasks.global`; an invalid task becomes a dead letter, never a crash."""
+        """Route one message of `tasks.global`. Whatever it holds, it ends routed or dead-lettered
+        with its reason, never a crash: a transient bus error leaves it to come back, any other
+        error naks it, and the UNEXPECTED_STRIKES-th such error dead-letters it with the error."""
+        try:
+            await self._handle(msg)
+        except bus.UNAVAILABLE:
+            raise  # not acked: it comes back after ack_wait
+        except Exception as e:
+            await self._contain(msg, e)
+
+    async def _handle(self, msg: Msg) -> None:
         headers = dict(msg.headers or {})
         with self._tracer.start_as_current_span("route", context=tracing.extract_context(headers)) as span:
             task: Task | None = None
             try:
-                task = decode_task(msg.data)
-                task_id = routing.derive_task_id(
-                    task.task_id or headers.get("Nats-Msg-Id"),
-                    msg.metadata.sequence.stream,
-                    msg.metadata.timestamp.timestamp(),
-                )
-                task = with_task_id(task, task_id)
+                task = self._task_of(msg, headers)
                 span.set_attribute("task_id", task.task_id)
                 self.registry.resolve(task)
                 await self._route(task, msg)
+            except TaskIdTaken as e:
+                await self._reject(msg, task, str(e), "conflict")
             except InvalidTask as e:
                 await self._reject(msg, task, str(e), "invalid")
             except DiscoveryError as e:
                 await self._reject(msg, task, str(e), "discovery")
-            except Exception:
-                log.exception("routing failed, will be redelivered seq=%s", msg.metadata.sequence.stream)
+            await msg.ack_sync()
+
+    def _task_of(self, msg: Msg, headers: dict[str, str]) -> Task:
+        """The message's task, decoded and validated, with its task id (given or derived)."""
+        task = decode_task(msg.data)
+        task_id = routing.derive_task_id(
+            task.task_id or headers.get("Nats-Msg-Id"),
+            msg.metadata.sequence.stream,
+            msg.metadata.timestamp.timestamp(),
+        )
+        return with_task_id(task, task_id)
+
+    async def _contain(self, msg: Msg, error: Exception) -> None:
+        """A message whose routing raised unexpectedly: nak it for another try, or, on its
+        UNEXPECTED_STRIKES-th delivery, dead-letter it with the error as its reason. This never
+        raises: a message it cannot settle comes back after ack_wait (and reaches max deliver)."""
+        seq = msg.metadata.sequence.stream
+        deliveries = msg.metadata.num_delivered
+        try:
+            if deliveries < UNEXPECTED_STRIKES:
+                log.error("routing failed, will be redelivered seq=%s", seq, exc_info=error)
                 await msg.nak(delay=2)
                 return
+            task: Task | None = None
+            with contextlib.suppress(Exception):
+                task = self._task_of(msg, dict(msg.headers or {}))
+            reason = f"routing raised {error!r} on {deliveries} deliveries"
+            log.error("routing failed, dead-lettering seq=%s", seq, exc_info=error)
+            await self._reject(msg, task, reason, "error")
             await msg.ack_sync()
+        except Exception as e:
+            log.warning("could not settle seq=%s, it comes back after ack_wait error=%r", seq, e)
 
     async def _route(self, task: Task, msg: Msg | None = None) -> None:
         """Record the task's plan (once: the first router to commit it wins), then publish exactly
@@ -208,6 +246,8 @@ class Router:
         for _ in range(3):
             entry = await self.status.get_task_entry(task.task_id)
             known, revision = entry if entry else (None, None)
+            if known is not None and not same_task(known, task):
+                raise TaskIdTaken(taken(task.task_id, known))
             if known is not None and known.state == "routed" and known.plan_id:
                 nodes, fresh = await self.status.plan(known), False
                 break
@@ -295,9 +335,18 @@ class Router:
             return PlanReply(error=f"the router could not plan the task: {e!r}")
 
     async def _reject(self, msg: Msg, task: Task | None, reason: str, kind: str) -> None:
-        """Dead-letter a task that cannot be routed; `kind` (invalid, discovery) labels the count."""
+        """Dead-letter a task that cannot be routed; `kind` (invalid, discovery, conflict, error)
+        labels the count. Its task id is kept (read from the raw JSON when the task did not
+        decode) and its record marked dead, unless the id belongs to another task: records are
+        written only by their own task, so the letter then names the conflict instead."""
         seq = msg.metadata.sequence.stream
-        task_id = task.task_id if task else ""
+        task_id = task.task_id if task else peek_task_id(msg.data)
+        wrote = False
+        if task_id and kind != "conflict":
+            conflict = await record_dead(self.status, task_id, task, reason)
+            wrote = conflict is None
+            if conflict is not None:
+                reason = f"{reason}; {conflict}"
         letter = deadletter.letter(
             data=msg.data,
             subject=msg.subject,
@@ -307,10 +356,7 @@ class Router:
             cluster=task.cluster_name if task else "",
         )
         await deadletter.send(self.js, letter, msg_id=f"global:{seq}")
-        if task_id:
-            await self.status.put_task(
-                task_id, TaskRecord(task=task, state="dead", created_at=time.time(), error=reason)
-            )
+        if wrote:
             await self.audit.record("rejected", task_id=task_id, cluster=letter.cluster, detail=reason)
         self.metrics.rejected.add(1, {"reason": kind})
         log.warning("rejected task seq=%d task_id=%s reason=%s", seq, task_id, reason)

@@ -7,13 +7,13 @@ not counted as a failure, leases released); an item still waiting for its leases
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
 
-import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -29,7 +29,8 @@ from taskcore.coord.session import ZkSession
 from taskcore.core import subjects
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.errors import InvalidTask
-from taskcore.core.model import decode_work_item
+from taskcore.core.limits import UNEXPECTED_STRIKES
+from taskcore.core.model import decode_work_item, peek_task_id
 from taskcore.core.settings import Settings
 from taskcore.obs import logs, tracing
 from taskcore.obs.metrics import Instruments
@@ -44,13 +45,14 @@ from taskerman_runner.observers import (
     MetricsObserver,
     StatusObserver,
 )
-from taskerman_runner.outcomes import Dead, Failed, Outcome, Retired, Succeeded
+from taskerman_runner.outcomes import Dead, Failed, Outcome, Released, Retired, Succeeded
 
 log = logging.getLogger(__name__)
 ABORT_WAIT = 5.0  # after the grace: how long the cancelled action's release may take before we cancel it all
 IDLE_FETCH_WAIT = 20.0  # a daemon's pull request waits this long for an item
 DRAIN_WAIT = 1.0  # cron mode: nothing arrives for this long, so nothing more is due
 DRAIN_RERUNS = 2  # cron mode: runs again of an item released back (not failed) in the same drain
+STRIKES_KEPT = 1024  # items whose unexpected errors are remembered (the oldest are forgotten)
 DrainResult = Literal["ok", "failed", "released"]
 
 
@@ -120,6 +122,7 @@ class NodeWorker:
             overrides=overrides or {},
         )
         self._sub: JetStreamContext.PullSubscription | None = None
+        self._strikes: dict[int, int] = {}  # stream seq: unexpected errors of that item
         self._tracer = tracing.tracer(__name__)
 
     async def start(self) -> None:
@@ -140,6 +143,8 @@ class NodeWorker:
                         await self._handle_until(stop, msg)
                     except bus.UNAVAILABLE as e:  # not settled: it comes back after ack_wait
                         log.warning("nats unavailable, item comes back node=%s error=%r", self.node, e)
+                    except Exception:  # `handle` contains its errors; this is the last line
+                        log.exception("item not handled node=%s", self.node)
         finally:
             heartbeat.cancel()
 
@@ -251,7 +256,47 @@ class NodeWorker:
     async def handle(self, msg: Msg) -> Outcome:
         """Run one delivery of a work item to its end: ack, nak with backoff, or dead letter. An item
         this node will not run (unknown action, bad arguments, arguments its config does not allow,
-        a missing or bad `[packs.<pack>]` table) is dead-lettered at once, before any lease or step."""
+        a missing or bad `[packs.<pack>]` table) is dead-lettered at once, before any lease or step.
+        Nothing an item holds ends the runner: an unexpected error naks it, and the
+        UNEXPECTED_STRIKES-th one dead-letters it with the error as its reason."""
+        try:
+            return await self._handle(msg)
+        except bus.UNAVAILABLE:
+            raise  # not settled: it comes back after ack_wait
+        except Exception as e:
+            return await self._contain(msg, e)
+
+    async def _contain(self, msg: Msg, error: Exception) -> Outcome:
+        """An item whose handling raised unexpectedly: handed back for another try, or dead-lettered
+        (its node recorded dead) once it raised UNEXPECTED_STRIKES times in this process or has
+        UNEXPECTED_STRIKES deliveries. Never raises: an item it cannot settle comes back after
+        ack_wait, and the router dead-letters it at max deliver."""
+        seq = msg.metadata.sequence.stream
+        strikes = self._strikes.pop(seq, 0) + 1
+        reason = f"the runner raised {error!r} on this item ({strikes} time(s))"
+        try:
+            if strikes < UNEXPECTED_STRIKES and msg.metadata.num_delivered < UNEXPECTED_STRIKES:
+                self._strikes[seq] = strikes
+                while len(self._strikes) > STRIKES_KEPT:
+                    del self._strikes[next(iter(self._strikes))]
+                log.error("item failed unexpectedly node=%s seq=%s", self.node, seq, exc_info=error)
+                await msg.nak(delay=RELEASE_DELAY)
+                return Released("handle", reason)
+            log.error(
+                "item failed unexpectedly, dead-lettering node=%s seq=%s", self.node, seq, exc_info=error
+            )
+            outcome = await self._poison(msg, reason)
+            with contextlib.suppress(Exception):
+                item = decode_work_item(msg.data)
+                await self.status.update_node(
+                    item.task.task_id, self.node, state="dead", error=reason, finished_at=time.time()
+                )
+            return outcome
+        except Exception as e:
+            log.warning("could not settle node=%s seq=%s error=%r", self.node, seq, e)
+            return Released("handle", reason)
+
+    async def _handle(self, msg: Msg) -> Outcome:
         deliveries = msg.metadata.num_delivered
         try:
             item = decode_work_item(msg.data)
@@ -277,7 +322,7 @@ class NodeWorker:
 
     async def _poison(self, msg: Msg, reason: str) -> Outcome:
         """An item that can never run: dead-letter it at once, never spin through retries."""
-        task_id = _task_id_of(msg.data)
+        task_id = peek_task_id(msg.data, in_item=True)
         await dead_letter(
             self.js, msg, cluster=self.cluster, node=self.node, task_id=task_id, reason=reason, rec=None
         )
@@ -294,12 +339,3 @@ def _drain_result(outcome: Outcome | None) -> DrainResult:
     if isinstance(outcome, Failed | Dead):
         return "failed"
     return "released"
-
-
-def _task_id_of(data: bytes) -> str:
-    """Best-effort task id of an undecodable item, for the dead letter."""
-    try:
-        raw = msgspec.json.decode(data)
-        return str(raw.get("task", {}).get("task_id", "")) if isinstance(raw, dict) else ""
-    except msgspec.DecodeError:
-        return ""

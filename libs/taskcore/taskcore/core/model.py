@@ -9,12 +9,27 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from taskcore.core import limits
 from taskcore.core.errors import InvalidTask
+from taskcore.core.limits import (
+    MAX_ACTION_CHARS,
+    MAX_DISCOVERY_CHARS,
+    MAX_FAILURES,
+    MAX_LIMIT,
+    MAX_NAME_CHARS,
+    MAX_NODES,
+    MAX_OWNER_CHARS,
+    MAX_TASK_ID_CHARS,
+)
+from taskcore.core.subjects import token_length
 
 MAX_RETRIES = 50
 _T = TypeVar("_T")
-ActionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+$")]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+ActionName = Annotated[
+    str, msgspec.Meta(max_length=MAX_ACTION_CHARS, pattern=r"^[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+$")
+]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+TASK_ID_PATTERN = r"^[^\s*>]*$"
 
 
 class WorkqueueArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -40,7 +55,7 @@ class TaskermanParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, o
     action_args: dict[str, Any] = {}
     workqueue_args: WorkqueueArgs = WorkqueueArgs()
     # the task stops once more nodes than this have failed (been dead-lettered)
-    max_failures: Annotated[int, msgspec.Meta(ge=0)] = 0
+    max_failures: Annotated[int, msgspec.Meta(ge=0, le=MAX_FAILURES)] = 0
     # order the nodes by this attribute (from discovery) and never let nodes with two different
     # values of it act at the same time: a rollout one zone (or rack) at a time
     topology: TopologyName | None = None
@@ -58,13 +73,13 @@ class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     action: ActionName
     cluster_name: Name
     version: float | str | None = None
-    limit: Annotated[int, msgspec.Meta(ge=1)] = 1
-    discovery: str = "static"
-    owner: str = ""
-    task_id: Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[^\s*>]*$")] = ""
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)] = 1
+    discovery: Annotated[str, msgspec.Meta(max_length=MAX_DISCOVERY_CHARS)] = "static"
+    owner: Annotated[str, msgspec.Meta(max_length=MAX_OWNER_CHARS)] = ""
+    task_id: Annotated[str, msgspec.Meta(max_length=MAX_TASK_ID_CHARS, pattern=TASK_ID_PATTERN)] = ""
     taskerman_params: TaskermanParams = TaskermanParams()
-    nodes: tuple[Name, ...] = ()
-    destnode: str = ""
+    nodes: Annotated[tuple[Name, ...], msgspec.Meta(max_length=MAX_NODES)] = ()
+    destnode: Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)] = ""
 
     @property
     def retry_count(self) -> int:
@@ -203,23 +218,56 @@ def _decode(data: bytes | str, kind: type[_T]) -> _T:
 
 
 def decode_task(data: bytes | str) -> Task:
-    """Decode and validate a task from JSON; raises InvalidTask naming the field and the problem."""
-    task = _decode(data, Task)
+    """Decode and validate a task from JSON; raises InvalidTask naming the field and the problem.
+    A payload too large or too deeply nested is refused before it is decoded (`limits`)."""
+    task = _decode(limits.check_payload(data, "task"), Task)
     check_task(task)
     return task
 
 
 def check_task(task: Task) -> None:
-    """Checks msgspec's schema cannot express."""
+    """Checks msgspec's schema cannot express: blank names, the encoded length of every name
+    that goes into a subject or key (`limits`), the size of `action_args`, the version."""
     if not task.cluster_name.strip():
         raise InvalidTask("must not be blank", field="cluster_name")
-    if task.destnode and not task.destnode.strip():
-        raise InvalidTask("must not be blank", field="destnode")
+    limits.check_token(token_length(task.cluster_name), "cluster_name")
+    if task.destnode:
+        if not task.destnode.strip():
+            raise InvalidTask("must not be blank", field="destnode")
+        limits.check_token(token_length(task.destnode), "destnode")
     for i, node in enumerate(task.nodes):
         if not node.strip():
             raise InvalidTask("must not be blank", field=f"nodes[{i}]")
+        limits.check_token(token_length(node), f"nodes[{i}]")
+    if task.task_id:
+        limits.check_token(token_length(task.task_id), "task_id", limits.MAX_TASK_ID_TOKEN)
+    if task.taskerman_params.action_args:
+        limits.check_args_size(len(msgspec.json.encode(task.taskerman_params.action_args)))
     if task.version is not None:
         parse_version(task.version, field="version")
+
+
+_TASK_ID = re.compile(TASK_ID_PATTERN)
+
+
+def peek_task_id(data: bytes, *, in_item: bool = False) -> str:
+    """Best-effort task id of a payload that did not decode (of its `task` for a work item), for
+    its dead letter and record; "" when none can be read or it would not be a valid task id."""
+    try:
+        raw: Any = msgspec.json.decode(limits.check_payload(data))
+    except (InvalidTask, msgspec.DecodeError):
+        return ""
+    if in_item:
+        raw = raw.get("task") if isinstance(raw, dict) else None
+    task_id = raw.get("task_id") if isinstance(raw, dict) else None
+    if (
+        not isinstance(task_id, str)
+        or len(task_id) > MAX_TASK_ID_CHARS
+        or not _TASK_ID.match(task_id)
+        or token_length(task_id) > limits.MAX_TASK_ID_TOKEN
+    ):
+        return ""
+    return task_id
 
 
 def parse_version(value: float | str, field: str = "version") -> tuple[int, int]:
@@ -244,8 +292,11 @@ def encode(obj: Any) -> bytes:
 
 def decode_work_item(data: bytes) -> WorkItem:
     """Decode a work item; raises InvalidTask naming the field."""
-    item = _decode(data, WorkItem)
+    item = _decode(limits.check_payload(data, "work item"), WorkItem)
     check_task(item.task)
+    if not item.task.task_id:
+        raise InvalidTask("must not be empty in a work item (the router sets it)", field="task.task_id")
+    limits.check_token(token_length(item.node), "node")
     return item
 
 
