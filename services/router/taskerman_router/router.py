@@ -46,6 +46,7 @@ from taskerman_router.planner import Planner
 from taskerman_router.rejection import TaskIdTaken, record_dead, same_task, taken
 
 log = logging.getLogger(__name__)
+ROUTE_BATCH = 32  # tasks fetched, and routed side by side, at once
 FAN_OUT_WINDOW = 256  # work-item publishes in flight at once
 CLAIM_EVERY = 5.0  # in-progress acks while a large fan-out runs (well inside any ack_wait)
 
@@ -119,20 +120,23 @@ class Router:
             loops.append(asyncio.create_task(self.sampler.run(stop), name="router-sample"))
         try:
             while not stop.is_set():
-                for msg in await bus.fetch(sub, 10, wait=1.0):
-                    try:
-                        await self.handle(msg)
-                    except bus.UNAVAILABLE as e:  # not acked: it comes back after ack_wait
-                        seq = msg.metadata.sequence.stream
-                        log.warning("nats unavailable, routing later seq=%s error=%r", seq, e)
-                    except Exception:  # `handle` contains its errors; this is the last line
-                        log.exception("message not handled seq=%s", msg.metadata.sequence.stream)
+                # the tasks of one batch are independent: route them side by side
+                batch = await bus.fetch(sub, ROUTE_BATCH, wait=1.0)
+                await asyncio.gather(*(self._handle_one(msg) for msg in batch))
         finally:
             for loop in loops:
                 loop.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             await api.unsubscribe()
             await adv.unsubscribe()
+
+    async def _handle_one(self, msg: Msg) -> None:
+        try:
+            await self.handle(msg)
+        except bus.UNAVAILABLE as e:  # not acked: it comes back after ack_wait
+            log.warning("nats unavailable, routing later seq=%s error=%r", msg.metadata.sequence.stream, e)
+        except Exception:  # `handle` contains its errors; this is the last line
+            log.exception("message not handled seq=%s", msg.metadata.sequence.stream)
 
     async def _reconcile_every(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
