@@ -197,14 +197,14 @@ def test_plan_leases_in_the_runners_order() -> None:
     )
     leases = plan_leases(task, _Backup, res, known_budget=True)
     assert [(lease.name, lease.limit) for lease in leases] == [
-        ("global", 3),
-        ("exclusion", 1),
-        ("exclusion", 1),
-        ("topology", 1),
-        ("budget", 4),
         ("task", 2),
+        ("topology", 1),
+        ("exclusion", 1),
+        ("exclusion", 1),
+        ("global", 3),
+        ("budget", 4),
     ]
-    assert "group 'disk'" in leases[1].detail
-    assert "one zone at a time, 3 zone(s)" in leases[3].detail
+    assert "group 'disk'" in leases[2].detail
+    assert "one zone at a time, 3 zone(s)" in leases[1].detail
     plain = plan_leases(_task(), Action, msgspec.structs.replace(res, budget=None), known_budget=True)
-    assert [(lease.name, lease.limit) for lease in plain] == [("budget", None), ("task", 2)]
+    assert [(lease.name, lease.limit) for lease in plain] == [("task", 2), ("budget", None)]

@@ -134,3 +134,12 @@ async def test_emptied_lease_folder_is_reaped(zk_server: ZooKeeperServer, prefix
         assert not await zk.client.exists("/leases/tasks/finished-task")
         again = await sem.acquire("n3", max_wait=5)  # a late node of the task recreates it
         await sem.release(again)
+
+
+async def test_a_partly_cleaned_folder_is_cleaned_up_too(zk_server: ZooKeeperServer, prefix: str) -> None:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as zk:
+        sem = FairSemaphore(zk, "/leases/tasks/partial", 1)
+        slot = await sem.acquire("n1")
+        await zk.client.delete("/leases/tasks/partial/q")  # someone else's clean-up got this far
+        await sem.release(slot)
+        assert not await zk.client.exists("/leases/tasks/partial")

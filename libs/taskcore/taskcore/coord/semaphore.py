@@ -31,6 +31,7 @@ import contextlib
 import logging
 import time
 import uuid
+from typing import Any
 
 import msgspec
 from aiozk import exc, protocol
@@ -120,8 +121,11 @@ class FairSemaphore:
         there is nobody to be fair to."""
         client = self.zk.client
         try:
-            if await client.get_children(self.queue):
-                return None
+            try:
+                if await client.get_children(self.queue):
+                    return None
+            except exc.NoNode:
+                await self._create_folders()
             listing = await client.send(
                 protocol.GetChildren2Request(path=client.normalize_path(self.holders_path), watch=False)
             )
@@ -151,14 +155,25 @@ class FairSemaphore:
                 created: str = await client.create(f"{self.queue}/{prefix}", ephemeral=True, sequential=True)
                 return created.rsplit("/", 1)[1]
             except exc.NoNode:
-                await client.ensure_path(self.queue)
-                await client.ensure_path(self.holders_path)
+                await self._create_folders()
             except exc.ZKError:
                 found = await self._find(self.queue, uid)
                 if found:
                     return found
                 raise
         raise exc.NoNode
+
+    async def _create_folders(self) -> None:
+        """The semaphore's folder with its queue and holders, in one transaction (one write, where
+        creating them one segment at a time costs a request per segment); where a part is there
+        already, or the parent is missing, one segment at a time."""
+        client = self.zk.client
+        txn = client.begin_transaction()
+        for path in (self.path, self.queue, self.holders_path):
+            txn.create(path)
+        if await _failures(txn) is not None:
+            await client.ensure_path(self.queue)
+            await client.ensure_path(self.holders_path)
 
     async def _find(self, folder: str, uid: str) -> str | None:
         with contextlib.suppress(exc.NoNode):
@@ -209,10 +224,8 @@ class FairSemaphore:
         txn = client.begin_transaction()
         txn.set_data(self.holders_path, b"", version=version)
         txn.create(path, data=holder.encode(), ephemeral=True)
-        try:
-            await txn.commit()
-        except exc.ZKError as e:  # failed or cut off: what landed decides
-            log.debug("lease take not committed path=%s error=%r", path, e)
+        if failed := await _failures(txn):  # the gate moved, or cut off: what landed decides
+            log.debug("lease take not committed path=%s errors=%s", path, failed)
         return await self._own(path, holder)
 
     async def _own(self, path: str, holder: str) -> Slot | None:
@@ -270,12 +283,19 @@ class FairSemaphore:
         txn = self.zk.client.begin_transaction()
         txn.delete(path)
         txn.set_data(self.holders_path, b"")  # bump the gate: a take decided before this retries
-        await txn.commit()
+        if failed := await _failures(txn):
+            raise next(iter(failed))()  # e.g. NoNode: gone already (the release accepts that)
 
     async def clean_up(self) -> None:
         """Delete the folders when nobody waits or holds (a racing newcomer recreates them). The
         queue goes first: while anyone waits, one request tells, and the holders stay."""
+        txn = self.zk.client.begin_transaction()
         for folder in (self.queue, self.holders_path, self.path):
+            txn.delete(folder)
+        failed = await _failures(txn)  # all or nothing
+        if failed is None or exc.NotEmpty in failed:  # done, or someone waits or holds
+            return
+        for folder in (self.queue, self.holders_path, self.path):  # a part is gone: the rest, one by one
             if not await _empty_or_gone(self.zk, folder):
                 return
 
@@ -337,6 +357,17 @@ async def read_holders(zk: ZkSession, path: str) -> list[HolderNode]:
                 )
             )
     return out
+
+
+async def _failures(txn: Any) -> set[type[Exception]] | None:
+    """Commit a transaction: None when it was applied, else the kinds of error its operations met
+    (aiozk's `commit` reports a failed transaction only as an empty result)."""
+    try:
+        response = await txn.client.send(txn.request)
+    except exc.ZKError as e:
+        return {type(e)}
+    errors = {type(r) for r in response.responses if isinstance(r, Exception)}
+    return errors or None
 
 
 async def _empty_or_gone(zk: ZkSession, path: str) -> bool:
