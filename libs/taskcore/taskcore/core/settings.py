@@ -31,6 +31,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     breaker_threshold: int = 5
     breaker_window: float = 600.0
     breaker_cooldown: float = 0.0  # > 0: the breaker half-opens after this many seconds
+    # Signed work items (core/signing.py): the router's and the admin's nkey seed files, and the
+    # public keys runners trust to have signed an item (several, for rotation).
+    router_seed_file: Path | None = None
+    admin_seed_file: Path | None = None
+    trusted_router_keys: tuple[str, ...] = ()
+    insecure: bool = False  # run without keys (unsigned work items): only on purpose, with a warning
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -53,6 +59,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             breaker_threshold=int(env.get("TASKERMAN_BREAKER_THRESHOLD", d.breaker_threshold)),
             breaker_window=float(env.get("TASKERMAN_BREAKER_WINDOW", d.breaker_window)),
             breaker_cooldown=float(env.get("TASKERMAN_BREAKER_COOLDOWN", d.breaker_cooldown)),
+            router_seed_file=_path(env.get("TASKERMAN_ROUTER_SEED_FILE")),
+            admin_seed_file=_path(env.get("TASKERMAN_ADMIN_SEED_FILE")),
+            trusted_router_keys=_keys(env.get("TASKERMAN_TRUSTED_ROUTER_KEYS", "")),
+            insecure=_flag("TASKERMAN_INSECURE", env.get("TASKERMAN_INSECURE", "")),
         )
 
     def env(self) -> dict[str, str]:
@@ -71,4 +81,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "TASKERMAN_BREAKER_THRESHOLD": str(self.breaker_threshold),
             "TASKERMAN_BREAKER_WINDOW": str(self.breaker_window),
             "TASKERMAN_BREAKER_COOLDOWN": str(self.breaker_cooldown),
+            "TASKERMAN_ROUTER_SEED_FILE": str(self.router_seed_file or ""),
+            "TASKERMAN_ADMIN_SEED_FILE": str(self.admin_seed_file or ""),
+            "TASKERMAN_TRUSTED_ROUTER_KEYS": ",".join(self.trusted_router_keys),
+            "TASKERMAN_INSECURE": "1" if self.insecure else "0",
         }
+
+
+def _path(raw: str | None) -> Path | None:
+    """A file setting: unset or empty is none."""
+    return Path(raw) if raw and raw.strip() else None
+
+
+def _keys(raw: str) -> tuple[str, ...]:
+    """A comma-separated list, blanks dropped (each key is checked where it is used)."""
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+def _flag(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name}={raw!r}: use 1 (on) or 0 (off)")
