@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from taskcore.coord import watches
+from taskcore.coord.leases import Lease, LeaseSet, QueuedLease
 from taskcore.coord.semaphore import FairSemaphore
 from taskcore.coord.session import Slot, ZkSession
 from taskcore.core.errors import LeaseLost
@@ -186,3 +187,28 @@ async def test_requests_per_release_do_not_grow_with_waiters(
     print(f"requests per release: {few:.1f} at 10 waiters, {many:.1f} at 150")
     assert many <= few * 1.3 + 2, (few, many)
     assert many < 20, many
+
+
+async def test_a_lease_set_reports_the_lease_it_waits_for_once_before_queueing(zk: ZkSession) -> None:
+    """`on_blocked` is how a waiting node says why it waits: not called for a lease granted at
+    once, called once for the lease that is not, before the waiter queues (its read of the
+    holders adds nothing to the wait)."""
+    free = FairSemaphore(zk, "/leases/free", 1)
+    full = FairSemaphore(zk, "/leases/full", 1)
+    taken = await full.acquire("someone-else")
+    reports: list[tuple[str, list[str], int]] = []
+
+    async def blocked(lease: Lease) -> None:
+        holders = [h.holder for h in await lease.holders()]
+        reports.append((lease.name, holders, await full.waiting()))
+
+    leases = LeaseSet([QueuedLease("free", free, "me"), QueuedLease("full", full, "me")])
+    waiting = asyncio.create_task(leases.acquire(on_blocked=blocked))
+    await _queued(full, 1)
+    assert reports == [("full", [taken.holder], 0)]  # once, for the full one, before it queued
+    assert not waiting.done()
+    await full.release(taken)
+    await asyncio.wait_for(waiting, 10)
+    assert reports == [("full", [taken.holder], 0)]  # the wait itself reports nothing more
+    assert [lease.name for lease, _slot in leases.held] == ["free", "full"]
+    await leases.release()

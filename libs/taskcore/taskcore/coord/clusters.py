@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import msgspec
@@ -49,6 +50,10 @@ class BreakerState(msgspec.Struct, frozen=True, kw_only=True):
     failures: tuple[float, ...] = ()
     opened_at: float | None = None
     reason: str = ""
+    # half-open admits one probe: who claimed it and when (a probe that neither succeeds nor fails
+    # within a cooldown, its runner dead, gives its turn to the next waiter)
+    probe: str = ""
+    probe_at: float | None = None
 
 
 def after_failure(
@@ -59,8 +64,9 @@ def after_failure(
     s = s or BreakerState()
     recent = (*(t for t in s.failures if t > now - policy.window), now)
     if s.state == "open":
-        half_open = view_state(s, now, policy) == "half-open"
-        return msgspec.structs.replace(s, failures=recent, opened_at=now if half_open else s.opened_at)
+        if view_state(s, now, policy) == "half-open":  # the probe failed: open for another cooldown
+            return msgspec.structs.replace(s, failures=recent, opened_at=now, probe="", probe_at=None)
+        return msgspec.structs.replace(s, failures=recent)
     if trip or len(recent) >= policy.threshold:
         return BreakerState(state="open", failures=recent, opened_at=now, reason=reason)
     return msgspec.structs.replace(s, failures=recent)
@@ -71,6 +77,23 @@ def after_success(s: BreakerState | None, now: float, policy: BreakerPolicy) -> 
     if s is not None and view_state(s, now, policy) == "half-open":
         return BreakerState()
     return None
+
+
+def may_probe(s: BreakerState, now: float, policy: BreakerPolicy, who: str) -> bool:
+    """Half-open lets one waiter through, the probe: `who` may go when no live probe is out (or it
+    is the probe already)."""
+    if view_state(s, now, policy) != "half-open":
+        return False
+    stale = s.probe_at is None or now - s.probe_at >= policy.cooldown
+    return not s.probe or s.probe == who or stale
+
+
+def claim_probe(s: BreakerState | None, now: float, policy: BreakerPolicy, who: str) -> BreakerState:
+    """The state with `who` as the probe, if it may be; else unchanged."""
+    s = s or BreakerState()
+    if may_probe(s, now, policy, who):
+        return msgspec.structs.replace(s, probe=who, probe_at=now)
+    return s
 
 
 def view_state(s: BreakerState, now: float, policy: BreakerPolicy) -> BreakerStateName:
@@ -105,16 +128,32 @@ class Breaker:
         )
 
     async def record_success(self) -> None:
-        if after_success(await self.read(), time.time(), self.policy) is not None:
-            await self.reset()
+        """Close a half-open breaker (the probe succeeded); compare-and-set, so that a failure
+        recorded meanwhile is never overwritten. Nothing is written in the common case."""
+        if after_success(await self.read(), time.time(), self.policy) is None:
+            return
+        await update_json(
+            self.zk,
+            self.path,
+            BreakerState,
+            lambda s: after_success(s, time.time(), self.policy) or s or BreakerState(),
+        )
 
     async def reset(self) -> BreakerState:
         return await update_json(self.zk, self.path, BreakerState, lambda _s: BreakerState())
 
-    async def wait_closed(self, max_wait: float | None = None) -> None:
-        """Return once work may start on the cluster (closed or half-open); TimeoutError past
-        `max_wait` (None: as long as it takes). Waits on a data watch, so a reset is seen at once;
-        it looks again only when a cooldown ends, or after a slow backstop."""
+    async def wait_closed(
+        self,
+        max_wait: float | None = None,
+        who: str = "",
+        on_open: Callable[[BreakerState, BreakerStateName], Awaitable[None]] | None = None,
+    ) -> None:
+        """Return once work may start on the cluster: closed, or half-open with `who` admitted as
+        its one probe (claimed by compare-and-set; with no `who`, any half-open admits);
+        TimeoutError past `max_wait` (None: as long as it takes). Waits on a data watch, so a reset
+        or the probe's outcome is seen at once; it looks again only when a cooldown ends, or after a
+        slow backstop. `on_open` is awaited with the state read (and how it is seen) each time the
+        breaker holds us back, before we sleep: whoever waits can say why."""
         deadline = None if max_wait is None else time.monotonic() + max_wait
         client = self.zk.client
         while True:
@@ -122,7 +161,11 @@ class Breaker:
                 with contextlib.suppress(exc.NoNode):
                     await client.exists(self.path, watch=True)
                 s = await self.read()
-                if view_state(s, time.time(), self.policy) != "open":
+                now = time.time()
+                seen = view_state(s, now, self.policy)
+                if seen == "closed" or (seen == "half-open" and not who):
+                    return
+                if may_probe(s, now, self.policy, who) and await self._claim(who):
                     return
                 wait = BREAKER_BACKSTOP
                 if deadline is not None:
@@ -130,9 +173,20 @@ class Breaker:
                     if left <= 0:
                         raise TimeoutError(f"breaker of {self.cluster!r} is open: {s.reason}")
                     wait = min(wait, left)
-                if self.policy.cooldown > 0 and s.opened_at is not None:
-                    wait = min(wait, max(s.opened_at + self.policy.cooldown - time.time(), 0.05))
+                if self.policy.cooldown > 0:
+                    ends = s.probe_at if seen == "half-open" else s.opened_at  # a cooldown, or a probe's turn
+                    if ends is not None:
+                        wait = min(wait, max(ends + self.policy.cooldown - time.time(), 0.05))
+                if on_open is not None:
+                    await on_open(s, seen)
                 await w.wait(wait)
+
+    async def _claim(self, who: str) -> bool:
+        now = time.time()
+        s = await update_json(
+            self.zk, self.path, BreakerState, lambda s: claim_probe(s, now, self.policy, who)
+        )
+        return s.probe == who
 
 
 async def read_config(zk: ZkSession, cluster: str) -> ClusterConfig:

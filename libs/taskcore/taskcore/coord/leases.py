@@ -10,22 +10,25 @@ leases serve in arrival order."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from taskcore.coord.semaphore import FairSemaphore
-from taskcore.coord.session import Slot
-from taskcore.core.errors import LeaseLost
-from taskcore.core.subjects import encode_token
+from taskcore.coord.semaphore import FairSemaphore, HolderNode, read_holders
+from taskcore.coord.session import Slot, ZkSession
+from taskcore.core.errors import InvalidName, LeaseLost
+from taskcore.core.subjects import decode_token, encode_token
 from taskcore.obs import tracing
 
 log = logging.getLogger(__name__)
 
 
 TASK_LEASES_ROOT = "/leases/tasks"
+FRESH = 1.0  # seconds after an acquisition during which the session check stands for a verification
+TASK_SEP = "/"  # between the task's token and the node in a holder id; never in an encoded token
 
 
 def lease_path(task_id: str) -> str:
@@ -33,14 +36,39 @@ def lease_path(task_id: str) -> str:
     return f"{TASK_LEASES_ROOT}/{encode_token(task_id)}"
 
 
+def shared_holder(task_id: str, node: str) -> str:
+    """The holder name of a lease that several tasks share (the cluster's budget, an exclusion
+    group, a global lease): `<task token>/<node>`, so that whoever waits for it can name the task
+    holding it. A task's own leases name only the node: the task is in their path."""
+    return f"{encode_token(task_id)}{TASK_SEP}{node}"
+
+
+def holder_parts(holder: str) -> tuple[str | None, str]:
+    """(task or None, node) of a holder id `[<task token>/]<node>#<uid>`."""
+    name = holder.rsplit("#", 1)[0]
+    token, sep, node = name.partition(TASK_SEP)
+    if sep:
+        try:
+            return decode_token(token), node
+        except InvalidName:
+            pass  # a node name with a `/` in it, held by its node alone
+    return None, name
+
+
 class Lease(Protocol):
     """Something a work item must hold while its node acts."""
 
     name: str
 
-    async def acquire(self, max_wait: float | None) -> Slot: ...
+    @property
+    def limit(self) -> int: ...
+
+    async def acquire(
+        self, max_wait: float | None, on_blocked: Callable[[], Awaitable[None]] | None = None
+    ) -> Slot: ...
     async def verify(self, slot: Slot) -> None: ...
     async def release(self, slot: Slot) -> None: ...
+    async def holders(self) -> list[HolderNode]: ...
 
 
 @dataclass
@@ -54,15 +82,26 @@ class QueuedLease:
     owner: str | None = None
     position: int = 0
 
-    async def acquire(self, max_wait: float | None) -> Slot:
+    @property
+    def limit(self) -> int:
+        return self.sem.limit
+
+    async def acquire(
+        self, max_wait: float | None, on_blocked: Callable[[], Awaitable[None]] | None = None
+    ) -> Slot:
         sem, holder = self.sem, self.holder
-        return await sem.acquire(holder, owner=self.owner, position=self.position, max_wait=max_wait)
+        return await sem.acquire(
+            holder, owner=self.owner, position=self.position, max_wait=max_wait, on_blocked=on_blocked
+        )
 
     async def verify(self, slot: Slot) -> None:
         await self.sem.verify(slot)
 
     async def release(self, slot: Slot) -> None:
         await self.sem.release(slot)
+
+    async def holders(self) -> list[HolderNode]:
+        return await read_holders(self.sem.zk, self.sem.path)
 
 
 @dataclass
@@ -73,24 +112,41 @@ class LeaseSet:
     leases: Sequence[Lease]
     held: list[tuple[Lease, Slot]] = field(default_factory=list)
     waited: dict[str, float] = field(default_factory=dict)
+    taken_at: float | None = None  # monotonic, when the last lease was granted; None once verified
 
-    async def acquire(self, deadline: float | None = None) -> None:
+    async def acquire(
+        self,
+        deadline: float | None = None,
+        on_blocked: Callable[[Lease], Awaitable[None]] | None = None,
+    ) -> None:
         """Take every lease, waiting as long as it takes (or TimeoutError past the monotonic
-        `deadline`); whatever was taken is released when the wait ends otherwise."""
+        `deadline`); whatever was taken is released when the wait ends otherwise. `on_blocked` is
+        awaited with a lease that is not granted at once, before its wait begins: the attempt
+        says there which lease its node waits for."""
         try:
             for lease in self.leases:
                 started = time.monotonic()
                 left = None if deadline is None else max(deadline - started, 0.001)
+                blocked = None if on_blocked is None else functools.partial(on_blocked, lease)
                 with tracing.tracer(__name__).start_as_current_span(f"lease {lease.name}"):
-                    slot = await lease.acquire(left)
+                    slot = await lease.acquire(left, blocked)
                 self.waited[lease.name] = time.monotonic() - started
                 self.held.append((lease, slot))
+            self.taken_at = time.monotonic()
         except BaseException:
             await asyncio.shield(self.release())
             raise
 
-    async def verify(self) -> None:
-        """Raise LeaseLost unless every lease is still ours."""
+    async def verify(self, zk: ZkSession | None = None) -> None:
+        """Raise LeaseLost unless every lease is still ours (a sync and a read per lease). With
+        `zk`, the first verification within FRESH seconds of the acquisition is the `checkpoint`
+        instead (the session that took the slots is still the trusted one): the step right after
+        the wait does not ask ZooKeeper again what it has just answered."""
+        fresh = self.taken_at is not None and time.monotonic() - self.taken_at < FRESH
+        self.taken_at = None
+        if zk is not None and fresh:
+            self.checkpoint(zk)
+            return
         if len(self.held) != len(self.leases):
             raise LeaseLost("not all leases are held")
         for lease, slot in self.held:
@@ -98,6 +154,19 @@ class LeaseSet:
 
     def tokens(self) -> dict[str, int]:
         return {lease.name: slot.token for lease, slot in self.held}
+
+    def checkpoint(self, zk: ZkSession) -> None:
+        """Raise LeaseLost unless the session can be trusted right now and it is the session that
+        took every slot (aiozk may silently open a new one: the old one's slots are gone with it).
+        No round trip: cheap enough before every side effect."""
+        zk.check()
+        if len(self.held) != len(self.leases):
+            raise LeaseLost("not all leases are held")
+        for lease, slot in self.held:
+            if slot.session_id != zk.session_id:
+                raise LeaseLost(
+                    f"lease {lease.name} was taken by session {slot.session_id}, now {zk.session_id}"
+                )
 
     async def release(self) -> None:
         while self.held:

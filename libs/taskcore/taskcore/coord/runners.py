@@ -3,7 +3,12 @@ heartbeat; discovery `registry` and `taskerman nodes` read it and tell live runn
 
 A process that serves many nodes beats once for all of them: its nodes name the process, whose own
 ephemeral znode under `/registry-processes/` carries the heartbeat, so a thousand simulated nodes
-cost one write per period, not a thousand. A node's heartbeat is then its process's."""
+cost one write per period, not a thousand. A node's heartbeat is then its process's.
+
+The router publishes work only for served nodes (`unserved`): a node with a registered runner, or
+one whose runner left an away note (`/registry-away/<cluster>/<node>`, persistent) on a clean exit
+that is still valid. A runner writes the note only when its node config allows it (`away_grace`,
+for a cron-mode runner or a node that reboots itself); a runner that died leaves none."""
 
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import uuid
 import msgspec
 from aiozk import exc
 
+from taskcore.coord.fleet import children
+from taskcore.coord.semaphore import FairSemaphore
 from taskcore.coord.session import ZkSession
 from taskcore.core.subjects import encode_token
 
@@ -25,6 +32,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5.0
 STALE_AFTER = 3 * HEARTBEAT_SECONDS
 PROCESS_ROOT = "/registry-processes"
+AWAY_ROOT = "/registry-away"
+NODE_LOCKS_ROOT = "/registry-locks"
 
 
 class RunnerInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,6 +54,22 @@ class RunnerInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 def node_path(cluster: str, node: str) -> str:
     return f"/registry/{encode_token(cluster)}/{encode_token(node)}"
+
+
+def away_path(cluster: str, node: str) -> str:
+    return f"{AWAY_ROOT}/{encode_token(cluster)}/{encode_token(node)}"
+
+
+def node_lock(zk: ZkSession, cluster: str, node: str) -> FairSemaphore:
+    """The lock a cron-mode run holds on its node while it drains, so that two runs for one node
+    (an overlapping cron run on another host, a second run started by hand) never act at once."""
+    return FairSemaphore(zk, f"{NODE_LOCKS_ROOT}/{encode_token(cluster)}/{encode_token(node)}", 1)
+
+
+class AwayNote(msgspec.Struct, frozen=True):
+    """A runner that left on purpose: items for its node may wait for it until `until`."""
+
+    until: float
 
 
 class ProcessBeat(msgspec.Struct, frozen=True):
@@ -98,9 +123,11 @@ class Registration:
         actions: list[str],
         *,
         process: ProcessHeartbeat | None = None,
+        away_grace: float = 0.0,
     ) -> None:
         self.zk = zk
         self.process = process
+        self.away_grace = away_grace
         self.info = RunnerInfo(
             cluster=cluster,
             node=node,
@@ -112,6 +139,7 @@ class Registration:
             process=process.id if process else "",
         )
         self.path = node_path(cluster, node)
+        self.away = away_path(cluster, node)
         if process is not None:
             process.registrations.append(self)
 
@@ -121,6 +149,22 @@ class Registration:
         with contextlib.suppress(exc.NoNode):
             await self.zk.client.delete(self.path, force=True)
         await self.zk.client.create(self.path, data=msgspec.json.encode(self.info), ephemeral=True)
+        with contextlib.suppress(exc.NoNode):
+            await self.zk.client.delete(self.away, force=True)
+
+    async def leave(self) -> None:
+        """A clean exit: with an `away_grace`, leave a note that items may wait that long for us."""
+        if self.away_grace <= 0:
+            return
+        note = msgspec.json.encode(AwayNote(until=time.time() + self.away_grace))
+        try:
+            await self.zk.client.ensure_path(self.away.rsplit("/", 1)[0])
+            try:
+                await self.zk.client.create(self.away, data=note)
+            except exc.NodeExists:
+                await self.zk.client.set_data(self.away, note, force=True)
+        except Exception as e:
+            log.warning("away note not written node=%s error=%r", self.info.node, e)
 
     async def heartbeat(self, stop: asyncio.Event) -> None:
         """Refresh the heartbeat until `stop`; re-register if the node vanished (session expired).
@@ -173,6 +217,26 @@ async def _process_beat(zk: ZkSession, process: str) -> float | None:
         return msgspec.json.decode(data, type=ProcessBeat).heartbeat
     except (exc.NoNode, msgspec.DecodeError):
         return None
+
+
+async def unserved(zk: ZkSession, cluster: str, names: list[str], now: float) -> list[str]:
+    """The names, in order, that have neither a registered runner nor a valid away note. Two
+    listings and one read per away note: cheap for a 10,000-node task."""
+    ctok = encode_token(cluster)
+    registered = set(await children(zk, f"/registry/{ctok}"))
+    missing = [n for n in names if encode_token(n) not in registered]
+    if not missing:
+        return []
+    notes = set(await children(zk, f"{AWAY_ROOT}/{ctok}"))
+    out = []
+    for name in missing:
+        if encode_token(name) in notes:
+            with contextlib.suppress(exc.NoNode, msgspec.DecodeError):
+                data = await zk.client.get_data(away_path(cluster, name))
+                if msgspec.json.decode(data, type=AwayNote).until > now:
+                    continue
+        out.append(name)
+    return out
 
 
 async def live_nodes(zk: ZkSession, cluster: str) -> list[str]:

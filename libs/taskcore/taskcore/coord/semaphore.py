@@ -31,6 +31,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -79,10 +80,18 @@ class FairSemaphore:
     # --- acquire ------------------------------------------------------------------------------
 
     async def acquire(
-        self, holder_name: str, *, owner: str | None = None, position: int = 0, max_wait: float | None = None
+        self,
+        holder_name: str,
+        *,
+        owner: str | None = None,
+        position: int = 0,
+        max_wait: float | None = None,
+        on_blocked: Callable[[], Awaitable[None]] | None = None,
     ) -> Slot:
         """Wait in the queue until we hold; TimeoutError after `max_wait` seconds. Cancelling the
-        wait leaves nothing behind (queue node deleted, watch callbacks removed)."""
+        wait leaves nothing behind (queue node deleted, watch callbacks removed). `on_blocked` is
+        awaited once when the lease is not granted at once, before we queue, so that whoever waits
+        can say why (it may read the holders) without adding a request to the wait itself."""
         if position < 0:
             raise ValueError(f"position must be >= 0, got {position}")
         uid = uuid.uuid4().hex
@@ -95,6 +104,8 @@ class FairSemaphore:
         try:
             if slot := await self._uncontended(owner_token, uid, holder):
                 return slot
+            if on_blocked is not None:
+                await on_blocked()
             while True:
                 try:
                     if queued is None:
@@ -254,16 +265,31 @@ class FairSemaphore:
 
     async def verify(self, slot: Slot) -> None:
         """Raise LeaseLost unless the session is trusted and the holder node is still ours, read
-        after a `sync` (so a follower cut off from the leader cannot vouch for it)."""
+        after a `sync` (so a follower cut off from the leader cannot vouch for it).
+
+        Nothing acts while we verify, so a failover (a dropped connection, a leader election) is
+        ridden out: we ask again as long as the session that took the slot may still be alive
+        (`safe_until`); a holder that the session may have lost is never vouched for."""
         zk = self.zk
-        zk.check()
         client = zk.client
-        try:
-            sync = protocol.SyncRequest(path=client.normalize_path(slot.path))
-            await asyncio.wait_for(client.send(sync), zk.timeout / 3)
-            data, stat = await asyncio.wait_for(client.get(slot.path), zk.timeout / 3)
-        except (TimeoutError, exc.ZKError) as e:  # aiozk's own TimeoutError is a ZKError
-            raise LeaseLost(f"lease {slot.path} is gone or unreachable ({e!r})") from e
+        while True:
+            if zk.session_id != slot.session_id:
+                raise LeaseLost(f"lease {slot.path}: its session {slot.session_id} is gone")
+            if time.monotonic() >= zk.safe_until():
+                zk.check()  # raises: the session may have expired without our knowing
+            if not zk.is_safe():  # reconnecting, still within the session's lifetime
+                await asyncio.sleep(RETRY_PAUSE)
+                continue
+            try:
+                sync = protocol.SyncRequest(path=client.normalize_path(slot.path))
+                await asyncio.wait_for(client.send(sync), zk.timeout / 3)
+                data, stat = await asyncio.wait_for(client.get(slot.path), zk.timeout / 3)
+                break
+            except exc.NoNode as e:
+                raise LeaseLost(f"lease {slot.path} is gone") from e
+            except (TimeoutError, exc.ZKError) as e:  # aiozk's own TimeoutError is a ZKError
+                log.info("lease verification retried path=%s error=%r", slot.path, e)
+                await asyncio.sleep(RETRY_PAUSE)
         if data != slot.holder.encode() or stat.created_zxid != slot.token:
             raise LeaseLost(f"lease {slot.path} now belongs to someone else")
         zk.check()

@@ -64,19 +64,22 @@ class ZkSession:
             await asyncio.wait_for(self.client.close(), self.timeout)
 
     async def _watch_liveness(self) -> None:
-        """Ping, and when a ping succeeds again after failing (or on another session), wake every
-        waiter: watches may have fired while we were away, or been forgotten with the session."""
-        known_session = self.session_id
+        """Ping, and when a ping succeeds again after failing, on another session or on another
+        connection, wake every waiter: watches may have fired while we were away, been forgotten
+        with the session, or not been set again on the new connection (aiozk re-sends data, exist
+        and child watches, not the ones it keys as deletions)."""
+        known_session, known_conn = self.session_id, self.client.session.conn
         failed = False
         while True:
             sent = time.monotonic()
             try:
                 await asyncio.wait_for(self.client.exists("/"), self.timeout / 3)
                 self._last_ok = sent
-                if failed or self.session_id != known_session:
+                conn = self.client.session.conn
+                if failed or self.session_id != known_session or conn is not known_conn:
                     woken = watches.wake_all(self.client)
                     log.info("zk reachable again session=%s, woke %d waiter(s)", self.session_id, woken)
-                known_session, failed = self.session_id, False
+                known_session, known_conn, failed = self.session_id, conn, False
             except (TimeoutError, exc.ZKError) as e:
                 failed = True
                 log.warning("zk liveness check failed error=%r", e)
@@ -154,7 +157,9 @@ async def read_json(zk: ZkSession, path: str, kind: type[_T]) -> _T | None:
 
 
 async def update_json(zk: ZkSession, path: str, kind: type[_T], update: Callable[[_T | None], _T]) -> _T:
-    """Atomic read-modify-write of a JSON znode (compare-and-set on its version; retried on races)."""
+    """Atomic read-modify-write of a JSON znode (compare-and-set on its version; retried on races).
+    An update that changes nothing writes nothing: a write would wake every watcher of the znode
+    (a breaker's waiters, when a probe was claimed by someone else in the meantime)."""
     client = zk.client
     while True:
         try:
@@ -167,7 +172,10 @@ async def update_json(zk: ZkSession, path: str, kind: type[_T], update: Callable
             except exc.NodeExists:
                 continue
             return new
-        new = update(msgspec.json.decode(data, type=kind) if data else None)
+        old = msgspec.json.decode(data, type=kind) if data else None
+        new = update(old)
+        if new == old:
+            return new
         try:
             await client.set(path, msgspec.json.encode(new), stat.version)
         except exc.BadVersion:
