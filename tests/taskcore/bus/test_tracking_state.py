@@ -76,6 +76,24 @@ def test_finished(states: tuple[NodeStateName, ...], expected: TaskStateName) ->
     assert _state(ROUTED, _records(*states)) == expected
 
 
+@pytest.mark.parametrize(
+    ("states", "expected"),
+    [
+        (("succeeded", "cancelled", "cancelled"), "cancelled"),
+        (("cancelled", "cancelled", "cancelled"), "cancelled"),
+        (("dead", "cancelled", "succeeded"), "cancelled"),  # the operator's cancel ended it
+        (("succeeded", "skipped", "skipped"), "failed"),  # stopped by failures, not by a cancel
+        (("dead", "expired", "unserved"), "failed"),
+    ],
+)
+def test_stopped(states: tuple[NodeStateName, ...], expected: TaskStateName) -> None:
+    assert _state(ROUTED, _records(*states)) == expected
+
+
+def test_cancelled_only_once_every_node_ended() -> None:
+    assert _state(ROUTED, _records("cancelled", "running", "pending")) == "running"
+
+
 def test_records_of_other_nodes_are_ignored() -> None:
     nodes = {"node-1": NodeRecord(state="succeeded"), "elsewhere": NodeRecord(state="dead")}
     assert _state(ROUTED, nodes, ("node-1",)) == "succeeded"

@@ -17,6 +17,7 @@ from taskcore.core.model import (
     decode_work_item,
     encode,
     parse_version,
+    resolved,
     with_task_id,
 )
 
@@ -87,8 +88,16 @@ def test_unicode_names_decode() -> None:
             "taskerman_params.workqueue_args.retries",
             "unknown field `retries`",
         ),
-        (_task_json(limit="2"), "limit", "Expected `int`, got `str`"),
-        (_task_json(limit=1.5), "limit", "Expected `int`"),
+        (_task_json(limit="2"), "limit", "neither a whole number nor a percentage"),
+        (_task_json(limit="150%"), "limit", "'150%': a percentage of the task's nodes must be 1%..100%"),
+        (_task_json(limit="0%"), "limit", "must be 1%..100%"),
+        (_task_json(limit="25 %"), "limit", "neither a whole number nor a percentage"),
+        (
+            _task_json(taskerman_params={"max_failures": "101%"}),
+            "taskerman_params.max_failures",
+            "must be 1%..100%",
+        ),
+        (_task_json(limit=1.5), "limit", "Expected `int"),
         (_task_json(limit=0), "limit", ">= 1"),
         (_task_json(limit=-3), "limit", ">= 1"),
         (_task_json(action="restart"), "action", "regex"),
@@ -193,6 +202,28 @@ def test_work_item_names_nested_task_fields() -> None:
     with pytest.raises(InvalidTask) as info:
         decode_work_item(data)
     assert info.value.field == "task.limit"
+
+
+def test_percentages_decode_and_resolve_against_the_node_count() -> None:
+    task = decode_task(_task_json(limit="25%", taskerman_params={"max_failures": "10%"}))
+    assert (task.limit, task.taskerman_params.max_failures) == ("25%", "10%")
+    eight = resolved(task, 8)
+    assert (eight.limit, eight.taskerman_params.max_failures) == (2, 1)  # 0.8 rounds down, to at least 1
+    assert (eight.resolved_limit, eight.resolved_max_failures) == (2, 1)
+    big = resolved(task, 1000)
+    assert (big.limit, big.taskerman_params.max_failures) == (250, 100)
+    assert resolved(decode_task(_task_json(limit=3)), 8).limit == 3  # numbers keep their meaning
+    with pytest.raises(InvalidTask, match="the router resolves percentages"):
+        _ = task.resolved_limit
+
+
+def test_a_work_item_carries_resolved_numbers_only() -> None:
+    task = decode_task(_task_json(limit="25%", task_id="t"))
+    data = encode(WorkItem(task=task, node="n", routed_at=1.0))
+    with pytest.raises(InvalidTask) as info:
+        decode_work_item(data)
+    assert info.value.field == "task.limit"
+    assert decode_work_item(encode(WorkItem(task=resolved(task, 8), node="n", routed_at=1.0))).task.limit == 2
 
 
 def test_work_item_checks_the_task_beyond_the_schema() -> None:

@@ -17,6 +17,7 @@ from taskcore.bus.tracking import StatusStore
 from taskcore.core import subjects
 from taskcore.core.errors import TaskermanError
 from taskcore.core.model import DeadLetter, NodeRecord
+from taskcore.core.signing import Signer
 from taskcore.obs import tracing
 
 NO_NAME = "-"  # stands for the cluster or node of a task too broken to name them
@@ -40,12 +41,31 @@ class TruncatedPayload(TaskermanError):
         )
 
 
+class UnverifiedLetter(TaskermanError):
+    """The dead letter is a work item a runner refused for its signature: it may be forged, and a
+    replay would sign it as the admin's own."""
+
+    def __init__(self, seq: int, letter: DeadLetter) -> None:
+        self.seq = seq
+        super().__init__(
+            f"dead letter {seq} is a work item refused for its signature ({letter.reason[:300]}): it may "
+            f"be forged, and replaying it would sign it with your key. Read it (`taskerman dlq show "
+            f"{seq}`); submit the task again if it is genuine, or replay it with --force if you are sure"
+        )
+
+
+def is_work_item(letter: DeadLetter) -> bool:
+    """Whether the letter's payload came from a node's subject (a work item), not `tasks.global`."""
+    return letter.source_subject.startswith(f"{subjects.CLUSTER_PREFIX}.")
+
+
 def letter(
     *,
     data: bytes,
     subject: str,
     deliveries: int,
     reason: str,
+    attempts: int = 0,
     task_id: str = "",
     cluster: str = "",
     node: str = "",
@@ -63,6 +83,7 @@ def letter(
         node=node,
         reason=reason,
         deliveries=deliveries,
+        attempts=attempts,
         payload=data[:PAYLOAD_LIMIT].decode(errors="replace"),
         trace_id=tracing.current_trace_id(),
         span_id=tracing.current_span_id(),
@@ -120,24 +141,42 @@ async def purge(js: JetStreamContext) -> int:
     return int(info.state.messages)
 
 
-async def replay(js: JetStreamContext, status: StatusStore, seq: int) -> DeadLetter | None:
+async def replay(
+    js: JetStreamContext,
+    status: StatusStore,
+    seq: int,
+    signer: Signer | None = None,
+    force: bool = False,
+) -> DeadLetter | None:
     """Republish a dead letter's original payload where it came from, with a fresh attempt budget
-    (its node's record starts over), then remove the dead letter. None when there is none;
-    TruncatedPayload, leaving it in place, when it kept only the start of its payload."""
+    (its node's record starts over), then remove the dead letter. A work item is signed anew with
+    `signer` (an admin's key the runners trust: the router's signature covered the old message id;
+    None, unsigned, only in insecure mode). None when there is no such letter; TruncatedPayload, and
+    UnverifiedLetter for an item refused for its signature (unless `force`), leave it in place."""
     letter = await get(js, seq)
     if letter is None:
         return None
     if letter.payload_truncated:
         raise TruncatedPayload(seq, letter)
+    work = is_work_item(letter)
+    refused = work and letter.reason.startswith("signature:")  # never ran, never counted
+    if refused and not force:
+        raise UnverifiedLetter(seq, letter)
     if letter.task_id and letter.node:
         await status.put_node(letter.task_id, letter.node, NodeRecord(state="pending"))
-        await status.forgive(letter.task_id)
+        if not refused:
+            await status.forgive(letter.task_id)
     subject = letter.source_subject or subjects.GLOBAL
+    msg_id = f"replay:{seq}:{letter.task_id}"
+    payload = letter.payload.encode()
     with tracing.tracer(__name__).start_as_current_span(
         "replay",
         links=tracing.link_to(letter.trace_id, letter.span_id),
         attributes={"task_id": letter.task_id, "node": letter.node, "replayed_trace_id": letter.trace_id},
     ):
-        await bus.publish(js, subject, letter.payload.encode(), msg_id=f"replay:{seq}:{letter.task_id}")
+        if work:
+            await bus.publish_work(js, signer, subject, payload, msg_id)
+        else:
+            await bus.publish(js, subject, payload, msg_id=msg_id)
     await remove(js, seq)
     return letter

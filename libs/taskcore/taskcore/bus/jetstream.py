@@ -18,6 +18,7 @@ from nats.js.kv import KeyValue
 
 from taskcore.core import subjects
 from taskcore.core.settings import Settings
+from taskcore.core.signing import Signer
 from taskcore.obs import tracing
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,27 @@ def _stream(
     )
 
 
+def events_stream(settings: Settings, replicas: int = 1) -> api.StreamConfig:
+    """The audit trail, which nobody may erase: the server refuses to delete or purge its messages
+    (`deny_delete`, `deny_purge`, which no later update can lift), and events leave it only by age
+    (`TASKERMAN_EVENTS_RETENTION`), never by count or size. An EVENTS stream of an older version is
+    updated to this at provisioning."""
+    return api.StreamConfig(
+        name=subjects.EVENTS_STREAM,
+        subjects=[f"{subjects.EVENTS_PREFIX}.>"],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        discard=api.DiscardPolicy.OLD,
+        max_age=settings.events_retention,
+        max_msgs=-1,
+        max_bytes=-1,
+        max_msgs_per_subject=-1,
+        deny_delete=True,
+        deny_purge=True,
+        num_replicas=replicas,
+    )
+
+
 async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig, keep_replicas: bool = False) -> None:
     """Create the stream, or update it to `config`; with `keep_replicas` an existing stream keeps its
     replica count."""
@@ -172,19 +194,7 @@ async def provision_once(js: JetStreamContext, settings: Settings, replicas: int
         _stream(subjects.DEAD_STREAM, f"{subjects.DEAD_PREFIX}.>", settings, work_queue=False, replicas=n),
         keep,
     )
-    await _ensure_stream(
-        js,
-        api.StreamConfig(
-            name=subjects.EVENTS_STREAM,
-            subjects=[f"{subjects.EVENTS_PREFIX}.>"],
-            retention=api.RetentionPolicy.LIMITS,
-            storage=api.StorageType.FILE,
-            discard=api.DiscardPolicy.OLD,
-            max_age=settings.events_retention,
-            num_replicas=n,
-        ),
-        keep,
-    )
+    await _ensure_stream(js, events_stream(settings, n), keep)
     await status_bucket(js, settings, replicas=wanted)
     await js.add_consumer(
         subjects.TASKS_STREAM,
@@ -273,3 +283,13 @@ async def publish(
                 log.info("publish duplicate subject=%s msg_id=%s", subject, msg_id)
             return ack
     raise AssertionError("unreachable")
+
+
+async def publish_work(
+    js: JetStreamContext, signer: Signer | None, subject: str, payload: bytes, msg_id: str
+) -> api.PubAck:
+    """Publish a work item on a node's subject, signed over its subject, message id and payload
+    (`core/signing.py`), so its runner knows it came from the router (or an admin's replay). Every
+    work-item publish goes through here; `signer` is None only in insecure mode."""
+    headers = signer.sign(subject, msg_id, payload) if signer is not None else None
+    return await publish(js, subject, payload, msg_id, headers)

@@ -1,10 +1,11 @@
-"""Stops reach waiting nodes as they happen, without polling.
+"""Stops and pauses reach waiting nodes as they happen, without polling.
 
-A stop record is a KV put on `stop.<task>`, which JetStream publishes on `$KV.<bucket>.stop.<task>`.
-One plain subscription per process hears every stop and wakes the nodes waiting on that task, so
-a thousand nodes waiting for their turn cost the server one subscription, and no request a second.
-A waiter registers first and reads the record after (a stop in between is then heard, not missed);
-a wake-up is only a hint: the waiter reads the record to see what happened."""
+A stop record is a KV put on `stop.<task>`, a pause a put on `pause.<task>` and a resume its
+delete; JetStream publishes each on `$KV.<bucket>.<key>`. One plain subscription per kind and
+process hears them all and wakes the nodes waiting on that task, so a thousand nodes waiting for
+their turn cost the server two subscriptions, and no request a second. A waiter registers first
+and reads the records after (a change in between is then heard, not missed); a wake-up is only a
+hint: the waiter reads the records to see what happened."""
 
 from __future__ import annotations
 
@@ -16,49 +17,53 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from taskcore.bus.tracking import stop_key
 from taskcore.core import subjects
+from taskcore.core.subjects import encode_token
+
+KINDS = ("stop", "pause")  # the key kinds a waiter hears: `<kind>.<task token>`
 
 
 class StopSignals:
-    """Wakes the waiters of a task when its stop record is written."""
+    """Wakes the waiters of a task when its stop or pause record changes."""
 
     def __init__(self, nc: NATS) -> None:
         self.nc = nc
-        self._waiters: dict[str, set[asyncio.Event]] = {}
-        self._sub: Subscription | None = None
+        self._waiters: dict[str, set[asyncio.Event]] = {}  # by task token
+        self._subs: list[Subscription] = []
         self._prefix = f"$KV.{subjects.STATUS_BUCKET}."
 
     async def _ensure(self) -> None:
-        if self._sub is None:
-            self._sub = await self.nc.subscribe(f"{self._prefix}stop.>", cb=self._on_stop)
+        if not self._subs:
+            for kind in KINDS:
+                self._subs.append(await self.nc.subscribe(f"{self._prefix}{kind}.>", cb=self._on_change))
 
-    async def _on_stop(self, msg: Msg) -> None:
-        for event in self._waiters.get(msg.subject.removeprefix(self._prefix), ()):
+    async def _on_change(self, msg: Msg) -> None:
+        _kind, _, token = msg.subject.removeprefix(self._prefix).partition(".")
+        for event in self._waiters.get(token, ()):
             event.set()
 
     @contextlib.asynccontextmanager
     async def watching(self, task_id: str) -> AsyncIterator[asyncio.Event]:
-        """An event set whenever the task's stop record changes, while the block runs."""
+        """An event set whenever the task's stop or pause record changes, while the block runs."""
         await self._ensure()
-        key = stop_key(task_id)
+        token = encode_token(task_id)
         event = asyncio.Event()
-        self._waiters.setdefault(key, set()).add(event)
+        self._waiters.setdefault(token, set()).add(event)
         try:
             yield event
         finally:
-            waiters = self._waiters.get(key)
+            waiters = self._waiters.get(token)
             if waiters is not None:
                 waiters.discard(event)
                 if not waiters:
-                    del self._waiters[key]
+                    del self._waiters[token]
 
     def waiting(self) -> int:
         """How many waits are registered (tests watch this return to zero)."""
         return sum(len(w) for w in self._waiters.values())
 
     async def close(self) -> None:
-        if self._sub is not None:
+        subs, self._subs = self._subs, []
+        for sub in subs:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+                await sub.unsubscribe()

@@ -16,12 +16,15 @@ from taskcore.core.model import Task, TaskRecord
 
 
 class SubmitReply(msgspec.Struct, frozen=True, omit_defaults=True):
-    """The reply of `taskerman.api.submit`: the task id, or the error naming the field."""
+    """The reply of `taskerman.api.submit`: the task id, or the error naming the field. A
+    `retryable` error is the bus failing over, not the task: the same submission may be sent again
+    (its task id makes a repeat a duplicate)."""
 
     task_id: str = ""
     duplicate: bool = False
     error: str = ""
     field: str | None = None
+    retryable: bool = False
 
 
 async def submit(

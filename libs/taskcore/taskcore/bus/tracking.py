@@ -16,7 +16,9 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from taskcore.core import percent
 from taskcore.core.model import (
+    TASK_FINISHED,
     NodeRecord,
     PlanChunk,
     PlannedNode,
@@ -27,7 +29,7 @@ from taskcore.core.model import (
 )
 from taskcore.core.subjects import encode_token
 
-_FINISHED = {"succeeded", "failed", "dead", "skipped", "cancelled", "expired"}
+_FINISHED = {"succeeded", "failed", "dead", "skipped", "cancelled", "expired", "unserved"}
 CHUNK_NODES = 500  # nodes per plan chunk at most
 CHUNK_BYTES = 256 * 1024  # and bytes per chunk at most (attributes vary in size)
 READ_CONCURRENCY = 256  # node records read at once for a view
@@ -42,6 +44,14 @@ class StopRecord(msgspec.Struct, frozen=True, kw_only=True):
     at: float = 0.0
 
 
+class PauseRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A task an operator paused: nothing new of it starts until the record is deleted (resume)."""
+
+    by: str = ""
+    at: float = 0.0
+    reason: str = ""
+
+
 def task_key(task_id: str) -> str:
     return f"task.{encode_token(task_id)}"
 
@@ -52,6 +62,10 @@ def node_key(task_id: str, node: str) -> str:
 
 def stop_key(task_id: str) -> str:
     return f"stop.{encode_token(task_id)}"
+
+
+def pause_key(task_id: str) -> str:
+    return f"pause.{encode_token(task_id)}"
 
 
 def failures_key(task_id: str) -> str:
@@ -101,14 +115,19 @@ def waves_of(nodes: list[PlannedNode]) -> tuple[Wave, ...]:
 
 
 def derive_state(task: TaskRecord, names: list[str], nodes: dict[str, NodeRecord]) -> TaskStateName:
-    """The task's state from its own record, its nodes' names and their records."""
+    """The task's state from its own record, its nodes' names and their records. A task whose
+    nodes have all ended is `cancelled` when an operator's cancel kept any of them from running
+    (the nodes that ran keep their own states, a dead one included: its letter is in the DLQ), and
+    `failed` when anything else stopped it first."""
     if task.state in ("pending", "dead") or not names:
         return task.state
     states = [nodes[n].state if n in nodes else "pending" for n in names]
     if all(s in _FINISHED for s in states):
         if all(s == "succeeded" for s in states):
             return "succeeded"
-        if "skipped" in states or "cancelled" in states or "expired" in states:
+        if "cancelled" in states:
+            return "cancelled"
+        if {"skipped", "expired", "unserved"} & set(states):
             return "failed"  # stopped before every node ran
         return "dead" if "dead" in states else "failed"
     if any(s != "pending" for s in states):
@@ -116,8 +135,19 @@ def derive_state(task: TaskRecord, names: list[str], nodes: dict[str, NodeRecord
     return "routed"
 
 
+def view_limit(task: TaskRecord) -> int:
+    """The task's limit as a number: a percentage resolved against the routed node count, 0 while
+    that count is unknown (not routed yet)."""
+    if task.task is None:
+        return 0
+    if isinstance(task.task.limit, int):
+        return task.task.limit
+    return percent.of_nodes(task.task.limit, task.node_count, "limit") if task.node_count else 0
+
+
 class TaskView(msgspec.Struct, frozen=True):
-    """What `taskerman status --json` prints."""
+    """What `taskerman status --json` prints. `limit` is a number (a percentage resolved, 0 until
+    the task is routed); `limit_asked` is what the task said when it was a percentage."""
 
     task_id: str
     state: TaskStateName
@@ -129,6 +159,8 @@ class TaskView(msgspec.Struct, frozen=True):
     created_at: float = 0.0
     plan: tuple[Wave, ...] = ()  # the router's order, in waves (one per zone with topology)
     topology: TopologyName | None = None
+    limit_asked: str | None = None
+    paused: PauseRecord | None = None  # while paused: by whom, when, why
 
 
 class StatusStore:
@@ -244,11 +276,28 @@ class StatusStore:
         return msgspec.json.decode(entry.value, type=NodeRecord)
 
     async def update_node(self, task_id: str, node: str, **changes: object) -> NodeRecord:
-        """Read-modify-write of one node's record (its runner is the only writer)."""
-        rec = await self.get_node(task_id, node) or NodeRecord()
-        rec = msgspec.structs.replace(rec, **changes)
-        await self.put_node(task_id, node, rec)
-        return rec
+        """Change fields of one node's record by compare-and-set on its revision, retried on a race:
+        for writers other than the node's own attempt (the router's dead letter from the
+        max-deliveries advisory, a runner settling an item it could not handle), so that a
+        write in between is never lost."""
+        key = node_key(task_id, node)
+        while True:
+            try:
+                entry = await self.kv.get(key)
+            except KeyNotFoundError:
+                rec = msgspec.structs.replace(NodeRecord(), **changes)
+                try:
+                    await self.kv.create(key, msgspec.json.encode(rec))
+                except KeyWrongLastSequenceError:
+                    continue
+                return rec
+            old = msgspec.json.decode(entry.value, type=NodeRecord) if entry.value else NodeRecord()
+            rec = msgspec.structs.replace(old, **changes)
+            try:
+                await self.kv.update(key, msgspec.json.encode(rec), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                continue
+            return rec
 
     async def add_failure(self, task_id: str, by: int = 1) -> int:
         """Count one more (or, with by=-1, one fewer) failed node of the task; returns the new count."""
@@ -292,6 +341,29 @@ class StatusStore:
             return None
         return msgspec.json.decode(entry.value, type=StopRecord) if entry.value else None
 
+    async def pause(self, task_id: str, rec: PauseRecord) -> bool:
+        """Pause the task; False when it was paused already (the first pause stays)."""
+        try:
+            await self.kv.create(pause_key(task_id), msgspec.json.encode(rec))
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def resume(self, task_id: str) -> PauseRecord | None:
+        """Lift the task's pause; the pause it lifted, or None when it was not paused (then nothing
+        is written, so no waiting node is woken for nothing)."""
+        rec = await self.paused(task_id)
+        if rec is not None:
+            await self.kv.delete(pause_key(task_id))
+        return rec
+
+    async def paused(self, task_id: str) -> PauseRecord | None:
+        try:
+            entry = await self.kv.get(pause_key(task_id))
+        except KeyNotFoundError:
+            return None
+        return msgspec.json.decode(entry.value, type=PauseRecord) if entry.value else None
+
     async def tasks(self) -> list[TaskRecord]:
         """Every task record still in the bucket (finished ones expire with its retention)."""
         out: list[TaskRecord] = []
@@ -317,15 +389,19 @@ class StatusStore:
         nodes = {n: found.get(n) or NodeRecord() for n in sorted(names)}
         t = task.task
         stop = await self.stopped(task_id)
+        pause = await self.paused(task_id)
+        state = derive_state(task, names, nodes)
         return TaskView(
             task_id=task_id,
-            state=derive_state(task, names, nodes),
+            state="paused" if pause and state not in TASK_FINISHED else state,
             action=t.action if t else "",
             cluster_name=t.cluster_name if t else "",
-            limit=t.limit if t else 0,
+            limit=view_limit(task),
             nodes=nodes,
             error=task.error or (f"stopped: {stop.reason} {stop.detail}".strip() if stop else None),
             created_at=task.created_at,
             plan=waves_of(plan),
             topology=t.taskerman_params.topology if t else None,
+            limit_asked=t.limit if t and isinstance(t.limit, str) else None,
+            paused=pause,
         )

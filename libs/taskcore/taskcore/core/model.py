@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from taskcore.core import limits
+from taskcore.core import limits, percent
 from taskcore.core.errors import InvalidTask
 from taskcore.core.limits import (
     MAX_ACTION_CHARS,
@@ -54,8 +54,9 @@ class TaskermanParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, o
 
     action_args: dict[str, Any] = {}
     workqueue_args: WorkqueueArgs = WorkqueueArgs()
-    # the task stops once more nodes than this have failed (been dead-lettered)
-    max_failures: Annotated[int, msgspec.Meta(ge=0, le=MAX_FAILURES)] = 0
+    # the task stops once more nodes than this have failed (been dead-lettered); or a percentage
+    # of the task's nodes ("10%"), which the router resolves (`taskcore.core.percent`)
+    max_failures: Annotated[int, msgspec.Meta(ge=0, le=MAX_FAILURES)] | str = 0
     # order the nodes by this attribute (from discovery) and never let nodes with two different
     # values of it act at the same time: a rollout one zone (or rack) at a time
     topology: TopologyName | None = None
@@ -73,7 +74,8 @@ class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     action: ActionName
     cluster_name: Name
     version: float | str | None = None
-    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)] = 1
+    # m: a number of nodes, or a percentage of the task's nodes ("25%"), resolved by the router
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)] | str = 1
     discovery: Annotated[str, msgspec.Meta(max_length=MAX_DISCOVERY_CHARS)] = "static"
     owner: Annotated[str, msgspec.Meta(max_length=MAX_OWNER_CHARS)] = ""
     task_id: Annotated[str, msgspec.Meta(max_length=MAX_TASK_ID_CHARS, pattern=TASK_ID_PATTERN)] = ""
@@ -88,6 +90,28 @@ class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def action_args(self) -> dict[str, Any]:
         return self.taskerman_params.action_args
+
+    @property
+    def resolved_limit(self) -> int:
+        """The limit as a number: a work item's, whose percentages the router resolved."""
+        return percent.number(self.limit, "limit")
+
+    @property
+    def resolved_max_failures(self) -> int:
+        """`max_failures` as a number, likewise."""
+        return percent.number(self.taskerman_params.max_failures, "taskerman_params.max_failures")
+
+
+def resolved(task: Task, nodes: int) -> Task:
+    """The task with its percentages (`limit`, `max_failures`) resolved against its `nodes` nodes."""
+    params = task.taskerman_params
+    limit = percent.of_nodes(task.limit, nodes, "limit")
+    failures = percent.of_nodes(params.max_failures, nodes, "taskerman_params.max_failures")
+    if limit == task.limit and failures == params.max_failures:
+        return task
+    return msgspec.structs.replace(
+        task, limit=limit, taskerman_params=msgspec.structs.replace(params, max_failures=failures)
+    )
 
 
 class NodeInfo(msgspec.Struct, frozen=True):
@@ -111,9 +135,33 @@ class WorkItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
 
 
 NodeStateName = Literal[
-    "pending", "running", "retrying", "succeeded", "failed", "dead", "skipped", "cancelled", "expired"
+    "pending",
+    "running",
+    "retrying",
+    "succeeded",
+    "failed",
+    "dead",
+    "skipped",
+    "cancelled",
+    "expired",
+    "unserved",
 ]
-TaskStateName = Literal["pending", "routed", "running", "succeeded", "failed", "dead"]
+TaskStateName = Literal["pending", "routed", "running", "paused", "succeeded", "failed", "dead", "cancelled"]
+# A task in one of these states has ended: nothing more of it will run. `cancelled` is derived
+# (an operator stopped it before every node ran), and so is `paused` (an operator paused it and it
+# has not ended); the record itself is never written with either.
+TASK_FINISHED: frozenset[TaskStateName] = frozenset({"succeeded", "failed", "dead", "cancelled"})
+
+
+class Waiting(msgspec.Struct, frozen=True, kw_only=True):
+    """What a node that has not started waits for, as its runner last saw it: `reason` for people
+    (`budget 2/2 held by t1 on n1, n2`), `release` the command that would end the wait where one
+    does (`taskerman breaker reset demo:web`), `since` when this reason began (epoch seconds). The
+    runner writes it when the reason changes, never while it stays the same."""
+
+    reason: str
+    release: str = ""
+    since: float = 0.0
 
 
 class NodeRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -127,6 +175,13 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True):
     first_attempt_at: float | None = None
     error: str | None = None
     token: int | None = None
+    # the side effect is done: execute_action passed, recorded before post_check starts. An attempt
+    # that did not settle (lost, or handed back) is resumed after it: only post_check runs again.
+    # A failed attempt clears it (its retry runs every step).
+    executed: bool = False
+    # what the node waits for before it can start (a breaker, a lease, a pause); None once it
+    # starts or ends, and while nothing holds it back
+    waiting_for: Waiting | None = None
 
 
 class Wave(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -172,7 +227,8 @@ class PlanChunk(msgspec.Struct, frozen=True):
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     """A dead letter on `tasks.dead.>`: the original payload (truncated beyond a bound), the reason,
-    the delivery count, the trace id."""
+    the delivery count, the attempts the node made (a failed node retries in place, so one delivery
+    may carry several attempts), the trace id."""
 
     task_id: str
     cluster: str
@@ -180,6 +236,7 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
     deliveries: int
     payload: str
+    attempts: int = 0
     trace_id: str = ""
     span_id: str = ""  # the span that dead-lettered it: a replay links to it
     source_subject: str = ""
@@ -230,6 +287,8 @@ def check_task(task: Task) -> None:
     that goes into a subject or key (`limits`), the size of `action_args`, the version."""
     if not task.cluster_name.strip():
         raise InvalidTask("must not be blank", field="cluster_name")
+    percent.check(task.limit, "limit")
+    percent.check(task.taskerman_params.max_failures, "taskerman_params.max_failures")
     limits.check_token(token_length(task.cluster_name), "cluster_name")
     if task.destnode:
         if not task.destnode.strip():
@@ -296,6 +355,8 @@ def decode_work_item(data: bytes) -> WorkItem:
     check_task(item.task)
     if not item.task.task_id:
         raise InvalidTask("must not be empty in a work item (the router sets it)", field="task.task_id")
+    percent.number(item.task.limit, "task.limit")
+    percent.number(item.task.taskerman_params.max_failures, "task.taskerman_params.max_failures")
     limits.check_token(token_length(item.node), "node")
     return item
 
@@ -321,6 +382,9 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
     concurrency: int  # at most this many nodes act at once: the limit, or a smaller budget
     leases: tuple[PlanLease, ...]
     breaker: str = ""  # the cluster's circuit breaker: closed, open (nothing starts) or half-open
+    unserved: tuple[str, ...] = ()  # nodes no runner serves: they would be recorded `unserved`
+    # the percentages the task asked for, by field (`limit`, `max_failures`): `task` has them resolved
+    asked: dict[str, str] = {}
 
 
 class PlanReply(msgspec.Struct, frozen=True, omit_defaults=True):
