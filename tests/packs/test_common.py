@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from taskcore.core.actions import ActionContext
-from taskcore.core.errors import ActionFailed, InvalidTask
+from taskcore.core.errors import ActionFailed, InvalidTask, LeaseLost
 from taskcore.core.model import Task
 from taskcore.packs.common import (
     CommandFailed,
@@ -26,6 +26,7 @@ from taskcore.packs.common import (
     pack_config,
     probe_once,
     run_command,
+    run_fenced,
     wait_down,
     wait_healthy,
 )
@@ -159,6 +160,50 @@ async def test_run_command_captures_output_and_status() -> None:
     assert info.value.argv == ["sh", "-c", "echo boom >&2; exit 2"]
     unchecked = await run_command(["false"], 10, check=False)
     assert unchecked.returncode == 1
+
+
+def _fenced_ctx(checkpoint: Callable[[], None] = lambda: None) -> ActionContext:
+    task = Task(action="test:sleep", cluster_name="c", task_id="fence-1")
+    return ActionContext(
+        task=task,
+        cluster="c",
+        node="n1",
+        args=None,
+        token=4242,
+        attempt=1,
+        tokens={"task": 4242, "budget": 17},
+        checkpoint=checkpoint,
+    )
+
+
+async def test_a_fenced_command_sees_the_tokens_and_dies_with_the_attempt(tmp_path: Path) -> None:
+    ctx = _fenced_ctx()
+    seen = await run_fenced(
+        ctx, ["sh", "-c", 'echo "$TASKERMAN_FENCING_TOKEN $TASKERMAN_FENCING_TOKENS"'], 10
+    )
+    assert seen.output.split(" ", 1) == ["4242", '{"task":4242,"budget":17}\n']
+
+    pidfile = tmp_path / "child.pid"
+    # the child ignores SIGTERM: only the group kill ends it
+    script = f"trap '' TERM; echo $$ > {pidfile}; sleep 60"
+    running = asyncio.create_task(run_fenced(ctx, ["sh", "-c", script], 120))
+    for _ in range(500):
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        await asyncio.sleep(0.02)
+    pid = int(pidfile.read_text())
+    ctx.cancelled.set()  # what the runner's step guard does when a lease is lost
+    with pytest.raises(CommandFailed, match="killed: the attempt was cancelled"):
+        await asyncio.wait_for(running, 10)
+    assert not procs.alive(pid)  # gone before run_fenced returned: it never outlives the leases
+
+
+async def test_a_fenced_command_does_not_start_without_its_leases() -> None:
+    def lost() -> None:
+        raise LeaseLost("session suspended")
+
+    with pytest.raises(LeaseLost):
+        await run_fenced(_fenced_ctx(lost), ["sh", "-c", "echo should not run"], 10)
 
 
 async def test_run_command_is_no_shell() -> None:

@@ -14,8 +14,8 @@ import shutil
 import signal
 import ssl
 import tempfile
-from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
@@ -27,6 +27,8 @@ OUTPUT_TAIL = 2000  # bytes of a command's output kept for its error message
 PROBE_INTERVAL = 0.2
 
 _S = TypeVar("_S", bound=msgspec.Struct)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
 Argv = Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(min_length=1)]
@@ -170,6 +172,68 @@ async def run_command(
     if check and returncode != 0:
         raise CommandFailed(argv, f"exited {_exit_text(returncode)}", result.output)
     return result
+
+
+FENCING_TOKEN_ENV = "TASKERMAN_FENCING_TOKEN"
+FENCING_TOKENS_ENV = "TASKERMAN_FENCING_TOKENS"
+
+
+def fencing_env(ctx: ActionContext, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`env` (or ours) plus the attempt's fencing tokens: `TASKERMAN_FENCING_TOKEN`, the task
+    slot's, and `TASKERMAN_FENCING_TOKENS`, a JSON object of every lease's."""
+    out = dict(os.environ if env is None else env)
+    out[FENCING_TOKEN_ENV] = str(ctx.token)
+    out[FENCING_TOKENS_ENV] = msgspec.json.encode(dict(ctx.tokens)).decode()
+    return out
+
+
+async def in_thread(fn: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    """`asyncio.to_thread`, for a step's work: a thread cannot be stopped, so a cancellation (the
+    step's timeout, a lost session, the shutdown grace) is raised only once the thread returned.
+    The step, and with it the attempt's leases, lasts as long as its side effect does."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    cancelled = False
+    while not work.done():
+        try:
+            await asyncio.wait({work})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not work.cancelled():
+            work.exception()  # retrieved: the cancellation wins
+        raise asyncio.CancelledError
+    return work.result()
+
+
+async def run_fenced(
+    ctx: ActionContext,
+    argv: Sequence[str],
+    time_limit: float,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    check: bool = True,
+) -> CommandResult:
+    """`run_command` fenced by the attempt: `ctx.checkpoint()` before it starts (LeaseLost if the
+    runner can no longer vouch for its leases), the fencing tokens in its environment (a command
+    that talks to a datastore passes the token along, so the datastore can refuse a stale one),
+    and its process group killed as soon as `ctx.cancelled` fires (a lease lost, the step's
+    timeout, the runner stopping past its grace): the child never outlives the attempt's leases."""
+    ctx.checkpoint()
+    command = asyncio.ensure_future(
+        run_command(argv, time_limit, env=fencing_env(ctx, env), cwd=cwd, check=check)
+    )
+    cancelled = asyncio.ensure_future(ctx.cancelled.wait())
+    try:
+        await asyncio.wait({command, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        cancelled.cancel()
+        if not command.done():  # cancelled, or we are: kill the group and wait for it to go
+            command.cancel()
+            await asyncio.gather(command, return_exceptions=True)
+    if command.cancelled():
+        raise CommandFailed(argv, "killed: the attempt was cancelled (lease lost, timeout or shutdown)")
+    return command.result()
 
 
 async def _kill_group(proc: asyncio.subprocess.Process) -> None:

@@ -31,7 +31,7 @@ import msgspec
 
 from taskcore.core.actions import Action, ActionContext
 from taskcore.core.errors import ActionFailed, InvalidTask, TaskermanError
-from taskcore.packs.common import Argv, CommandFailed, pack_config, run_command
+from taskcore.packs.common import Argv, CommandFailed, in_thread, pack_config, run_command
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,7 @@ class Cluster:
         self.context = ssl.create_default_context(cafile=conf.ca_file or None)
 
     async def call(self, method: str, path: str, body: Any = None, time_limit: float | None = None) -> Any:
-        return await asyncio.to_thread(
-            self._call, method, path, body, time_limit or self.conf.request_timeout
-        )
+        return await in_thread(self._call, method, path, body, time_limit or self.conf.request_timeout)
 
     def _call(self, method: str, path: str, body: Any, time_limit: float) -> Any:
         data = json.dumps(body).encode() if body is not None else None

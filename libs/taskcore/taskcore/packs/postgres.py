@@ -11,7 +11,6 @@ Two methods, each allowed only when the node's `[packs.postgres]` lists it in `m
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
@@ -33,7 +32,14 @@ from taskcore.packs.backups import (
     verify_checksum,
     write_checksum,
 )
-from taskcore.packs.common import CommandFailed, CommandResult, allowed_name, pack_config, run_command
+from taskcore.packs.common import (
+    CommandFailed,
+    CommandResult,
+    allowed_name,
+    in_thread,
+    pack_config,
+    run_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +173,7 @@ class PostgresBackup(Action):
             )
         if not size.isdigit():
             raise ActionFailed("pre_check", f"could not read the size to back up (psql answered {size!r})")
-        await asyncio.to_thread(require_dir, Path(conf.backup_dir), int(size), "pre_check")
+        await in_thread(require_dir, Path(conf.backup_dir), int(size), "pre_check")
 
     async def execute_action(self, ctx: ActionContext) -> None:
         conf = pack_config(ctx, PostgresConfig, "execute_action")
@@ -187,7 +193,7 @@ class PostgresBackup(Action):
                     conf.command_timeout,
                     "execute_action",
                 )
-                await asyncio.to_thread(_finish_dump, tmp, target)
+                await in_thread(_finish_dump, tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)
         else:
@@ -210,7 +216,7 @@ class PostgresBackup(Action):
                 tmp.rename(target)
             finally:
                 if tmp.exists():
-                    await asyncio.to_thread(shutil.rmtree, tmp, True)
+                    await in_thread(shutil.rmtree, tmp, True)
         self.backup = target
         log.info("postgres:backup node=%s method=%s wrote %s", ctx.node, args.method, target)
 
@@ -220,7 +226,7 @@ class PostgresBackup(Action):
             raise ActionFailed("post_check", "no backup was written")
         tools = Tools(conf)
         if self.database is not None:
-            await asyncio.to_thread(verify_checksum, self.backup, "post_check")
+            await in_thread(verify_checksum, self.backup, "post_check")
             with tempfile.TemporaryDirectory(prefix="taskerman-pg-") as tmp:
                 toc = Path(tmp) / "toc"  # a file: the listing can be long, command output is cut
                 await tools.run(
@@ -229,7 +235,7 @@ class PostgresBackup(Action):
                     conf.command_timeout,
                     "post_check",
                 )
-                head = await asyncio.to_thread(_head, toc)
+                head = await in_thread(_head, toc)
             if not re.search(rf"^;\s+dbname: {re.escape(self.database)}$", head, re.MULTILINE):
                 raise ActionFailed(
                     "post_check",
@@ -242,7 +248,7 @@ class PostgresBackup(Action):
             await tools.run("pg_verifybackup", [str(self.backup)], conf.command_timeout, "post_check")
             label, suffix = f"{PACK}-{ctx.node}", ".base"
         if conf.keep:
-            await asyncio.to_thread(prune_backups, Path(conf.backup_dir), label, suffix, conf.keep)
+            await in_thread(prune_backups, Path(conf.backup_dir), label, suffix, conf.keep)
 
 
 def _head(path: Path, size: int = 4096) -> str:

@@ -16,7 +16,7 @@ import msgspec
 from taskcore.core.actions import Action, ActionContext
 from taskcore.core.errors import ActionFailed, InvalidTask
 from taskcore.packs.backups import backup_name, copy_with_digest, prune_backups, require_dir, verify_checksum
-from taskcore.packs.common import missing_program, pack_config
+from taskcore.packs.common import in_thread, missing_program, pack_config
 from taskcore.packs.redis_client import (
     PACK,
     POLL,
@@ -77,7 +77,7 @@ class RedisBackup(Action):
                 used = int((await conn.info("memory")).get("used_memory", "0"))
         except (RedisUnavailable, RedisReplyError) as e:
             raise ActionFailed("pre_check", f"cannot check {ctx.node!r}: {e}") from e
-        await asyncio.to_thread(check_room, dump, used, Path(conf.backup_dir))
+        await in_thread(check_room, dump, used, Path(conf.backup_dir))
 
     async def execute_action(self, ctx: ActionContext) -> None:
         conf = pack_config(ctx, RedisConfig, "execute_action")
@@ -91,7 +91,7 @@ class RedisBackup(Action):
             raise ActionFailed("execute_action", f"BGSAVE on {ctx.node!r}: {e}") from e
         ctx.checkpoint()
         target = Path(conf.backup_dir) / backup_name(f"{PACK}-{ctx.node}", ".rdb")
-        digest = await asyncio.to_thread(copy_with_digest, dump, target)
+        digest = await in_thread(copy_with_digest, dump, target)
         self.backup = target
         log.info("redis:backup node=%s copied %s to %s sha256=%s", ctx.node, dump, target, digest)
 
@@ -99,12 +99,12 @@ class RedisBackup(Action):
         conf = pack_config(ctx, RedisConfig, "post_check")
         if self.backup is None:
             raise ActionFailed("post_check", "no backup was written")
-        await asyncio.to_thread(verify_copy, self.backup)
+        await in_thread(verify_copy, self.backup)
         if conf.check_rdb:
             await run([conf.check_rdb, str(self.backup)], 3600.0, "post_check", "check_rdb")
         if conf.keep:
             label = f"{PACK}-{ctx.node}"
-            await asyncio.to_thread(prune_backups, Path(conf.backup_dir), label, ".rdb", conf.keep)
+            await in_thread(prune_backups, Path(conf.backup_dir), label, ".rdb", conf.keep)
 
 
 def check_room(dump: Path, used_memory: int, backup_dir: Path) -> None:

@@ -26,7 +26,7 @@ from taskcore.packs.common import (
     missing_program,
     pack_config,
     probe_once,
-    run_command,
+    run_fenced,
     wait_down,
     wait_healthy,
 )
@@ -149,7 +149,7 @@ class _ServiceAction(Action):
                 continue
             log.info("service %s %s: %s", args.service, self.verb, " ".join(cmd))
             try:
-                await run_command(cmd, svc.command_timeout)
+                await run_fenced(ctx, cmd, svc.command_timeout)
             except CommandFailed as e:
                 raise ActionFailed("execute_action", f"service {args.service!r}: {e}") from e
 
