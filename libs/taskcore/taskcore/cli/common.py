@@ -89,7 +89,19 @@ def add_task_options(p: argparse.ArgumentParser) -> None:
     """The options that describe a task."""
     p.add_argument("action", help="installed action, <pack>:<name>")
     p.add_argument("--cluster", required=True)
-    p.add_argument("--limit", type=int, default=1, help="at most this many nodes act at once (m)")
+    p.add_argument(
+        "--limit",
+        type=share,
+        default=1,
+        help="at most this many nodes act at once (m): a number, or a percentage of the task's nodes "
+        "(e.g. 25%%: rounded down, at least 1)",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=share,
+        help="the task stops once more nodes than this are dead: a number, or a percentage of its "
+        "nodes (e.g. 10%%); default 0",
+    )
     p.add_argument("--node", action="append", default=[], help="target node (skips discovery); repeatable")
     p.add_argument("--arg", action="append", default=[], help="action argument key=value; repeatable")
     p.add_argument("--retries", type=int, help="retries per node before dead-lettering")
@@ -102,6 +114,19 @@ def add_task_options(p: argparse.ArgumentParser) -> None:
         "--deadline",
         help="a node that has not started this long after routing gives up (expired); e.g. 90s, 30m, 6h, 2d",
     )
+
+
+def share(text: str) -> int | str:
+    """`--limit` / `--max-failures`: a whole number, or a percentage kept as text ("25%") for the
+    router to resolve; its range is checked with the task (`percent.check`)."""
+    if text.strip().endswith("%"):
+        return text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number or a percentage of the task's nodes such as 25%, got {text!r}"
+        ) from None
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -141,6 +166,8 @@ def build_task(args: argparse.Namespace, registry: ActionRegistry) -> Task:
             params[option] = value
     if deadline := getattr(args, "deadline", None):
         params["deadline_s"] = parse_duration(deadline, "--deadline")
+    if (max_failures := getattr(args, "max_failures", None)) is not None:
+        params["max_failures"] = max_failures
     if args.retries is not None:
         params["workqueue_args"] = msgspec.structs.asdict(WorkqueueArgs(retry_count=args.retries))
     raw = {

@@ -15,7 +15,9 @@ from taskcore.bus.tracking import StatusStore
 from taskcore.cli import common
 from taskcore.cli.command import ServerCommand, Subparsers
 from taskcore.cli.common import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from taskcore.core import signing
 from taskcore.core.settings import Settings
+from taskcore.core.signing import Signer, SigningConfigError
 
 
 class DeadLetters(ServerCommand):
@@ -32,6 +34,11 @@ class DeadLetters(ServerCommand):
         dr = dsub.add_parser("replay")
         dr.add_argument("id", type=int, nargs="?")
         dr.add_argument("--all", action="store_true")
+        dr.add_argument(
+            "--force",
+            action="store_true",
+            help="also replay work items a runner refused for their signature (they may be forged)",
+        )
         dsub.add_parser("purge").add_argument("--yes", action="store_true")
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
@@ -42,7 +49,7 @@ class DeadLetters(ServerCommand):
             if args.dlq_cmd == "show":
                 return await _show(args, js)
             if args.dlq_cmd == "replay":
-                return await _replay(args, js, status)
+                return await _replay(args, js, status, settings)
             return await _purge(args, js)
         finally:
             await bus.close(nc)
@@ -57,6 +64,7 @@ async def _list(args: argparse.Namespace, js: JetStreamContext) -> int:
             "node": d.node,
             "reason": d.reason,
             "deliveries": d.deliveries,
+            "attempts": d.attempts,
             "trace_id": d.trace_id,
             "dead_at": d.dead_at,
         }
@@ -66,8 +74,8 @@ async def _list(args: argparse.Namespace, js: JetStreamContext) -> int:
         print(msgspec.json.encode(rows).decode())
     else:
         for r in rows:
-            node = r["node"] or "-"
-            print(f"{r['id']:>6}  {r['task_id']:<20} {node:<16} x{r['deliveries']}  {r['reason']}")
+            node, tries = r["node"] or "-", r["attempts"] or r["deliveries"]
+            print(f"{r['id']:>6}  {r['task_id']:<20} {node:<16} x{tries}  {r['reason']}")
         print(f"{len(rows)} dead letter(s)")
     return EXIT_OK
 
@@ -81,16 +89,37 @@ async def _show(args: argparse.Namespace, js: JetStreamContext) -> int:
     return EXIT_OK
 
 
-async def _replay(args: argparse.Namespace, js: JetStreamContext, status: StatusStore) -> int:
+class _ReplaySigner:
+    """The admin's signer, loaded when the first work item is replayed (a task letter needs none)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._loaded: tuple[Signer | None] | None = None
+
+    def get(self) -> Signer | None:
+        if self._loaded is None:
+            self._loaded = (signing.signer_for(self.settings, admin=True),)
+        return self._loaded[0]
+
+
+async def _replay(
+    args: argparse.Namespace, js: JetStreamContext, status: StatusStore, settings: Settings
+) -> int:
+    """Replay dead letters. A work item is republished on its node's subject signed with the admin's
+    key (`TASKERMAN_ADMIN_SEED_FILE`, which the runners must trust): the router's signature covered
+    the item's first message id, and the operator, not the router, sends it again."""
     ids = [seq for seq, _ in await deadletter.entries(js)] if args.all else [args.id]
     if not args.all and args.id is None:
         print("taskerman dlq replay: give an ID or --all", file=sys.stderr)
         return EXIT_INVALID
+    signer = _ReplaySigner(settings)
     failed = 0
     for seq in ids:
         try:
-            letter = await deadletter.replay(js, status, seq)
-        except deadletter.TruncatedPayload as e:
+            found = await deadletter.get(js, seq)
+            key = signer.get() if found is not None and deadletter.is_work_item(found) else None
+            letter = await deadletter.replay(js, status, seq, key, force=args.force)
+        except (deadletter.TruncatedPayload, deadletter.UnverifiedLetter, SigningConfigError) as e:
             print(f"taskerman dlq replay: {e}", file=sys.stderr)
             failed += 1
             continue

@@ -13,20 +13,22 @@ from taskcore.cli import common, render
 from taskcore.cli.command import ServerCommand, Subparsers
 from taskcore.cli.common import EXIT_OK
 from taskcore.coord import clusters, fleet, runners
-from taskcore.coord.leases import TASK_LEASES_ROOT
+from taskcore.coord.leases import TASK_LEASES_ROOT, holder_parts
 from taskcore.coord.semaphore import HolderNode, read_holders
 from taskcore.coord.session import ZkSession
 from taskcore.core.settings import Settings
 
 
 class Holder(msgspec.Struct, frozen=True, kw_only=True):
-    """One held slot (or shared-slot member): who, its fencing token (czxid) and since when."""
+    """One held slot (or shared-slot member): who, its fencing token (czxid) and since when.
+    `task` is the holding task, for the leases tasks share (budget, exclusion, global)."""
 
     node: str
     holder: str
     znode: str
     token: int
     since: float
+    task: str | None = None
 
 
 class TaskLeases(msgspec.Struct, frozen=True, kw_only=True):
@@ -82,9 +84,9 @@ class Leases(ServerCommand):
 
 
 def _holder(h: HolderNode) -> Holder:
-    """A holder of the node `<node>#<uuid>`."""
-    node = h.holder.rsplit("#", 1)[0]
-    return Holder(node=node, holder=h.holder, znode=h.znode, token=h.token, since=h.since)
+    """A holder of the node `[<task>/]<node>#<uuid>`."""
+    task, node = holder_parts(h.holder)
+    return Holder(node=node, holder=h.holder, znode=h.znode, token=h.token, since=h.since, task=task)
 
 
 async def _slots(zk: ZkSession, path: str) -> list[Holder]:
@@ -148,7 +150,8 @@ async def _leases(zk: ZkSession, cluster: str | None) -> LeasesView:
 
 
 def _holder_line(h: Holder, now: float) -> str:
-    return f"    {h.node:<20} token {h.token:<12} since {render.ago(h.since, now)}"
+    task = f"  task {h.task}" if h.task else ""
+    return f"    {h.node:<20} token {h.token:<12} since {render.ago(h.since, now)}{task}"
 
 
 def _print_leases(v: LeasesView, now: float) -> None:

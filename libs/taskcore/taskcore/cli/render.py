@@ -1,5 +1,6 @@
 """Operator views: live progress of a task (a rich progress bar on a terminal, plain lines
-otherwise), the list of recent tasks, traces as waterfalls, and plans with their waves."""
+otherwise) with what its waiting nodes wait for, the list of recent tasks, traces as waterfalls,
+and plans with their waves."""
 
 from __future__ import annotations
 
@@ -12,13 +13,30 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from taskcore.bus.tracking import StatusStore, TaskView
-from taskcore.core.model import Plan, Wave
+from taskcore.core.model import TASK_FINISHED, Plan, Waiting, Wave
 from taskcore.obs.tracing import SpanRecord
 
 FINAL_OK = {"succeeded"}
-FINAL_BAD = {"failed", "dead"}
-FINISHED_NODE = {"succeeded", "failed", "dead", "skipped", "cancelled", "expired"}
-STATE_STYLE = {"succeeded": "green", "running": "cyan", "failed": "red", "dead": "red", "pending": "white"}
+BAD_NODE = {"failed", "dead"}  # the node states `outcome` lists with their errors
+FINISHED_NODE = {"succeeded", "failed", "dead", "skipped", "cancelled", "expired", "unserved"}
+STATE_STYLE = {
+    "succeeded": "green",
+    "running": "cyan",
+    "failed": "red",
+    "dead": "red",
+    "cancelled": "yellow",
+    "paused": "yellow",
+    "pending": "white",
+}
+MAX_WAIT_LINES = 10  # distinct reasons `watch` shows; `status` lists every node
+MAX_WAIT_NODES = 5  # nodes named per reason
+
+
+def limit_text(view: TaskView) -> str:
+    """`2`, `2 (25%)` once a percentage is resolved, `25%` before."""
+    if view.limit_asked is None:
+        return str(view.limit)
+    return f"{view.limit} ({view.limit_asked})" if view.limit else view.limit_asked
 
 
 def counts_text(view: TaskView) -> str:
@@ -31,7 +49,40 @@ def progress_line(view: TaskView) -> str:
     if not view.nodes:
         return f"[{view.state:>9}] waiting for the router"
     done = sum(1 for rec in view.nodes.values() if rec.state == "succeeded")
-    return f"[{view.state:>9}] {done}/{len(view.nodes)} nodes succeeded  {counts_text(view)}"
+    line = f"[{view.state:>9}] {done}/{len(view.nodes)} nodes succeeded  {counts_text(view)}"
+    return line + paused_note(view)
+
+
+def paused_note(view: TaskView) -> str:
+    """What a paused task waits for, and the command that lets it go on."""
+    if view.state != "paused" or view.paused is None:
+        return ""
+    return f"  paused by {view.paused.by}: `taskerman resume {view.task_id}` lets it go on"
+
+
+def wait_text(w: Waiting) -> str:
+    """`breaker open since … (reason …); `taskerman breaker reset demo:web` releases it`."""
+    return f"{w.reason}; `{w.release}` releases it" if w.release else w.reason
+
+
+def waiting_lines(view: TaskView, indent: str = "  ") -> list[str]:
+    """What the task's waiting nodes wait for, one line per reason with the nodes it holds back:
+    as many lines as reasons (at most MAX_WAIT_LINES), however many nodes wait."""
+    by_reason: dict[tuple[str, str], list[str]] = {}
+    for node, rec in sorted(view.nodes.items()):
+        w = rec.waiting_for
+        if w is not None and rec.state not in FINISHED_NODE:
+            by_reason.setdefault((w.reason, w.release), []).append(node)
+    lines = []
+    for (reason, release), nodes in list(by_reason.items())[:MAX_WAIT_LINES]:
+        shown = ", ".join(nodes[:MAX_WAIT_NODES])
+        if len(nodes) > MAX_WAIT_NODES:
+            shown += f" and {len(nodes) - MAX_WAIT_NODES} more"
+        text = wait_text(Waiting(reason=reason, release=release))
+        lines.append(f"{indent}waiting: {len(nodes)} node(s) ({shown}): {text}")
+    if (more := len(by_reason) - MAX_WAIT_LINES) > 0:
+        lines.append(f"{indent}waiting: {more} more reason(s); `taskerman status {view.task_id}` lists them")
+    return lines
 
 
 def outcome(view: TaskView, console: Console) -> int:
@@ -39,7 +90,7 @@ def outcome(view: TaskView, console: Console) -> int:
     if view.state in FINAL_OK:
         return 0
     for node, rec in sorted(view.nodes.items()):
-        if rec.state in FINAL_BAD:
+        if rec.state in BAD_NODE:
             console.print(f"  {node}: {rec.state}: {rec.error}", markup=False, highlight=False)
     if view.error:
         console.print(f"  task: {view.error}", markup=False, highlight=False)
@@ -55,11 +106,11 @@ async def watch(status: StatusStore, task_id: str, quiet: bool = False, poll: fl
     while True:
         view = await status.view(task_id)
         if view is not None:
-            line = progress_line(view)
+            line = "\n".join([progress_line(view), *waiting_lines(view)])
             if line != last:
                 console.print(line, markup=False, highlight=False)
                 last = line
-            if view.state in FINAL_OK | FINAL_BAD:
+            if view.state in TASK_FINISHED:
                 return outcome(view, console)
         await asyncio.sleep(poll)
 
@@ -74,8 +125,13 @@ async def _watch_live(status: StatusStore, task_id: str, console: Console, poll:
     )
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task(task_id, total=None, counts="waiting for the router")
+        shown: list[str] = []
         while True:
             view = await status.view(task_id)
+            if view is not None and (waits := waiting_lines(view)) != shown:
+                for line in waits:  # printed above the bar, each time the reasons change
+                    progress.console.print(line, markup=False, highlight=False)
+                shown = waits
             if view is not None and view.nodes:
                 finished = sum(1 for rec in view.nodes.values() if rec.state in FINISHED_NODE)
                 progress.update(
@@ -83,9 +139,9 @@ async def _watch_live(status: StatusStore, task_id: str, console: Console, poll:
                     total=len(view.nodes),
                     completed=finished,
                     description=f"{task_id} [{STATE_STYLE.get(view.state, 'white')}]{view.state}",
-                    counts=counts_text(view),
+                    counts=counts_text(view) + paused_note(view),
                 )
-            if view is not None and view.state in FINAL_OK | FINAL_BAD:
+            if view is not None and view.state in TASK_FINISHED:
                 break
             await asyncio.sleep(poll)
     return outcome(view, console)
@@ -101,7 +157,7 @@ def tasks_table(views: list[TaskView]) -> Table:
             f"[{style}]{v.state}",
             v.action,
             v.cluster_name,
-            str(v.limit),
+            limit_text(v),
             counts_text(v) or "-",
             created,
         )
@@ -168,6 +224,25 @@ def wave_lines(waves: tuple[Wave, ...], topology: str | None, indent: str = "  "
     return out
 
 
+def _limits_lines(plan: Plan) -> list[str]:
+    """The limit and max_failures when a percentage or a failure allowance makes them worth a
+    line: `limit 2 = 25% of 8 node(s) (rounded down, at least 1)`."""
+    params, nodes = plan.task.taskerman_params, len(plan.nodes)
+
+    def share(name: str, value: object) -> str:
+        asked = plan.asked.get(name)
+        return f"{name} {value} = {asked} of {nodes} node(s) (rounded down, at least 1)" if asked else ""
+
+    out = []
+    if line := share("limit", plan.task.limit):
+        out.append(line)
+    failures = params.max_failures
+    if failures or "max_failures" in plan.asked:
+        line = share("max_failures", failures) or f"max_failures {failures}"
+        out.append(f"{line}: the task stops once more than {failures} node(s) are dead")
+    return out
+
+
 def plan_text(plan: Plan) -> list[str]:
     """The plan, readably."""
     task, topology = plan.task, plan.task.taskerman_params.topology
@@ -176,8 +251,9 @@ def plan_text(plan: Plan) -> list[str]:
         f"plan for {task.action} on {task.cluster_name}  (task {task.task_id}; nothing was submitted)",
         f"{len(plan.nodes)} node(s) from {source}, ordered by routing {plan.routing!r}"
         + (f", topology {topology!r}: one {topology} at a time" if topology else ""),
-        "order:",
     ]
+    lines += _limits_lines(plan)
+    lines.append("order:")
     wave_of = {n: i for i, w in enumerate(plan.waves, 1) for n in w.nodes}
     width = max((len(n.name) for n in plan.nodes), default=4)
     for i, node in enumerate(plan.nodes, 1):
@@ -201,6 +277,12 @@ def plan_text(plan: Plan) -> list[str]:
     if plan.breaker:
         note = " (nothing starts until it is reset or cools down)" if plan.breaker == "open" else ""
         lines.append(f"breaker: {plan.breaker}{note}")
+    if plan.unserved:
+        shown = ", ".join(plan.unserved[:10]) + (" …" if len(plan.unserved) > 10 else "")
+        lines.append(
+            f"warning: {len(plan.unserved)} node(s) have no runner and would be recorded unserved, "
+            f"with no work item: {shown} (check the names, or start taskerman-runner there)"
+        )
     return lines
 
 

@@ -1,11 +1,15 @@
-"""The commands on tasks: `submit`, `status`, `watch`, `tasks`, `cancel`, `events`, `trace`."""
+"""The commands on tasks: `submit`, `publish`, `status`, `watch`, `tasks`, `cancel`, `pause`,
+`resume`, `events`, `trace`."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import get_args
 
 import msgspec
 import nats.errors
@@ -15,18 +19,18 @@ from rich.console import Console
 from taskcore.bus import audit, submission
 from taskcore.bus import jetstream as bus
 from taskcore.bus.submission import SubmitReply
-from taskcore.bus.tracking import StopRecord
+from taskcore.bus.tracking import PauseRecord, StopRecord
 from taskcore.cli import common, render
 from taskcore.cli.command import ServerCommand, Subparsers
 from taskcore.cli.common import EXIT_FAILED, EXIT_INVALID, EXIT_OK
 from taskcore.core import subjects
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.errors import InvalidTask
-from taskcore.core.model import Task
+from taskcore.core.model import TASK_FINISHED, Task, TaskStateName, decode_task
 from taskcore.core.settings import Settings
 from taskcore.obs import tracing
 
-STATES = ["pending", "routed", "running", "succeeded", "failed", "dead"]
+STATES = list(get_args(TaskStateName))
 
 
 class Submit(ServerCommand):
@@ -57,9 +61,12 @@ class Submit(ServerCommand):
             with tracing.tracer(__name__).start_as_current_span(
                 "submit", attributes={"task_id": task.task_id}
             ):
-                reply = await _submit_via_api(nc, task) or await submission.submit(
+                reply = await submit_via_api(nc, task) or await submission.submit(
                     js, status, task, by=common.user()
                 )
+            if reply.retryable:
+                print(f"taskerman submit: {reply.error}", file=sys.stderr)
+                return EXIT_FAILED
             if reply.error:
                 print(f"taskerman submit: invalid task: {reply.error}", file=sys.stderr)
                 return EXIT_INVALID
@@ -73,7 +80,7 @@ class Submit(ServerCommand):
             await bus.close(nc)
 
 
-async def _submit_via_api(nc: NATS, task: Task) -> SubmitReply | None:
+async def submit_via_api(nc: NATS, task: Task) -> SubmitReply | None:
     """Submit through a scheduler's `taskerman.api.submit`; None when no scheduler answers."""
     try:
         msg = await nc.request(
@@ -82,6 +89,66 @@ async def _submit_via_api(nc: NATS, task: Task) -> SubmitReply | None:
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
         return None
     return msgspec.json.decode(msg.data, type=SubmitReply)
+
+
+class Publish(ServerCommand):
+    """`taskerman publish [FILE|-]`: a task's raw JSON onto `tasks.global`, as `nats pub
+    tasks.global '<json>'` does, for machines without the `nats` CLI. The bytes go out unchanged;
+    what the router would only dead-letter is refused here first, so a typo costs an error message,
+    not a dead letter: JSON that does not parse or breaks the wire contract exits 2 and nothing is
+    published. Whether the action is installed is the router's to say (this host may not have the
+    packs the runners have). A task without `task_id` gets one as its `Nats-Msg-Id`, which the
+    router takes for its id, so the id printed is the one `status` knows."""
+
+    name = "publish"
+
+    def add_parser(self, subparsers: Subparsers) -> None:
+        p = subparsers.add_parser(
+            self.name,
+            help="publish a task's raw JSON (from a file or stdin) to tasks.global",
+            description="Publish a task as raw JSON to tasks.global, as `nats pub tasks.global '<json>'` "
+            'does. Example: echo \'{"action": "test:sleep", "cluster_name": "demo:web"}\' '
+            "| taskerman publish -",
+        )
+        p.add_argument(
+            "file", nargs="?", default="-", metavar="FILE|-", help="the task's JSON; - (default) reads stdin"
+        )
+        p.add_argument("--wait", action="store_true", help="show progress; exit 0 on success, 1 otherwise")
+        p.add_argument("--json", action="store_true", help='print {"task_id": ...}')
+
+    async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
+        source = "stdin" if args.file == "-" else repr(args.file)
+        try:
+            data = await asyncio.to_thread(_read_input, args.file)
+        except OSError as e:
+            print(f"taskerman publish: cannot read {source}: {e.strerror or e}", file=sys.stderr)
+            return EXIT_INVALID
+        if not data.strip():
+            print(f"taskerman publish: no task in {source}: expected one JSON object", file=sys.stderr)
+            return EXIT_INVALID
+        try:
+            task = decode_task(data)
+        except InvalidTask as e:
+            print(f"taskerman publish: invalid task in {source}: {e}; nothing published", file=sys.stderr)
+            return EXIT_INVALID
+        task_id = task.task_id or uuid.uuid4().hex[:16]
+        nc, js, status = await common.connect_jetstream(settings)
+        try:
+            with tracing.tracer(__name__).start_as_current_span("publish", attributes={"task_id": task_id}):
+                ack = await bus.publish(js, subjects.GLOBAL, data, msg_id=task_id)
+            if ack.duplicate and not args.json:
+                print(f"task {task_id} was already published; not publishing it again", file=sys.stderr)
+            print(msgspec.json.encode({"task_id": task_id}).decode() if args.json else task_id)
+            if args.wait:
+                return await render.watch(status, task_id, quiet=args.json)
+            return EXIT_OK
+        finally:
+            await bus.close(nc)
+
+
+def _read_input(file: str) -> bytes:
+    """The bytes of FILE, or of stdin for `-`."""
+    return sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
 
 
 class Status(ServerCommand):
@@ -106,8 +173,14 @@ class Status(ServerCommand):
         if args.json:
             print(msgspec.json.encode(view).decode())
             return EXIT_OK
-        head = f"task {view.task_id}  {view.action} on {view.cluster_name}  limit {view.limit}"
+        head = f"task {view.task_id}  {view.action} on {view.cluster_name}  limit {render.limit_text(view)}"
         print(f"{head}  state {view.state}")
+        if view.paused:
+            p = view.paused
+            why = f": {p.reason}" if p.reason else ""
+            print(
+                f"  paused by {p.by} {render.ago(p.at, time.time())}{why}; `taskerman resume {view.task_id}`"
+            )
         if view.error:
             print(f"  error: {view.error}")
         if view.plan:
@@ -117,6 +190,8 @@ class Status(ServerCommand):
             took = f"{rec.finished_at - rec.started_at:.1f}s" if rec.started_at and rec.finished_at else "-"
             err = f"  {rec.error}" if rec.error else ""
             print(f"  {node:<24} {rec.state:<10} attempts={rec.attempts} took={took}{err}")
+            if (w := rec.waiting_for) is not None and rec.state not in render.FINISHED_NODE:
+                print(f"    waiting {max(time.time() - w.since, 0.0):.0f}s for: {render.wait_text(w)}")
         return EXIT_OK
 
 
@@ -197,6 +272,71 @@ class Cancel(ServerCommand):
             else:
                 prior = await status.stopped(args.task_id)
                 print(f"task {args.task_id} was already stopped ({prior.reason if prior else '?'})")
+            return EXIT_OK
+        finally:
+            await bus.close(nc)
+
+
+class Pause(ServerCommand):
+    """`taskerman pause TASK_ID`: nodes running finish; nothing new starts until `resume`."""
+
+    name = "pause"
+
+    def add_parser(self, subparsers: Subparsers) -> None:
+        p = subparsers.add_parser(
+            self.name, help="pause a task: running nodes finish, nothing new starts until resume"
+        )
+        p.add_argument("task_id")
+        p.add_argument("--reason", default="", help="recorded with the pause and in the audit trail")
+
+    async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
+        nc, js, status = await common.connect_jetstream(settings)
+        try:
+            view = await status.view(args.task_id)
+            if view is None:
+                print(f"taskerman pause: unknown task {args.task_id!r}", file=sys.stderr)
+                return EXIT_FAILED
+            if view.state in TASK_FINISHED:
+                print(f"taskerman pause: task {args.task_id} has ended ({view.state})", file=sys.stderr)
+                return EXIT_FAILED
+            rec = PauseRecord(by=common.user(), at=time.time(), reason=args.reason or "")
+            if not await status.pause(args.task_id, rec):
+                prior = await status.paused(args.task_id)
+                print(f"task {args.task_id} was already paused (by {prior.by if prior else '?'})")
+                return EXIT_OK
+            await audit.Audit(js, rec.by).record("paused", task_id=args.task_id, detail=rec.reason)
+            print(
+                f"task {args.task_id} paused: running nodes finish, nothing new starts; "
+                f"`taskerman resume {args.task_id}` lets it go on"
+            )
+            return EXIT_OK
+        finally:
+            await bus.close(nc)
+
+
+class Resume(ServerCommand):
+    """`taskerman resume TASK_ID`: a paused task's waiting nodes queue again, in plan order."""
+
+    name = "resume"
+
+    def add_parser(self, subparsers: Subparsers) -> None:
+        p = subparsers.add_parser(self.name, help="resume a paused task")
+        p.add_argument("task_id")
+
+    async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
+        nc, js, status = await common.connect_jetstream(settings)
+        try:
+            if await status.get_task(args.task_id) is None:
+                print(f"taskerman resume: unknown task {args.task_id!r}", file=sys.stderr)
+                return EXIT_FAILED
+            lifted = await status.resume(args.task_id)
+            if lifted is None:
+                print(f"task {args.task_id} is not paused")
+                return EXIT_OK
+            paused_for = max(time.time() - lifted.at, 0.0)
+            detail = f"paused by {lifted.by} for {paused_for:.0f}s"
+            await audit.Audit(js, common.user()).record("resumed", task_id=args.task_id, detail=detail)
+            print(f"task {args.task_id} resumed ({detail})")
             return EXIT_OK
         finally:
             await bus.close(nc)
