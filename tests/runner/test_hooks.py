@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -49,3 +50,42 @@ async def test_an_uncontained_failure_is_the_attempts() -> None:
     with pytest.raises(RuntimeError, match="observer bug"):
         await hooks.emit(AttemptObserver.after_step_passed, state(), "pre_check")
     assert seen == ["a:pre_check"]
+
+
+class Flaky(AttemptObserver):
+    """Keeps the record: fails its first `fails` calls, as a write during a bus failover would."""
+
+    contained = False
+
+    def __init__(self, seen: list[str], fails: int) -> None:
+        self.seen = seen
+        self.fails = fails
+
+    async def after_step_passed(self, s: AttemptState, step: str) -> None:
+        if self.fails:
+            self.fails -= 1
+            raise ConnectionError("bus down")
+        self.seen.append(f"flaky:{step}")
+
+
+async def test_a_retried_observer_does_not_repeat_those_before_it() -> None:
+    """emit_through retries each observer's call on its own: the audit event written before a
+    failed record write is not appended again when the write is retried."""
+    seen: list[str] = []
+    hooks = Hooks([Recorder(seen, "audit"), Flaky(seen, fails=2), Recorder(seen, "metrics")])
+
+    async def retried(call: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                return await call()
+            except ConnectionError:
+                seen.append("retry")
+
+    await hooks.emit_through(retried, AttemptObserver.after_step_passed, state(), "execute_action")
+    assert seen == [
+        "audit:execute_action",
+        "retry",
+        "retry",
+        "flaky:execute_action",
+        "metrics:execute_action",
+    ]

@@ -19,7 +19,7 @@ from taskcore.bus.tracking import StatusStore, StopRecord
 from taskcore.coord.leases import lease_path
 from taskcore.coord.semaphore import FairSemaphore
 from taskcore.coord.session import ZkSession
-from taskcore.core import subjects
+from taskcore.core import signing, subjects
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.model import Task as TaskSpec
 from taskcore.core.model import TaskermanParams, WorkItem
@@ -31,9 +31,16 @@ NODE = "n1"
 
 
 @pytest.fixture
-def settings(nats_server: NatsServer, zk_server: ZooKeeperServer, prefix: str, tmp_path: Path) -> Settings:
+def settings(
+    nats_server: NatsServer,
+    zk_server: ZooKeeperServer,
+    prefix: str,
+    tmp_path: Path,
+    signing_keys: dict[str, Any],
+) -> Settings:
     """A short ack wait and few deliveries: a wait of a few seconds outlasts them all."""
     return Settings(
+        **signing_keys,
         nats_url=nats_server.url,
         zk_hosts=zk_server.hosts,
         zk_chroot=f"/{prefix}",
@@ -98,11 +105,12 @@ async def test_a_waiting_node_costs_nothing_and_a_stop_ends_its_wait(
         )
         await worker.start()
         item = WorkItem(task=task, node=NODE, routed_at=time.time())
-        await bus.publish(
+        await bus.publish_work(  # signed, as the router does
             js,
+            signing.signer_for(settings),
             subjects.node_subject(cluster, NODE),
             msgspec.json.encode(item),
-            msg_id=subjects.work_msg_id(task.task_id, NODE),
+            subjects.work_msg_id(task.task_id, NODE),
         )
         draining = asyncio.create_task(worker.drain())
 

@@ -16,7 +16,7 @@ from taskcore.bus import audit, deadletter
 from taskcore.bus import jetstream as bus
 from taskcore.bus.tracking import StatusStore
 from taskcore.coord.session import ZkSession
-from taskcore.core import subjects
+from taskcore.core import signing, subjects
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.model import NodeRecord, TaskermanParams, WorkItem, WorkqueueArgs
 from taskcore.core.model import Task as TaskSpec
@@ -45,8 +45,15 @@ class CountingStatus(StatusStore):
 
 
 @pytest.fixture
-def settings(nats_server: NatsServer, zk_server: ZooKeeperServer, prefix: str, tmp_path: Path) -> Settings:
+def settings(
+    nats_server: NatsServer,
+    zk_server: ZooKeeperServer,
+    prefix: str,
+    tmp_path: Path,
+    signing_keys: dict[str, Any],
+) -> Settings:
     return Settings(
+        **signing_keys,
         nats_url=nats_server.url,
         zk_hosts=zk_server.hosts,
         zk_chroot=f"/{prefix}",
@@ -86,11 +93,12 @@ async def drain_one(
     )
     await worker.start()
     item = WorkItem(task=task, node=NODE, routed_at=time.time())
-    await bus.publish(
+    await bus.publish_work(  # signed, as the router does
         js,
+        signing.signer_for(settings),
         subjects.node_subject(cluster, NODE),
         msgspec.json.encode(item),
-        msg_id=subjects.work_msg_id(task.task_id, NODE),
+        subjects.work_msg_id(task.task_id, NODE),
     )
     return await worker.drain(), status
 
@@ -101,7 +109,7 @@ def sleep_task(prefix: str, cluster: str, name: str, retries: int = 3, **args: A
     return TaskSpec(action="test:sleep", cluster_name=cluster, task_id=task_id, taskerman_params=params)
 
 
-async def test_happy_path_reads_the_record_once_and_writes_it_twice(
+async def test_happy_path_reads_the_record_once_and_writes_it_three_times(
     js: JetStreamContext, zk: ZkSession, settings: Settings, prefix: str
 ) -> None:
     cluster = f"{prefix}-c"
@@ -117,9 +125,16 @@ async def test_happy_path_reads_the_record_once_and_writes_it_twice(
     assert rec.finished_at >= rec.started_at
     assert rec.first_attempt_at == rec.started_at
     assert rec.token is not None
-    running, succeeded = status.node_writes  # exactly two writes: running, then the outcome
-    assert (running.state, running.attempts, running.finished_at) == ("running", 1, None)
+    # exactly three writes: running, the side effect done (before post_check), then the outcome
+    running, executed, succeeded = status.node_writes
+    assert (running.state, running.attempts, running.finished_at, running.executed) == (
+        "running",
+        1,
+        None,
+        False,
+    )
     assert running.token == rec.token
+    assert (executed.state, executed.executed) == ("running", True)
     assert succeeded == rec
     assert status.node_reads == 2  # the attempt's one read, and ours above
     kinds = [e.kind for e in await audit.task_events(js, task.task_id)]

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
 import msgspec
 
 from taskcore.bus.stops import StopSignals
+from taskcore.coord import runners
 from taskcore.coord.runners import ProcessHeartbeat
+from taskcore.coord.session import ZkSession
+from taskcore.core import signing
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.errors import TaskermanError
 from taskcore.core.settings import Settings
@@ -66,6 +71,16 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
         return 2
     for name in config.unknown_overrides(nodes[0], registry):
         log.warning('[actions."%s"] in the node config: no such action is enabled here', name)
+    verifier = signing.verifier_for(settings)
+    if verifier is None:
+        log.warning(
+            "INSECURE: %s=1 and no %s: this runner runs UNSIGNED work items, so anyone who can "
+            "publish on its subject can make it act",
+            signing.INSECURE_ENV,
+            signing.TRUSTED_ENV,
+        )
+    else:
+        log.info("work items must be signed by one of %d trusted key(s)", len(verifier.trusted))
     async with lifecycle.connected(settings, "taskerman-runner") as c:
         stops = StopSignals(c.nc)  # one subscription and one heartbeat for every node served here
         process = ProcessHeartbeat(c.zk)
@@ -83,6 +98,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 overrides=n.actions,
                 stops=stops,
                 process=process,
+                away_grace=n.away_grace,
             )
             for n in nodes
         ]
@@ -95,8 +111,12 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
             grace,
         )
         if args.once:
-            async with asyncio.TaskGroup() as tg:
-                drains = [tg.create_task(w.drain(stop, grace)) for w in workers]
+            async with contextlib.AsyncExitStack() as held:
+                mine = [w for w in workers if await _lock_node(held, c.zk, w)]
+                async with asyncio.TaskGroup() as tg:
+                    drains = [tg.create_task(w.drain(stop, grace)) for w in mine]
+            for w in workers:
+                await w.registration.leave()
             unsettled = sum(d.result() for d in drains)
             log.info("cron run finished: %d item(s) did not succeed", unsettled)
             return 1 if unsettled else 0
@@ -107,12 +127,26 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
     return 0
 
 
+async def _lock_node(held: contextlib.AsyncExitStack, zk: ZkSession, worker: NodeWorker) -> bool:
+    """Take the node's cron lock for the run (released when `held` closes); False, and the node
+    is skipped this run, when another run holds it."""
+    lock = runners.node_lock(zk, worker.cluster, worker.node)
+    try:
+        slot = await lock.acquire(f"cron-{os.getpid()}", max_wait=0)
+    except TimeoutError:
+        log.warning("node=%s skipped: another cron run holds its lock", worker.node)
+        return False
+    held.push_async_callback(lock.release, slot)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         node_configs(args)
         config.shutdown_grace()
-    except TaskermanError as e:
+        signing.verifier_for(Settings.from_env())  # secure by default: no trusted keys, no runner
+    except (TaskermanError, ValueError) as e:
         print(f"taskerman-runner: {e}", file=sys.stderr)
         return 2
     return lifecycle.run("taskerman-runner", lambda stop: amain(args, stop))

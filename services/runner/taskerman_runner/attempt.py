@@ -7,21 +7,27 @@ shutdown: nak'd, not counted); retired (the task was stopped, or the node waited
 deadline: acked unrun); or dead (dead-lettered). Waiting for the leases costs nothing per second:
 the semaphores' watches, the breaker's watch and the process's stop signals wake it, and the item
 stays claimed with in-progress acks, which JetStream does not count as deliveries, so a node may
-wait for days and still run. A success once recorded is final: a redelivery only acks it.
+wait for days and still run. A success once recorded is final: a redelivery only acks it; so is
+a side effect: execute_action's success is recorded before post_check starts, and an attempt that
+did not settle (its runner died, its lease or its bus went away) resumes with post_check alone.
 
 The node's tracking record is read once, at admission, and changed here only; every transition is
 emitted as a hook (see hooks.py), and the observers keep the record, the audit trail, the metrics
-and the log. Acks, naks and lease releases are shielded from
+and the log. While the node waits, its record says for what (`waiting_for`, see waits.py): written
+when the reason changes (the breaker seen open, a lease not granted at once, the task paused),
+cleared by the next transition. Acks, naks and lease releases are shielded from
 cancellation."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from msgspec.structs import replace
 from nats.aio.msg import Msg
@@ -30,17 +36,17 @@ from nats.js import JetStreamContext
 from taskcore.bus import deadletter
 from taskcore.bus import jetstream as bus
 from taskcore.bus.stops import StopSignals
-from taskcore.bus.tracking import StatusStore, StopRecord
+from taskcore.bus.tracking import PauseRecord, StatusStore, StopRecord
 from taskcore.coord import clusters
-from taskcore.coord.clusters import Breaker
-from taskcore.coord.leases import LeaseSet
+from taskcore.coord.clusters import Breaker, BreakerState, BreakerStateName
+from taskcore.coord.leases import Lease, LeaseSet
 from taskcore.coord.session import ZkSession
 from taskcore.core.actions import Action, ActionContext
 from taskcore.core.errors import LeaseLost
-from taskcore.core.model import NodeRecord, NodeStateName, WorkItem
+from taskcore.core.model import NodeRecord, NodeStateName, Waiting, WorkItem
 from taskcore.core.settings import Settings
 from taskcore.obs import tracing
-from taskerman_runner import policy
+from taskerman_runner import policy, waits
 from taskerman_runner.config import ActionOverride
 from taskerman_runner.guard import RunnerStopping, StepGuard
 from taskerman_runner.hooks import AttemptObserver, AttemptState, Hooks
@@ -48,11 +54,17 @@ from taskerman_runner.lease_plan import leases_for
 from taskerman_runner.outcomes import Dead, Failed, Outcome, Released, Retired, Succeeded
 
 RELEASE_DELAY = 2.0  # a lost lease: the item goes back after this delay
+PROGRESS_PATIENCE = 120.0  # seconds a holding attempt waits out a bus failover (`_patiently`)
+PROGRESS_RETRY = 0.5
+MAX_BLIPS = 5  # times an attempt goes on in place after its session wavered; then it is handed back
 
 # Ends of an attempt that are not the action's failure: the item goes back, nothing is counted.
 RELEASED_BACK: tuple[type[Exception], ...] = (LeaseLost, RunnerStopping, *bus.UNAVAILABLE)
 
 _tracer = tracing.tracer(__name__)
+_T = TypeVar("_T")
+P = ParamSpec("P")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,9 @@ class NodeServices:
     stops: StopSignals
     packs: Mapping[str, Mapping[str, Any]]
     overrides: Mapping[str, ActionOverride]
+    # a failed attempt keeps its leases through its backoff and retries on the spot (`run`);
+    # False in cron mode (`drain`), which hands it back with its backoff for the next run
+    retry_in_place: bool = True
 
 
 class Attempt:
@@ -82,6 +97,15 @@ class Attempt:
         self.msg = msg
         self.state = AttemptState(item=item, cluster=node.cluster, node=node.node)
         self.emit = node.hooks.emit
+
+    async def emit_patiently(
+        self,
+        hook: Callable[Concatenate[AttemptObserver, P], Awaitable[None]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> None:
+        """`emit` through a bus failover, each observer's call retried on its own (`_patiently`)."""
+        await self.node.hooks.emit_through(_patiently, hook, *args, **kwargs)
 
     async def run(self, action_cls: type[Action], args: Any, conf: Any = None) -> Outcome:
         """admit → lease wait → pre_check → execute_action → post_check → settle."""
@@ -95,18 +119,33 @@ class Attempt:
             if isinstance(leases, StopRecord):  # stopped while we waited
                 return await self._retire(leases)
             s.leases = leases
-            if stop := await self.node.status.stopped(s.task_id):
-                return await self._retire(stop)
             await self.emit(AttemptObserver.after_lease_taken, s)
-            ctx = await self._start(args, conf)
-            await self._steps(action_cls(), ctx, self._step_timeout(action_cls))
+            blips = 0
+            while True:
+                ctx = await self._start(args, conf)
+                try:
+                    await self._steps(action_cls(), ctx, self._step_timeout(action_cls))
+                    break
+                except LeaseLost:
+                    blips += 1
+                    if blips > MAX_BLIPS or not await self._still_held():
+                        raise
+                    log.info("zookeeper came back, leases still held: attempt again in place")
+                except RELEASED_BACK:
+                    raise
+                except Exception as e:
+                    hold = self.node.retry_in_place
+                    if ended := await self._fail(f"{type(e).__name__}: {e}", hold=hold):
+                        return ended
         except RELEASED_BACK as e:
             return await self._release(e)
         except asyncio.CancelledError:
             await _settle(self.msg.nak())
             raise
         except Exception as e:
-            return await self._fail(f"{type(e).__name__}: {e}")
+            failed = await self._fail(f"{type(e).__name__}: {e}", hold=False)
+            assert failed is not None  # without `hold` a failure always ends the attempt
+            return failed
         finally:
             keepalive.cancel()
             if s.leases is not None:
@@ -126,7 +165,8 @@ class Attempt:
 
     async def _admit(self) -> Outcome | None:
         """Read the node's record (the attempt's one read of it) and end here what may not run: an
-        item whose attempt budget an earlier delivery spent, or the item of a stopped task."""
+        item whose attempt budget an earlier delivery spent. The item of a stopped task ends in the
+        lease wait, whose first look reads the stop once it listens for one."""
         s, task = self.state, self.state.item.task
         s.record = await self.node.status.get_node(task.task_id, self.node.node) or NodeRecord()
         if s.record.state == "succeeded":  # it ran; only the ack was lost
@@ -137,24 +177,32 @@ class Attempt:
         if s.record.state == "running":
             # the previous delivery never settled: its runner died or lost the ack
             await self.emit(AttemptObserver.after_attempt_lost, s)
-        stop = await self.node.status.stopped(task.task_id)
-        return await self._retire(stop) if stop else None
+        return None
 
     async def _lease_wait(self, action_cls: type[Action]) -> LeaseSet | StopRecord:
         """Wait for a closed breaker and every lease, on watches, as long as it takes; a breaker
         that opened meanwhile sends us back to waiting. A stop of the task (heard, not polled)
-        ends the wait with its stop record; so does the task's deadline, with one of its own."""
+        ends the wait with its stop record; so does the task's deadline, with one of its own.
+        While the task is paused the node waits out of every queue, for the resume (heard too),
+        then queues again: by its plan position for the task's own slot, so its place among the
+        task's nodes is kept."""
         node, task = self.node, self.state.item.task
         deadline_s = task.taskerman_params.deadline_s
         until = None if deadline_s is None else self.state.item.routed_at + deadline_s
         async with node.stops.watching(task.task_id) as stop_heard:
             while True:
-                if stop := await node.status.stopped(task.task_id):
+                stop_heard.clear()  # before the look: a stop from here on is heard
+                stop, pause = await self._stop_or_pause()
+                if stop:
                     return stop
-                stop_heard.clear()
                 left = None if until is None else until - time.time()
                 if left is not None and left <= 0:
                     return _expired(deadline_s)
+                if pause:
+                    await self._note_waiting(waits.paused(task.task_id, pause))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop_heard.wait(), left)
+                    continue
                 taking = asyncio.create_task(self._take_leases(action_cls))
                 hearing = asyncio.create_task(stop_heard.wait())
                 try:
@@ -165,14 +213,23 @@ class Attempt:
                     if not taking.done():
                         taking.cancel()  # what it took is released on the way out
                     await asyncio.gather(taking, hearing, return_exceptions=True)
-                if not taking.cancelled() and (leases := taking.result()) is not None:
-                    return leases
+                if not taking.cancelled() and (got := taking.result()) is not None:
+                    return got
 
-    async def _take_leases(self, action_cls: type[Action]) -> LeaseSet | None:
-        """A closed breaker, then every lease; None when the breaker opened meanwhile."""
+    async def _stop_or_pause(self) -> tuple[StopRecord | None, PauseRecord | None]:
+        """The task's stop and pause records, read at once (one round trip's wait, not two)."""
+        status, task_id = self.node.status, self.state.task_id
+        return await asyncio.gather(status.stopped(task_id), status.paused(task_id))
+
+    async def _take_leases(self, action_cls: type[Action]) -> LeaseSet | StopRecord | None:
+        """A closed breaker, then every lease; None when the breaker opened or the task was
+        paused meanwhile, the stop record when it was stopped."""
         node, item = self.node, self.state.item
-        await node.breaker.wait_closed(None)
-        budget = (await clusters.read_config(node.zk, node.cluster)).budget
+        _, config = await asyncio.gather(
+            node.breaker.wait_closed(None, who=self.state.holder, on_open=self._breaker_open),
+            clusters.read_config(node.zk, node.cluster),
+        )
+        budget = config.budget
         leases = leases_for(
             item,
             action_cls,
@@ -182,11 +239,38 @@ class Attempt:
             node=node.node,
             override=node.overrides.get(item.task.action),
         )
-        await leases.acquire()
-        if await node.breaker.state() != "open":
+        await leases.acquire(on_blocked=self._lease_blocked)
+        breaker, (stop, pause) = await asyncio.gather(node.breaker.state(), self._stop_or_pause())
+        if breaker != "open" and not stop and not pause:
             return leases
         await leases.release()
-        return None
+        return stop
+
+    async def _breaker_open(self, state: BreakerState, seen: BreakerStateName) -> None:
+        await self._note_waiting(waits.breaker(self.node.cluster, state, seen))
+
+    async def _lease_blocked(self, lease: Lease) -> None:
+        """A lease is not granted at once: say which and who holds it (one read of its holders
+        per wait, before the node queues; the wait itself sends nothing)."""
+        try:
+            holders = await lease.holders()
+        except Exception as e:  # the words only; the wait goes on without the names
+            log.warning("lease holders not read lease=%s error=%r", lease.name, e)
+            holders = []
+        await self._note_waiting(waits.lease(lease.name, lease.limit, holders))
+
+    async def _note_waiting(self, waiting: Waiting) -> None:
+        """Record what the node waits for, when the words differ from the record's. They are for
+        people: a failed write is logged and the wait goes on, never counted as a failure."""
+        s = self.state
+        if not waits.changed(s.record.waiting_for, waiting):
+            return
+        before, s.record = s.record, replace(s.record, waiting_for=replace(waiting, since=time.time()))
+        try:
+            await self.emit(AttemptObserver.after_waiting, s)
+        except Exception as e:
+            s.record = before  # not written: the next look writes it again
+            log.warning("waiting not recorded task_id=%s node=%s error=%r", s.task_id, s.node, e)
 
     async def _start(self, args: Any, conf: Any) -> ActionContext:
         """The attempt counts from here: the record becomes running, with its attempt number. The
@@ -204,14 +288,15 @@ class Attempt:
                 attempts=s.record.attempts + 1,
                 started_at=now,
                 finished_at=None,
+                waiting_for=None,
                 first_attempt_at=s.record.first_attempt_at or now,
                 token=s.leases.tokens()["task"],
             ),
         )
         ctx = self._context(args, conf)
         self.node.guard.acting = ctx
-        try:
-            await self.emit(AttemptObserver.after_started, s)
+        try:  # the leases are held: a bus failover is waited out, not a reason to hand them back
+            await self.emit_patiently(AttemptObserver.after_started, s)
         except Exception:
             s.record = admitted  # not written: the attempt did not start
             raise
@@ -229,7 +314,7 @@ class Attempt:
             attempt=s.record.attempts,
             pack_config=self.node.packs.get(task.action.split(":", 1)[0], {}),
             tokens=s.leases.tokens(),
-            checkpoint=self.node.zk.check,
+            checkpoint=functools.partial(s.leases.checkpoint, self.node.zk),
             config=conf,
         )
 
@@ -239,21 +324,50 @@ class Attempt:
         return override.timeout if override and override.timeout is not None else action_cls.timeout
 
     async def _steps(self, action: Action, ctx: ActionContext, time_limit: float | None) -> None:
+        """pre_check, execute_action, post_check; an attempt resumed after its side effect was
+        recorded done runs post_check only. The node's finish time is taken when the last step
+        returns, while every lease is still held: the record's [started_at, finished_at] then lies
+        inside the leases, so no two records overlap beyond the limit and budget that held them."""
         s = self.state
         assert s.leases is not None
-        for step_fn in (action.pre_check, action.execute_action, action.post_check):
+        steps = (action.pre_check, action.execute_action, action.post_check)
+        for step_fn in steps[2:] if s.record.executed else steps:
             s.step = step_fn.__name__
-            await s.leases.verify()
+            await s.leases.verify(self.node.zk)
             with _tracer.start_as_current_span(s.step):
                 await self.node.guard.run(step_fn(ctx), ctx, s.step, time_limit)
+            if step_fn == action.execute_action:
+                await self._record_executed()
+            if step_fn == steps[-1]:
+                s.record = replace(s.record, finished_at=time.time())
             await self.emit(AttemptObserver.after_step_passed, s, s.step)
+
+    async def _still_held(self) -> bool:
+        """After a step stopped because the session could not be vouched for: whether, once
+        ZooKeeper answers again (within the session's lifetime), every lease is still ours. Then
+        the attempt goes on in place (a failed node keeps its slot, a resumed one starts after its
+        recorded side effect) instead of handing the leases to the next node."""
+        assert self.state.leases is not None
+        try:
+            await self.state.leases.verify()
+        except LeaseLost:
+            return False
+        return True
+
+    async def _record_executed(self) -> None:
+        """The side effect is done: record it before post_check starts, through a bus failover
+        if need be, so that no fault from here on runs it again."""
+        s = self.state
+        s.record = replace(s.record, executed=True)
+        await self.emit_patiently(AttemptObserver.after_executed, s)
 
     # --- settle ---------------------------------------------------------------------------------
 
     async def _succeed(self) -> Outcome:
         s = self.state
         await self.node.breaker.record_success()
-        s.record = replace(s.record, state="succeeded", finished_at=time.time(), error=None)
+        finished_at = s.record.finished_at or time.time()  # taken by `_steps`, before the release
+        s.record = replace(s.record, state="succeeded", finished_at=finished_at, error=None)
         await self.emit(AttemptObserver.before_succeeded, s)
         with _tracer.start_as_current_span("ack"):
             await _settle(self.msg.ack_sync())
@@ -263,33 +377,66 @@ class Attempt:
     async def _release(self, error: Exception) -> Outcome:
         s = self.state
         reason = f"{type(error).__name__}: {error}"
-        s.record = replace(s.record, state="retrying", error=reason)
+        s.record = replace(s.record, state="retrying", error=reason, waiting_for=None)
         await self.emit(AttemptObserver.before_released, s, error)
         await _settle(self.msg.nak(delay=RELEASE_DELAY))
         await self.emit(AttemptObserver.after_released, s, error)
         return Released(s.step, reason)
 
-    async def _fail(self, reason: str) -> Outcome:
+    async def _fail(self, reason: str, *, hold: bool) -> Outcome | None:
         """An attempt failed: count it, feed the breaker, then retry with backoff or dead-letter.
         A post_check failure is different: the cluster may be on fire, so the breaker trips, the
-        node is dead-lettered at once and the whole task stops."""
+        node is dead-lettered at once and the whole task stops.
+
+        With `hold` the node keeps its leases: a node whose action failed is presumed disrupted,
+        so it holds its slot (and its budget slot) through its backoff and its retries until it
+        succeeds, is dead-lettered or its task is stopped; None then means "retry now" (the backoff
+        has passed, the breaker is closed). Without, the item goes back with its backoff."""
         s, task = self.state, self.state.item.task
         on_fire = s.step == "post_check"
         await self.node.breaker.record_failure(f"{task.task_id} on {s.node}: {reason}", trip=on_fire)
-        s.record = replace(s.record, failures=s.record.failures + 1, error=reason)
-        await self.emit(AttemptObserver.after_step_failed, s, reason)
+        s.record = replace(s.record, failures=s.record.failures + 1, error=reason, executed=False)
+        await self.emit_patiently(AttemptObserver.after_step_failed, s, reason)
         if on_fire or policy.after_failure(s.record.failures, task.retry_count) == "dead":
             outcome = await self._dead(reason)
             await self._node_failed(reason if on_fire else "")
             return outcome
         s.record = replace(s.record, state="retrying")
         delay = policy.retry_delay(task.taskerman_params.workqueue_args, s.record.failures)
-        await self.emit(AttemptObserver.before_retried, s, delay)
-        attributes = {"delay_s": delay, "failures": s.record.failures}
+        await self.emit_patiently(AttemptObserver.before_retried, s, delay)
+        attributes = {"delay_s": delay, "failures": s.record.failures, "holding": hold}
         with _tracer.start_as_current_span("retry", attributes=attributes):
+            if hold:
+                await self.emit(AttemptObserver.after_retried, s, delay)
+                stop = await self._hold(delay)
+                return await self._retire(stop) if stop else None
             await _settle(self.msg.nak(delay=delay))
         await self.emit(AttemptObserver.after_retried, s, delay)
         return Failed(s.step, reason)
+
+    async def _hold(self, delay: float) -> StopRecord | None:
+        """Keep the leases through `delay`, then until the breaker is closed; a stop of the task
+        (heard, not polled) ends the wait with its stop record."""
+        node, task_id = self.node, self.state.task_id
+
+        async def backoff() -> None:
+            await asyncio.sleep(delay)
+            await node.breaker.wait_closed(None, who=self.state.holder, on_open=self._breaker_open)
+
+        async with node.stops.watching(task_id) as stop_heard:
+            if stop := await _patiently(lambda: node.status.stopped(task_id)):
+                return stop
+            waiting = asyncio.create_task(backoff())
+            hearing = asyncio.create_task(stop_heard.wait())
+            try:
+                await asyncio.wait({waiting, hearing}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in (waiting, hearing):
+                    t.cancel()
+                await asyncio.gather(waiting, hearing, return_exceptions=True)
+            if not waiting.cancelled() and (e := waiting.exception()) is not None:
+                raise e
+            return await _patiently(lambda: node.status.stopped(task_id))
 
     async def _retire(self, stop: StopRecord) -> Outcome:
         """A stopped task's item that has not started is retired: acked and recorded as skipped
@@ -301,7 +448,7 @@ class Attempt:
             state = "cancelled"
         elif stop.reason == DEADLINE:
             state, error = "expired", f"expired: {stop.detail}"
-        s.record = replace(s.record, state=state, finished_at=time.time(), error=error)
+        s.record = replace(s.record, state=state, finished_at=time.time(), error=error, waiting_for=None)
         await self.emit(AttemptObserver.before_retired, s, stop)
         await _settle(self.msg.ack_sync())
         await self.emit(AttemptObserver.after_retired, s, stop)
@@ -318,7 +465,7 @@ class Attempt:
             reason=reason,
             rec=s.record,
         )
-        s.record = replace(s.record, state="dead", error=reason, finished_at=time.time())
+        s.record = replace(s.record, state="dead", error=reason, finished_at=time.time(), waiting_for=None)
         await self.emit(AttemptObserver.after_dead_lettered, s, reason)
         return Dead(reason)
 
@@ -327,7 +474,7 @@ class Attempt:
         after a post_check failure)."""
         s, task = self.state, self.state.item.task
         failed = await self.node.status.add_failure(task.task_id)
-        allowed = task.taskerman_params.max_failures
+        allowed = task.resolved_max_failures
         if post_check_reason:
             reason, detail = "post_check", f"post_check failed on {s.node}: {post_check_reason}"
         elif failed > allowed:
@@ -361,6 +508,7 @@ async def dead_letter(
         data=msg.data,
         subject=msg.subject,
         deliveries=msg.metadata.num_delivered,
+        attempts=rec.attempts if rec else 0,
         reason=reason,
         task_id=task_id,
         cluster=cluster,
@@ -379,6 +527,20 @@ DEADLINE = "deadline"  # the reason of the stop record a node writes itself when
 def _expired(deadline_s: float | None) -> StopRecord:
     detail = f"waited past the task's deadline of {deadline_s:g}s without starting"
     return StopRecord(reason=DEADLINE, detail=detail, at=time.time())
+
+
+async def _patiently(call: Callable[[], Awaitable[_T]]) -> _T:
+    """`await call()` through a bus failover, up to PROGRESS_PATIENCE: while an attempt holds its
+    leases (acting, or a failed node in its backoff), a NATS outage is waited out rather than made
+    a reason to hand the leases back to the next node."""
+    deadline = time.monotonic() + PROGRESS_PATIENCE
+    while True:
+        try:
+            return await call()
+        except bus.UNAVAILABLE:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(PROGRESS_RETRY)
 
 
 async def _settle(op: Awaitable[Any]) -> None:

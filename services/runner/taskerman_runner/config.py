@@ -17,6 +17,7 @@ from taskcore.core.errors import InvalidTask, TaskermanError
 
 GRACE_ENV = "TASKERMAN_SHUTDOWN_GRACE"
 DEFAULT_GRACE = 30.0
+MAX_AWAY_GRACE = 7 * 86400.0  # a week: an away note older than that is a runner that is gone
 
 
 class ActionOverride(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -28,11 +29,15 @@ class ActionOverride(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A node config file: `cluster`, `node`, `enabled_packs`, `[packs.<pack>]` and
-    `[actions."<pack>:<name>"]` tables. Without `enabled_packs` every installed pack may run."""
+    """A node config file: `cluster`, `node`, `enabled_packs`, `away_grace`, `[packs.<pack>]` and
+    `[actions."<pack>:<name>"]` tables. Without `enabled_packs` every installed pack may run.
+    `away_grace` (seconds, 0: none): after a clean exit, the router still queues items for this
+    node that long (a cron-mode runner, a node that reboots itself); without it, a node with no
+    runner registered is recorded `unserved` and gets no item."""
 
     cluster: str
     node: str = ""
+    away_grace: Annotated[float, msgspec.Meta(ge=0, le=MAX_AWAY_GRACE)] = 0.0
     enabled_packs: list[str] | None = None
     packs: dict[str, dict[str, Any]] = {}
     actions: dict[str, ActionOverride] = {}

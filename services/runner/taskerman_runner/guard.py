@@ -15,7 +15,25 @@ from taskerman_runner.config import DEFAULT_GRACE
 
 log = logging.getLogger(__name__)
 GUARD_INTERVAL = 0.2
-CANCEL_WAIT = 5.0  # how long a cancelled step may take to unwind
+CANCEL_WAIT = 5.0  # how often a cancelled step that goes on is logged
+
+
+async def _until_ended(work: asyncio.Future[None], name: str, ctx: ActionContext) -> None:
+    """Wait for a cancelled step to have really ended: the attempt's leases are held until then,
+    so that a step that ignores its cancellation (work in a thread cannot be cancelled) never
+    overlaps the next holder's. Logged every CANCEL_WAIT seconds while it goes on."""
+    waited = 0.0
+    while not work.done():
+        await asyncio.wait({work}, timeout=CANCEL_WAIT)
+        if not work.done():
+            waited += CANCEL_WAIT
+            log.error(
+                "%s ignores its cancellation for %gs, its leases held until it ends task_id=%s node=%s",
+                name,
+                waited,
+                ctx.task.task_id,
+                ctx.node,
+            )
 
 
 class RunnerStopping(TaskermanError):
@@ -69,12 +87,8 @@ class StepGuard:
                     continue
                 ctx.cancelled.set()
                 work.cancel()
-                await asyncio.wait({work}, timeout=CANCEL_WAIT)
-                if not work.done():
-                    log.error(
-                        "%s ignored its cancellation for %gs task_id=%s", name, CANCEL_WAIT, ctx.task.task_id
-                    )
-                elif not work.cancelled():
+                await _until_ended(work, name, ctx)
+                if not work.cancelled():
                     work.exception()  # retrieved: what it raised while unwinding is beside the point
                 raise error
             work.result()

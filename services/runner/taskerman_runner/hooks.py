@@ -8,6 +8,7 @@ fails the attempt with it, as a failed write of that record always did.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from taskcore.core.model import NodeRecord, WorkItem
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
+Through = Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]  # makes a call, maybe retried
 
 
 @dataclass
@@ -42,6 +44,11 @@ class AttemptState:
     def action(self) -> str:
         return self.item.task.action
 
+    @property
+    def holder(self) -> str:
+        """Who this attempt is, to the breaker's half-open probe: the task and the node."""
+        return f"{self.item.task.task_id}/{self.node}"
+
 
 class AttemptObserver:
     """Listens to the hooks of attempts; every hook does nothing unless overridden."""
@@ -51,6 +58,10 @@ class AttemptObserver:
     async def after_attempt_lost(self, s: AttemptState) -> None:
         """The previous delivery started and never settled (not counted as a failure)."""
 
+    async def after_waiting(self, s: AttemptState) -> None:
+        """The node waits for something new before it can start: `s.record.waiting_for` says
+        what (emitted when the reason changes, not while it stays the same)."""
+
     async def after_lease_taken(self, s: AttemptState) -> None:
         """Every lease is held (`s.leases`)."""
 
@@ -59,6 +70,10 @@ class AttemptObserver:
 
     async def after_step_passed(self, s: AttemptState, step: str) -> None:
         """A step returned."""
+
+    async def after_executed(self, s: AttemptState) -> None:
+        """execute_action passed and `s.record.executed` says so: the attempt moves on only once
+        this has been recorded (a resumed attempt then never runs the side effect again)."""
 
     async def after_step_failed(self, s: AttemptState, reason: str) -> None:
         """The attempt failed at `s.step` and the failure is counted in `s.record`."""
@@ -108,15 +123,38 @@ class Hooks:
     ) -> None:
         """Call `hook` (named through AttemptObserver, e.g. `AttemptObserver.after_succeeded`) on
         every observer that overrides it."""
+        await self.emit_through(_once, hook, *args, **kwargs)
+
+    async def emit_through(
+        self,
+        through: Through,
+        hook: Callable[Concatenate[AttemptObserver, P], Awaitable[None]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> None:
+        """`emit`, each observer's call made by `through` (which may retry it through a bus
+        failover): an observer whose call went through is not called again when a later one is
+        retried, so a retried record write does not append its audit event twice."""
         name = hook.__name__
         for observer in self.observers:
             if getattr(type(observer), name) is hook:
                 continue  # the no-op of the base class
             method = getattr(observer, name)
-            if not observer.contained:
-                await method(*args, **kwargs)
-                continue
-            try:
-                await method(*args, **kwargs)
-            except Exception:
-                log.exception("unexpected failure in %s of %s, ignored", name, type(observer).__name__)
+            await through(
+                functools.partial(_call, observer, name, functools.partial(method, *args, **kwargs))
+            )
+
+
+async def _call(observer: AttemptObserver, name: str, call: Callable[[], Awaitable[None]]) -> None:
+    """One observer's hook: a contained observer's failure is logged, never raised."""
+    if not observer.contained:
+        await call()
+        return
+    try:
+        await call()
+    except Exception:
+        log.exception("unexpected failure in %s of %s, ignored", name, type(observer).__name__)
+
+
+async def _once(call: Callable[[], Awaitable[None]]) -> None:
+    await call()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from taskcore.coord import clusters
-from taskcore.coord.leases import Lease, LeaseSet, QueuedLease, lease_path
+from taskcore.coord.leases import Lease, LeaseSet, QueuedLease, lease_path, shared_holder
 from taskcore.coord.semaphore import FairSemaphore
 from taskcore.coord.session import ZkSession
 from taskcore.core import subjects
@@ -32,14 +32,16 @@ def leases_for(
     served in the plan's order (the item's `position`): a node waiting for its turn in its own
     task holds nothing that another task could use. The cluster-wide leases follow, served in
     arrival order so that no task starves, with the budget, which every task of the cluster
-    shares, taken last."""
+    shares, taken last. The leases tasks share are held as `<task>/<node>` (`shared_holder`), so
+    that a node waiting for one can say which task holds it."""
     task, holder, position = item.task, node, item.position
+    shared = shared_holder(task.task_id, node)
     override = override or ActionOverride()
     groups = (
         override.exclusion_groups if override.exclusion_groups is not None else action_cls.exclusion_groups
     )
     global_limit = override.global_limit if override.global_limit is not None else action_cls.global_limit
-    slot = FairSemaphore(zk, lease_path(task.task_id), task.limit)
+    slot = FairSemaphore(zk, lease_path(task.task_id), task.resolved_limit)
     leases: list[Lease] = [QueuedLease("task", slot, holder, position=position)]
     topology = task.taskerman_params.topology
     if topology:
@@ -53,12 +55,12 @@ def leases_for(
     for group in sorted(set(groups)):
         sem = FairSemaphore(zk, clusters.cluster_path(cluster, "exclusion", subjects.encode_token(group)), 1)
         owner = subjects.encode_token(task.task_id)
-        leases.append(QueuedLease(f"exclusion:{group}", sem, holder, owner=owner))
+        leases.append(QueuedLease(f"exclusion:{group}", sem, shared, owner=owner))
     if global_limit:
         sem = FairSemaphore(zk, f"/global/{subjects.encode_token(task.action)}", global_limit)
         owner = subjects.encode_token(cluster)
-        leases.append(QueuedLease(f"global:{task.action}", sem, holder, owner=owner))
+        leases.append(QueuedLease(f"global:{task.action}", sem, shared, owner=owner))
     if budget:
         sem = FairSemaphore(zk, clusters.cluster_path(cluster, "budget"), budget)
-        leases.append(QueuedLease("budget", sem, holder))
+        leases.append(QueuedLease("budget", sem, shared))
     return LeaseSet(leases)

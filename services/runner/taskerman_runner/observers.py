@@ -30,7 +30,13 @@ class StatusObserver(AttemptObserver):
     async def _write(self, s: AttemptState) -> None:
         await self.status.put_node(s.task_id, s.node, s.record)
 
+    async def after_waiting(self, s: AttemptState) -> None:
+        await self._write(s)
+
     async def after_started(self, s: AttemptState) -> None:
+        await self._write(s)
+
+    async def after_executed(self, s: AttemptState) -> None:
         await self._write(s)
 
     async def after_step_failed(self, s: AttemptState, reason: str) -> None:
@@ -105,7 +111,9 @@ class MetricsObserver(AttemptObserver):
         assert s.leases is not None
         labels = {"cluster": s.cluster, "action": s.action}
         self.metrics.lease_wait.record(sum(s.leases.waited.values()), labels)
-        self.metrics.executed.add(1, labels)
+
+    async def after_started(self, s: AttemptState) -> None:
+        self.metrics.executed.add(1, {"cluster": s.cluster, "action": s.action})  # every attempt
 
     async def after_step_failed(self, s: AttemptState, reason: str) -> None:
         self.metrics.failed.add(1, {"cluster": s.cluster, "action": s.action, "step": s.step})
@@ -155,6 +163,10 @@ class LogObserver(AttemptObserver):
             s.record.attempts,
             reason,
         )
+
+    async def after_waiting(self, s: AttemptState) -> None:
+        waiting = s.record.waiting_for
+        log.info("waiting task_id=%s node=%s for=%s", s.task_id, s.node, waiting.reason if waiting else "")
 
     async def before_released(self, s: AttemptState, error: Exception) -> None:
         log.warning("released back task_id=%s node=%s step=%s error=%s", s.task_id, s.node, s.step, error)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from taskcore.core.errors import InvalidTask
 from taskcore.core.limits import UNEXPECTED_STRIKES
 from taskcore.core.model import decode_work_item, peek_task_id
 from taskcore.core.settings import Settings
+from taskcore.core.signing import SignatureError, verifier_for
 from taskcore.obs import logs, tracing
 from taskcore.obs.metrics import Instruments
 from taskerman_runner.attempt import RELEASE_DELAY, Attempt, NodeServices, dead_letter
@@ -80,9 +82,12 @@ class NodeWorker:
         overrides: Mapping[str, ActionOverride] | None = None,
         stops: StopSignals | None = None,
         process: ProcessHeartbeat | None = None,
+        away_grace: float = 0.0,
     ) -> None:
         """`stops` and `process` may be shared by every node of a process (one subscription to
-        stop records, one heartbeat); by default the node has its own."""
+        stop records, one heartbeat); by default the node has its own. The trusted keys come from
+        `settings` (secure by default: none, and not insecure, raises SigningConfigError)."""
+        self.verifier = verifier_for(settings)
         self.js = js
         self.status = status
         self.zk = zk
@@ -92,7 +97,9 @@ class NodeWorker:
         self.node = node
         self.packs = packs or {}
         self.breaker = Breaker(zk, cluster, clusters.breaker_policy(settings))
-        self.registration = Registration(zk, cluster, node, _version(), registry.names(), process=process)
+        self.registration = Registration(
+            zk, cluster, node, _version(), registry.names(), process=process, away_grace=away_grace
+        )
         self.stops = stops or StopSignals(js._nc)
         self.audit = Audit(js, audit.actor(f"runner:{node}"))
         self.metrics = Instruments()
@@ -147,6 +154,7 @@ class NodeWorker:
                         log.exception("item not handled node=%s", self.node)
         finally:
             heartbeat.cancel()
+            await self.registration.leave()
 
     async def _fetch_until(self, stop: asyncio.Event) -> list[Msg]:
         """The next item, waiting long (an idle node costs the server one pull request every
@@ -174,6 +182,7 @@ class NodeWorker:
         `stop` (SIGTERM) works as in `run`."""
         stop = stop or asyncio.Event()
         self.guard.grace = grace
+        self.services = dataclasses.replace(self.services, retry_in_place=False)
         results: dict[int, DrainResult] = {}
         reruns: dict[int, int] = {}
         expect_until = 0.0  # a released item should be back by then
@@ -298,6 +307,12 @@ class NodeWorker:
 
     async def _handle(self, msg: Msg) -> Outcome:
         deliveries = msg.metadata.num_delivered
+        if self.verifier is not None:  # before anything reads the item: it may be hostile
+            headers = msg.headers or {}
+            try:
+                self.verifier.verify(headers, msg.subject, headers.get("Nats-Msg-Id", ""), msg.data)
+            except SignatureError as e:
+                return await self._refuse(msg, str(e))
         try:
             item = decode_work_item(msg.data)
         except InvalidTask as e:
@@ -319,6 +334,22 @@ class NodeWorker:
                 return await attempt.run(action_cls, args, conf)
             finally:
                 self.guard.acting = None
+
+    async def _refuse(self, msg: Msg, reason: str) -> Outcome:
+        """An item no trusted key signed: dead-letter it unrun. Nothing it claims is believed, so no
+        task's records or counters change (a forger could otherwise mark a real task's node dead);
+        the letter and the node's audit trail say what was refused."""
+        task_id = peek_task_id(msg.data, in_item=True)
+        await dead_letter(
+            self.js, msg, cluster=self.cluster, node=self.node, task_id=task_id, reason=reason, rec=None
+        )
+        await self.audit.record(
+            "refused", cluster=self.cluster, node=self.node, detail=f"claimed task {task_id!r}: {reason}"
+        )
+        log.warning(
+            "work item refused node=%s seq=%s reason=%s", self.node, msg.metadata.sequence.stream, reason
+        )
+        return Dead(reason)
 
     async def _poison(self, msg: Msg, reason: str) -> Outcome:
         """An item that can never run: dead-letter it at once, never spin through retries."""
