@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from taskcore.coord import clusters
+from taskcore.core import signing
 from taskcore.core.actions import ActionRegistry
+from taskcore.core.errors import TaskermanError
 from taskcore.core.settings import Settings
 from taskcore.obs import metrics
 from taskcore.plugins import DiscoveryContext
@@ -18,6 +22,7 @@ from taskerman_router.discovery import load_plugins
 from taskerman_router.router import Router
 from taskerman_router.routing import load_routings
 
+log = logging.getLogger(__name__)
 SAMPLE_INTERVAL_ENV = "TASKERMAN_SAMPLE_INTERVAL"
 
 
@@ -39,6 +44,16 @@ def sample_interval(settings: Settings, env: Mapping[str, str] | None = None) ->
 
 async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
     settings = Settings.from_env()
+    signer = signing.signer_for(settings)
+    if signer is None:
+        log.warning(
+            "INSECURE: %s=1 and no %s: work items are published unsigned, and only runners that "
+            "run unsigned items (insecure too) will run them",
+            signing.INSECURE_ENV,
+            signing.SEED_ENV,
+        )
+    else:
+        log.info("signing work items with key %s", signer.key)
     async with lifecycle.connected(settings, "taskerman-router") as c:
         plugins = load_plugins(DiscoveryContext(inventory=args.inventory, zk=c.zk))
         router = Router(
@@ -47,6 +62,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
             c.status,
             ActionRegistry.installed(),
             plugins,
+            signer=signer,
             routings=load_routings(),
             zk=c.zk,
             breaker_policy=clusters.breaker_policy(settings),
@@ -58,4 +74,9 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:  # secure by default: no seed, no router (unless TASKERMAN_INSECURE=1)
+        signing.signer_for(Settings.from_env())
+    except (TaskermanError, ValueError) as e:
+        print(f"taskerman-router: {e}", file=sys.stderr)
+        return 2
     return lifecycle.run("taskerman-router", lambda stop: amain(args, stop))

@@ -4,26 +4,31 @@ for a preview, the leases each node will take. Routing a task and previewing it 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import msgspec
 
-from taskcore.coord import clusters
+from taskcore.coord import clusters, runners
 from taskcore.coord.clusters import BreakerPolicy
 from taskcore.coord.session import ZkSession
 from taskcore.core.actions import Action, ActionRegistry
 from taskcore.core.errors import DiscoveryError, InvalidTask
-from taskcore.core.model import NodeInfo, Plan, PlanLease, Task, Wave
+from taskcore.core.model import NodeInfo, Plan, PlanLease, Task, Wave, resolved
 from taskcore.plugins import Discovery, Routing
 from taskerman_router import routing
 
 log = logging.getLogger(__name__)
 EXPLICIT = "explicit"
+UNSERVED_POLL = 0.5
 
 
 class Resolution(msgspec.Struct, frozen=True, kw_only=True):
-    """A task's nodes in routing order, and its waves."""
+    """A task's nodes in routing order, and its waves; `task` is the task with its percentages
+    resolved against those nodes."""
 
+    task: Task
     discovery: str
     routing: str
     nodes: tuple[NodeInfo, ...]
@@ -68,6 +73,21 @@ class Planner:
                 raise DiscoveryError(f"discovery {task.discovery!r} returned an invalid node: {n!r}")
         return task.discovery, nodes
 
+    async def unserved(self, task: Task, names: list[str], wait: float = 0.0) -> list[str]:
+        """The nodes no runner serves (no registration, no valid away note; see
+        `taskcore.coord.runners`), asked again for up to `wait` seconds while some are missing:
+        a runner that is starting as the task arrives is not taken for an absent one. Nodes found
+        by the `registry` discovery are served by definition; without ZooKeeper nothing is known."""
+        if self.zk is None or (task.discovery == "registry" and not routing.explicit_nodes(task)):
+            return []
+        deadline = time.monotonic() + wait
+        while True:
+            missing = await runners.unserved(self.zk, task.cluster_name, names, time.time())
+            if not missing or time.monotonic() >= deadline:
+                return missing
+            await asyncio.sleep(UNSERVED_POLL)
+            names = missing
+
     async def budget(self, cluster: str) -> int | None:
         """The cluster's disruption budget; None when none is set or ZooKeeper cannot say (the
         plan is informative: the runners enforce the budget whatever it shows)."""
@@ -80,12 +100,15 @@ class Planner:
             return None
 
     async def resolve(self, task: Task) -> Resolution:
-        """Discover, order (routing plugin, topology) and cut into waves."""
+        """Discover, order (routing plugin, topology), resolve the percentages against the nodes
+        routing kept, and cut into waves."""
         source, found = await self.discover(task)
         ordered = routing.order_nodes(task, found, self.routings, source)
+        task = resolved(task, len(ordered))
         budget = await self.budget(task.cluster_name)
-        concurrency = min(task.limit, budget) if budget else task.limit
+        concurrency = min(task.resolved_limit, budget) if budget else task.resolved_limit
         return Resolution(
+            task=task,
             discovery=source,
             routing=routing.routing_name(task),
             nodes=tuple(ordered),
@@ -95,9 +118,16 @@ class Planner:
         )
 
     async def preview(self, task: Task) -> Plan:
-        """The plan of a task, without routing it: validation, resolution, leases, breaker."""
+        """The plan of a task, without routing it: validation, resolution, leases, breaker. The
+        plan's task has its percentages resolved; `asked` keeps what they were."""
         action_cls, _ = self.registry.resolve(task)
         res = await self.resolve(task)
+        asked = {
+            name: value
+            for name, value in (("limit", task.limit), ("max_failures", task.taskerman_params.max_failures))
+            if isinstance(value, str)
+        }
+        task = res.task
         breaker = ""
         if self.zk is not None:
             try:
@@ -113,6 +143,8 @@ class Planner:
             concurrency=res.concurrency,
             leases=plan_leases(task, action_cls, res, known_budget=self.zk is not None),
             breaker=breaker,
+            unserved=tuple(await self.unserved(task, [n.name for n in res.nodes])),
+            asked=asked,
         )
 
 
@@ -129,10 +161,10 @@ def plan_leases(
     """The leases each node takes, in the runner's order (see taskerman_runner.lease_plan), as
     the action declares them (a node's runner config may override groups and global limit)."""
     detail = (
-        f"at most {task.limit} of the task's {len(res.nodes)} node(s) at once, in plan order "
+        f"at most {task.resolved_limit} of the task's {len(res.nodes)} node(s) at once, in plan order "
         "(fencing token: the slot)"
     )
-    out: list[PlanLease] = [PlanLease(name="task", limit=task.limit, detail=detail)]
+    out: list[PlanLease] = [PlanLease(name="task", limit=task.resolved_limit, detail=detail)]
     key = routing.topology_key(task)
     if key:
         groups = len(res.waves)

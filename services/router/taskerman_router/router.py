@@ -1,5 +1,6 @@
 """The router: a durable consumer of `tasks.global` that validates, discovers, orders and fans out;
-it also turns MAX_DELIVERIES advisories into dead letters, answers plan previews
+it also turns MAX_DELIVERIES advisories into dead letters, sweeps abandoned lease folders
+(`taskcore.coord.sweep`, with the reconciler), answers plan previews
 (`taskerman.api.plan`) and, with metrics on, samples the fleet gauges (`metrics.FleetSampler`).
 Stateless: any number may run on the one durable consumer; a task redelivered to a second router is
 published again under the same message ids, which JetStream drops, and the per-node tracking
@@ -23,6 +24,7 @@ from taskcore.bus import audit, deadletter, queues, tracking
 from taskcore.bus import jetstream as bus
 from taskcore.bus.audit import Audit
 from taskcore.bus.tracking import StatusStore
+from taskcore.coord import sweep
 from taskcore.coord.clusters import BreakerPolicy
 from taskcore.coord.session import ZkSession
 from taskcore.core import subjects
@@ -30,6 +32,7 @@ from taskcore.core.actions import ActionRegistry
 from taskcore.core.errors import DiscoveryError, InvalidTask
 from taskcore.core.limits import UNEXPECTED_STRIKES
 from taskcore.core.model import (
+    NodeRecord,
     PlannedNode,
     PlanReply,
     Task,
@@ -37,8 +40,10 @@ from taskcore.core.model import (
     decode_task,
     decode_work_item,
     peek_task_id,
+    resolved,
     with_task_id,
 )
+from taskcore.core.signing import Signer
 from taskcore.obs import metrics, tracing
 from taskcore.plugins import Discovery, Routing
 from taskerman_router import routing
@@ -49,6 +54,9 @@ log = logging.getLogger(__name__)
 ROUTE_BATCH = 32  # tasks fetched, and routed side by side, at once
 FAN_OUT_WINDOW = 256  # work-item publishes in flight at once
 CLAIM_EVERY = 5.0  # in-progress acks while a large fan-out runs (well inside any ack_wait)
+# How long a new task waits for the runners of its nodes to register before the missing ones are
+# recorded `unserved`: long enough for a runner started with the task, short against ack_wait.
+UNSERVED_WAIT = 5.0
 
 
 async def _keep_claimed(msg: Msg) -> None:
@@ -79,14 +87,18 @@ class Router:
         registry: ActionRegistry,
         discovery: dict[str, Discovery],
         *,
+        signer: Signer | None,
         routings: dict[str, Routing] | None = None,
         zk: ZkSession | None = None,
         breaker_policy: BreakerPolicy | None = None,
         reconcile_interval: float = 30.0,
         sample_interval: float | None = None,
+        unserved_wait: float = UNSERVED_WAIT,
     ) -> None:
-        """`sample_interval`: seconds between samples of the fleet gauges; None, no gauges (metrics off)."""
+        """`signer` signs every work item (`core/signing.py`; None: unsigned, insecure mode only);
+        `sample_interval`: seconds between samples of the fleet gauges; None, no gauges (metrics off)."""
         self.nc = nc
+        self.signer = signer
         self.js = js
         self.status = status
         self.registry = registry
@@ -98,6 +110,8 @@ class Router:
             breaker_policy=breaker_policy,
         )
         self.reconcile_interval = reconcile_interval
+        self.zk = zk
+        self.unserved_wait = unserved_wait
         self.sampler = (
             metrics.FleetSampler(metrics.Gauges(), js, status, zk, breaker_policy, every=sample_interval)
             if sample_interval is not None
@@ -146,6 +160,11 @@ class Router:
                 await self.reconcile()
             except Exception:
                 log.exception("reconcile failed")
+            if self.zk is not None:
+                try:
+                    await sweep.sweep(self.zk)
+                except Exception as e:  # ZooKeeper away: next time
+                    log.warning("lease folder sweep failed error=%r", e)
 
     async def reconcile(self) -> int:
         """Dead-letter items that reached max deliveries without one (advisories are fire-and-forget
@@ -247,6 +266,7 @@ class Router:
         """Record the task's plan (once: the first router to commit it wins), then publish exactly
         the nodes it holds, many at a time, keeping the task claimed while the fan-out runs."""
         kept = msgspec.structs.replace(task, nodes=())  # the nodes live in the plan, not in the record
+        unserved: list[str] = []
         for _ in range(3):
             entry = await self.status.get_task_entry(task.task_id)
             known, revision = entry if entry else (None, None)
@@ -256,6 +276,7 @@ class Router:
                 nodes, fresh = await self.status.plan(known), False
                 break
             nodes = await self._plan(task)
+            unserved = await self.planner.unserved(task, [n.name for n in nodes], self.unserved_wait)
             plan_id = uuid.uuid4().hex[:16]
             chunks = await self.status.put_plan(task.task_id, plan_id, nodes)
             now = time.time()
@@ -276,7 +297,12 @@ class Router:
             raise RuntimeError(f"task {task.task_id!r}: its record kept changing while routing")
         keepalive = asyncio.create_task(_keep_claimed(msg)) if msg is not None else None
         try:
-            published = await self._fan_out(task, nodes, fresh)
+            if fresh and unserved:
+                await self._record_unserved(task, unserved)
+            # the items carry numbers: the percentages resolved against the plan's nodes; the
+            # record keeps the task as it came, so a redelivery is still recognised as its own
+            items_task = resolved(task, len(nodes))
+            published = await self._fan_out(items_task, nodes, fresh, frozenset(unserved))
         finally:
             if keepalive is not None:
                 keepalive.cancel()
@@ -284,23 +310,52 @@ class Router:
             "routed",
             task_id=task.task_id,
             cluster=task.cluster_name,
-            detail=f"{len(nodes)} node(s), {published} new",
+            detail=f"{len(nodes)} node(s), {published} new"
+            + (f", {len(unserved)} unserved" if unserved else ""),
         )
         if fresh:
             self.metrics.routed.add(1, {"cluster": task.cluster_name, "action": task.action})
         log.info("routed task_id=%s nodes=%d published=%d", task.task_id, len(nodes), published)
+
+    async def _record_unserved(self, task: Task, names: list[str]) -> None:
+        """Nodes no runner serves get a final record saying so, and no work item: an item that
+        nobody fetches would sit in WORK forever and keep the task `routed`."""
+        now = time.time()
+        reason = (
+            f"unserved: no runner is registered for this node in cluster {task.cluster_name!r}; start "
+            "taskerman-runner for it (or give its node config an away_grace) and submit the task again"
+        )
+        rec = NodeRecord(state="unserved", finished_at=now, error=reason)
+        window = asyncio.Semaphore(FAN_OUT_WINDOW)
+
+        async def one(node: str) -> None:
+            async with window:
+                await self.status.create_node(task.task_id, node, rec)
+
+        await asyncio.gather(*(one(n) for n in names))
+        await self.audit.record(
+            "unserved",
+            task_id=task.task_id,
+            cluster=task.cluster_name,
+            detail=f"{len(names)} node(s) without a runner: {', '.join(names[:10])}"
+            + (" …" if len(names) > 10 else ""),
+        )
+        log.warning("task_id=%s: %d node(s) unserved, first %s", task.task_id, len(names), names[0])
 
     async def _plan(self, task: Task) -> list[PlannedNode]:
         resolved = await self.planner.resolve(task)
         attributes = {n.name: n.attributes for n in resolved.nodes if n.attributes}
         return tracking.planned(resolved.waves, attributes)
 
-    async def _fan_out(self, task: Task, nodes: list[PlannedNode], fresh: bool) -> int:
-        """Publish the nodes' work items, FAN_OUT_WINDOW in flight at once. A repeated routing
-        (a redelivery, a second router) skips nodes that already have a record: their item was
-        published and taken; the rest go again under the same message ids (JetStream drops the
-        duplicates within its window)."""
+    async def _fan_out(
+        self, task: Task, nodes: list[PlannedNode], fresh: bool, skip: frozenset[str] = frozenset()
+    ) -> int:
+        """Publish the work items of the nodes not in `skip`, FAN_OUT_WINDOW in flight at once. A
+        repeated routing (a redelivery, a second router) skips nodes that already have a record:
+        their item was published and taken; the rest go again under the same message ids
+        (JetStream drops the duplicates within its window)."""
         todo = routing.routes(task, nodes, time.time())
+        todo = [r for r in todo if r.node not in skip]
         if not fresh:
             have = await self.status.get_nodes(task.task_id, [r.node for r in todo])
             todo = [r for r in todo if r.node not in have]
@@ -309,7 +364,7 @@ class Router:
         async def one(route: routing.Route) -> None:
             async with window:
                 payload = msgspec.json.encode(route.item)
-                await bus.publish(self.js, route.subject, payload, msg_id=route.msg_id)
+                await bus.publish_work(self.js, self.signer, route.subject, payload, route.msg_id)
 
         await asyncio.gather(*(one(r) for r in todo))
         return len(todo)

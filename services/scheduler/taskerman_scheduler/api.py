@@ -16,6 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from taskcore.bus import jetstream as bus
 from taskcore.bus import submission
 from taskcore.bus.submission import SubmitReply
 from taskcore.bus.tracking import StatusStore
@@ -69,6 +70,9 @@ class Submissions:
     async def handle(self, msg: Msg) -> bytes:
         try:
             reply = await self.submit(msg.data, dict(msg.headers or {}))
+        except bus.UNAVAILABLE as e:
+            log.warning("submit failed, the bus is unavailable error=%r", e)
+            reply = SubmitReply(error=f"the bus is unavailable ({e!r}): submit again", retryable=True)
         except Exception as e:
             log.exception("submit failed")
             reply = SubmitReply(error=f"internal error: {e!r}")

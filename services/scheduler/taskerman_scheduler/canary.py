@@ -17,7 +17,7 @@ import msgspec
 
 from taskcore.bus.tracking import StatusStore, TaskView
 from taskcore.coord.schedule_control import CANARY_EVERY, CanaryState
-from taskcore.core.model import Task, TaskermanParams, WorkqueueArgs
+from taskcore.core.model import TASK_FINISHED, Task, TaskermanParams, WorkqueueArgs
 from taskerman_scheduler.slots import SLOT_TIME_FORMAT, with_cluster
 from taskerman_scheduler.state import CanaryStore
 
@@ -27,7 +27,6 @@ PING_ACTION = "taskerman:ping"
 MIN_EVERY = 1.0
 MAX_OUTSTANDING = 10  # unfinished pings followed; older ones are given up (a stuck pipeline)
 PING_LIMIT = 64  # a ping disrupts nothing: many nodes of the canary cluster may run theirs at once
-_FINISHED = {"succeeded", "failed", "dead"}
 
 Emit = Callable[[Task, str, str], Awaitable[None]]  # (task, run label for logs, audit detail)
 Verify = Callable[[], Awaitable[None]]
@@ -74,7 +73,7 @@ def fold(state: CanaryState, views: Mapping[str, TaskView | None]) -> CanaryStat
         view = views.get(task_id)
         if view is None:
             continue
-        if view.state not in _FINISHED:
+        if view.state not in TASK_FINISHED:
             outstanding.append(task_id)
             continue
         finished = max((n.finished_at for n in view.nodes.values() if n.finished_at), default=None)

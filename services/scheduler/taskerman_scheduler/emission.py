@@ -29,7 +29,7 @@ from taskcore.coord.semaphore import FairSemaphore
 from taskcore.coord.session import Slot, ZkSession
 from taskcore.core import subjects
 from taskcore.core.errors import LeaseLost
-from taskcore.core.model import Task, TaskRecord, encode
+from taskcore.core.model import TASK_FINISHED, Task, TaskRecord, encode
 from taskcore.obs import tracing
 from taskcore.obs.metrics import Instruments
 from taskerman_scheduler.schedules import Schedule
@@ -38,8 +38,6 @@ from taskerman_scheduler.state import ScheduleState, StateStore
 from taskerman_scheduler.targets import KnownClusters, NoTargets, TargetError
 
 log = logging.getLogger(__name__)
-
-_FINISHED = {"succeeded", "failed", "dead"}
 
 
 class Emitter:
@@ -194,7 +192,7 @@ class Emitter:
         """Whether any task of a run is unfinished (a record that expired counts as finished)."""
         for task_id in task_ids:
             view = await self.status.view(task_id)
-            if view is not None and view.state not in _FINISHED:
+            if view is not None and view.state not in TASK_FINISHED:
                 return True
         return False
 
