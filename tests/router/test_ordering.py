@@ -188,6 +188,7 @@ def test_plan_leases_in_the_runners_order() -> None:
     task = _task(topology="zone", limit=2, action="test:backup")
     ordered = tuple(order_nodes(task, FLEET, PLUGINS))
     res = Resolution(
+        task=task,
         discovery="static",
         routing="zone",
         nodes=ordered,

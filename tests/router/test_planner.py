@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from taskcore.cli import render
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.errors import DiscoveryError, InvalidTask
 from taskcore.core.model import NodeInfo, Task, Wave
@@ -47,6 +48,25 @@ async def test_resolve_orders_and_cuts_waves() -> None:
     assert res.waves == (Wave(nodes=("n-1", "n-2")), Wave(nodes=("n-3", "n-4")), Wave(nodes=("n-5",)))
     assert res.concurrency == 2
     assert res.budget is None  # no ZooKeeper: none known
+
+
+async def test_percentages_resolve_against_the_nodes_found() -> None:
+    res = await _planner().resolve(_task(limit="40%", taskerman_params={"max_failures": "10%"}))
+    assert (res.task.limit, res.task.taskerman_params.max_failures) == (2, 1)  # of 5: 2.0 and 0.5 → 1
+    assert res.concurrency == 2
+    assert res.waves == (Wave(nodes=("n-1", "n-2")), Wave(nodes=("n-3", "n-4")), Wave(nodes=("n-5",)))
+
+
+async def test_a_preview_shows_the_resolved_numbers_and_what_was_asked() -> None:
+    plan = await _planner().preview(_task(limit="60%", taskerman_params={"max_failures": "20%"}))
+    assert (plan.task.limit, plan.task.taskerman_params.max_failures) == (3, 1)
+    assert plan.asked == {"limit": "60%", "max_failures": "20%"}
+    assert plan.concurrency == 3
+    assert plan.leases[0].limit == 3
+    text = "\n".join(render.plan_text(plan))
+    assert "limit 3 = 60% of 5 node(s) (rounded down, at least 1)" in text
+    assert "max_failures 1 = 20% of 5 node(s)" in text
+    assert "at most 3 of the task's 5 node(s) at once" in text
 
 
 async def test_resolve_with_topology() -> None:

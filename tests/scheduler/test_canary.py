@@ -41,7 +41,7 @@ async def test_canary_pings_through_the_pipeline_and_health_notices_a_stall(
     stack: Stack, js: tuple[NATS, JetStreamContext], zk: ZkSession, status: StatusStore
 ) -> None:
     stack.router({CLUSTER: ["n1"]})
-    runner = stack.runner(CLUSTER, ["n1"])
+    runner = stack.runner(CLUSTER, ["n1"], away_grace=600)  # pings queue for it once it stopped
     stack.spawn("taskerman-scheduler", "--canary-cluster", CLUSTER, "--canary-every", "1")
 
     report = await _health_until(stack, 0, 45, "--max-age", "5")

@@ -146,4 +146,3 @@ def test_layers(check_imports: ModuleType) -> None:
         ("taskerman_router.app", "taskerman_runner.worker", "a service must not import taskerman_runner"),
         ("taskerman_runner.worker", "taskerman_dev.actions", "a service must not import taskerman_dev"),
     ]
-
