@@ -49,6 +49,15 @@ test: install zookeeper datastores
 demo: install zookeeper
 	$(BIN)/python -m taskerman_dev.demo
 
+.PHONY: chaos
+# The nemesis against a fleet on 3 NATS servers and 3 ZooKeeper servers, the independent checker's
+# report at the end (0 lost, 0 duplicate executions, 0 over-limit, 0 token regressions to pass).
+# `make chaos CHAOS_DURATION=120` for a short run; the test suite runs a short one too.
+CHAOS_DURATION ?= 1200
+CHAOS_ARGS ?=
+chaos: install zookeeper
+	$(BIN)/python -m taskerman_dev.chaos --duration $(CHAOS_DURATION) --json .taskerman/chaos-report.json $(CHAOS_ARGS)
+
 .PHONY: bench
 # Fleet-size figures next to their targets, also written to benchmarks/results/latest.json
 # (`make bench BENCH_ARGS=--quick` for small sizes; the test suite runs that version too).

@@ -77,6 +77,7 @@ def test_dev_stack_rolling_restart(dev_env: dict[str, str]) -> None:
     assert sorted(status["nodes"]) == ["node-1", "node-2", "node-3"]
     for node in status["nodes"].values():
         assert node["started_at"] <= node["finished_at"]
+    _secure_by_default(dev_env)
 
     down = tm(dev_env, "dev", "down")
     assert down.returncode == 0, down.stdout + down.stderr
@@ -84,6 +85,39 @@ def test_dev_stack_rolling_restart(dev_env: dict[str, str]) -> None:
         if p["name"] != "demo-service":  # a service's recorded pid changed when it was restarted
             assert not alive(p["pid"], reap=False), p
     assert tm(dev_env, "dev", "status").returncode == 1
+
+
+async def _attack(url: str) -> None:
+    """What an anonymous client tried: a hand-made work item on a node's subject, and purging the
+    audit trail."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        item = {"task": {"action": "demo:restart", "cluster_name": "demo:web", "task_id": "forged"}}
+        item.update(node="node-1", routed_at=0.0)
+        subject = subjects.node_subject("demo:web", "node-1")
+        await js.publish(subject, json.dumps(item).encode(), headers={"Nats-Msg-Id": "forged:node-1"})
+        with pytest.raises(nats.js.errors.APIError):
+            await js.purge_stream(subjects.EVENTS_STREAM)
+    finally:
+        await nc.close()
+
+
+def _secure_by_default(env: dict[str, str]) -> None:
+    """`dev up` made the stack's keys under its home; its runners refuse an item the router did
+    not sign, and nobody can purge the audit trail."""
+    folder = Path(env["TASKERMAN_HOME"]) / "secrets"
+    assert sorted(p.name for p in folder.iterdir()) == ["admin.nk", "router.nk"]
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in folder.iterdir())
+    asyncio.run(_attack(env["TASKERMAN_NATS_URL"]))
+    deadline = time.monotonic() + 30
+    letters: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not letters:
+        listed = tm(env, "dlq", "list", "--json")
+        letters = [d for d in json.loads(listed.stdout) if d["task_id"] == "forged"]
+        time.sleep(0.2)
+    assert len(letters) == 1
+    assert letters[0]["reason"].startswith("signature: the work item is not signed")
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from taskcore.cli.command import Subparsers
 from taskcore.core.settings import Settings
 
-SERVER_VARS = ("TASKERMAN_NATS_URL", "TASKERMAN_ZK_HOSTS")  # unset: the running `dev up` stack's servers
+# unset: the running `dev up` stack's servers (and its admin seed, with which `dlq replay` signs)
+SERVER_VARS = ("TASKERMAN_NATS_URL", "TASKERMAN_ZK_HOSTS", "TASKERMAN_ADMIN_SEED_FILE")
 
 
 class Dev:
@@ -43,7 +44,7 @@ class Dev:
         return devstack.status(settings, as_json=args.json)
 
     def adjust_settings(self, settings: Settings, env: Mapping[str, str]) -> Settings:
-        """The running stack's servers wherever the environment names none."""
+        """The running stack's servers (and admin seed) wherever the environment names none."""
         if all(var in env for var in SERVER_VARS):
             return settings
         from taskerman_dev import devstack  # noqa: PLC0415 - only without the variables

@@ -23,6 +23,7 @@ import msgspec
 
 from taskcore.core.actions import Action, ActionContext
 from taskcore.core.errors import ActionFailed, TaskermanError
+from taskcore.packs.common import in_thread
 from taskcore.runtime import procs
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ class DemoRestart(Action):
             raise ActionFailed(
                 "pre_check", f"port {conf.port} answers as node {health.node!r}, not {ctx.node!r}"
             )
-        pid = await asyncio.to_thread(read_pid, Path(conf.state_dir))
+        pid = await in_thread(read_pid, Path(conf.state_dir))
         if pid != health.pid:
             raise ActionFailed(
                 "pre_check",
@@ -238,10 +239,10 @@ class DemoRestart(Action):
         if ctx.cancelled.is_set():
             raise ActionFailed("execute_action", "cancelled before the restart began")
         state_dir = Path(conf.state_dir)
-        stopped = await asyncio.to_thread(stop_service, state_dir, conf.stop_timeout)
+        stopped = await in_thread(stop_service, state_dir, conf.stop_timeout)
         self.pid_before = stopped if stopped is not None else self.pid_before
         try:
-            self.pid_after = await asyncio.to_thread(start_service, conf.port, state_dir, ctx.node)
+            self.pid_after = await in_thread(start_service, conf.port, state_dir, ctx.node)
         except OSError as e:
             raise ActionFailed("execute_action", f"could not start the service of {ctx.node!r}: {e}") from e
         log.info(

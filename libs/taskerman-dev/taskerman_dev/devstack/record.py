@@ -42,6 +42,7 @@ class Stack(msgspec.Struct, kw_only=True):
     zk_hosts: str
     created_at: float
     cluster_mode: bool = False
+    admin_seed_file: str | None = None  # signs `dlq replay`'s work items (taskerman_dev.secrets)
     processes: list[StackProcess] = []
 
 
@@ -109,7 +110,9 @@ def is_running(settings: Settings) -> bool:
 def with_stack_servers(settings: Settings, env: Mapping[str, str]) -> Settings:
     """The settings with the running stack's NATS URLs and ZooKeeper hosts wherever `env` leaves
     `TASKERMAN_NATS_URL` / `TASKERMAN_ZK_HOSTS` unset, so the CLI reaches a `dev up --cluster-mode`
-    stack (or one on non-default ports) without exports; unchanged when no stack runs under home."""
+    stack (or one on non-default ports) without exports, and its admin seed where
+    `TASKERMAN_ADMIN_SEED_FILE` is unset (`dlq replay` signs with it); unchanged when no stack runs
+    under home."""
     if not stack_path(settings).is_file():
         return settings
     stack = load_stack(settings)
@@ -119,6 +122,9 @@ def with_stack_servers(settings: Settings, env: Mapping[str, str]) -> Settings:
         settings,
         nats_url=env.get("TASKERMAN_NATS_URL", stack.nats_url),
         zk_hosts=env.get("TASKERMAN_ZK_HOSTS", stack.zk_hosts),
+        admin_seed_file=settings.admin_seed_file
+        if env.get("TASKERMAN_ADMIN_SEED_FILE") or not stack.admin_seed_file
+        else Path(stack.admin_seed_file),
     )
 
 

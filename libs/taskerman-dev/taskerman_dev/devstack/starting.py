@@ -17,7 +17,7 @@ from taskcore.bus.jetstream import REPLICAS_ENV
 from taskcore.core.errors import ServerNotReady
 from taskcore.core.settings import Settings
 from taskcore.runtime import procs
-from taskerman_dev import demo_fleet
+from taskerman_dev import demo_fleet, secrets
 from taskerman_dev.devstack.addresses import nats_listen, server_groups, zk_listen
 from taskerman_dev.devstack.record import (
     CLUSTER,
@@ -107,6 +107,7 @@ class _Starter:
             zk_hosts=settings.zk_hosts,
             created_at=time.time(),
             cluster_mode=groups is not None,
+            admin_seed_file=str(settings.admin_seed_file) if settings.admin_seed_file else None,
         )
 
     def record(self, proc: StackProcess) -> None:
@@ -279,6 +280,8 @@ def up(settings: Settings, runners: int = 4, cluster_mode: bool = False) -> int:
             return 1
         print(f"replacing the stale record {stack_path(settings)} (none of its processes runs)")
     settings.home.mkdir(parents=True, exist_ok=True)
+    # signed work items: the stack's own router and admin keys, both trusted by its runners
+    settings = msgspec.structs.replace(settings, **secrets.generate(settings.home))
     starter = _Starter(settings, runners, groups)
     settings = starter.settings
     print(f"starting the stack under {settings.home}" + (" in cluster mode" if cluster_mode else ""))

@@ -120,13 +120,16 @@ class NatsClusterMember(NatsServer):
         self.routes = list(routes)
 
     def _config(self) -> str:
-        """nats-server.conf with a cluster block."""
+        """nats-server.conf with a cluster block. Members do not advertise their client URLs: a
+        client keeps to the servers its settings list (every member, or the proxies a chaos run
+        puts in front of them), never one it learnt from the cluster."""
         routes = ", ".join(json.dumps(r) for r in self.routes)
         return super()._config() + (
             "cluster {\n"
             f"  name: {json.dumps(self.cluster_name)}\n"
             f"  listen: {json.dumps(f'{self.host}:{self.cluster_port}')}\n"
             f"  routes: [{routes}]\n"
+            "  no_advertise: true\n"
             "}\n"
         )
 
