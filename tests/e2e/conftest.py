@@ -20,8 +20,10 @@ from nats.js import JetStreamContext
 
 from taskcore.bus import jetstream as bus
 from taskcore.bus.tracking import StatusStore, TaskView
+from taskcore.coord.runners import Registration
+from taskcore.coord.session import ZkSession
 from taskcore.core import subjects
-from taskcore.core.model import Task
+from taskcore.core.model import TASK_FINISHED, Task
 from taskcore.core.settings import Settings
 from taskcore.runtime import procs
 from taskerman_dev.launchers import NatsServer, ZooKeeperServer
@@ -37,8 +39,15 @@ def nats_fresh(tmp_path: Path) -> Iterator[NatsServer]:
 
 
 @pytest.fixture
-def settings(nats_fresh: NatsServer, zk_server: ZooKeeperServer, prefix: str, tmp_path: Path) -> Settings:
+def settings(
+    nats_fresh: NatsServer,
+    zk_server: ZooKeeperServer,
+    prefix: str,
+    tmp_path: Path,
+    signing_keys: dict[str, Any],
+) -> Settings:
     return Settings(
+        **signing_keys,
         nats_url=nats_fresh.url,
         zk_hosts=zk_server.hosts,
         zk_chroot=f"/{prefix}",
@@ -103,18 +112,21 @@ class Stack:
         self,
         cluster: str,
         nodes: list[str],
+        *,
         actions: dict[str, dict[str, Any]] | None = None,
         packs: dict[str, dict[str, Any]] | None = None,
         extra_env: dict[str, str] | None = None,
+        away_grace: float = 0.0,
     ) -> subprocess.Popen[bytes]:
         """A runner process serving `nodes`; `actions` are per-action overrides for its config file
-        (e.g. {"test:sleep": {"exclusion_groups": ["backup"]}})."""
+        (e.g. {"test:sleep": {"exclusion_groups": ["backup"]}}); with `away_grace`, the router
+        still queues items for its nodes that long after it stops."""
         args = ["--cluster", cluster]
         for n in nodes:
             args += ["--node", n]
-        if actions or packs:
+        if actions or packs or away_grace:
             path = self.tmp / f"runner-{len(self.procs)}.toml"
-            lines = [f"cluster = {json.dumps(cluster)}"]
+            lines = [f"cluster = {json.dumps(cluster)}", f"away_grace = {away_grace}"]
             for table, entries in (("actions", actions or {}), ("packs", packs or {})):
                 for name, fields in entries.items():
                     lines.append(f"[{table}.{json.dumps(name)}]")
@@ -172,6 +184,16 @@ async def publish_raw(js: JetStreamContext, data: bytes | str, msg_id: str | Non
     await js.publish(subjects.GLOBAL, payload, headers={"Nats-Msg-Id": msg_id} if msg_id else None)
 
 
+async def away(settings: Settings, cluster: str, nodes: list[str], grace: float = 600.0) -> None:
+    """Away notes for `nodes`, as runners that exited cleanly with an `away_grace` leave them: the
+    router then queues their items instead of recording them unserved (for a test that reads the
+    items, or starts their runners later)."""
+    async with ZkSession.from_settings(settings) as zk:
+        for i in range(0, len(nodes), 500):  # aiozk pipelines the requests of one batch
+            batch = [Registration(zk, cluster, n, "test", [], away_grace=grace) for n in nodes[i : i + 500]]
+            await asyncio.gather(*(r.leave() for r in batch))
+
+
 def task_json(**fields: Any) -> bytes:
     return msgspec.json.encode(fields)
 
@@ -184,7 +206,7 @@ async def wait_final(
     view = None
     while time.monotonic() < deadline:
         view = await status.view(task_id)
-        if view is not None and view.state in ("succeeded", "failed", "dead"):
+        if view is not None and view.state in TASK_FINISHED:
             return view
         await asyncio.sleep(0.2)
     detail = stack.logs() if stack else ""

@@ -40,7 +40,7 @@ from taskcore.bus import deadletter
 from taskcore.bus import jetstream as bus
 from taskcore.bus.tracking import StatusStore, TaskView
 from taskcore.core import subjects
-from taskcore.core.model import DeadLetter
+from taskcore.core.model import TASK_FINISHED, DeadLetter
 from taskcore.core.settings import Settings
 from taskerman_dev.launchers import NatsCluster, NatsClusterMember, ZooKeeperEnsemble
 
@@ -106,10 +106,12 @@ async def test_rolling_task_survives_a_nats_server_and_the_zookeeper_leader_kill
     prefix: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    signing_keys: dict[str, Any],
 ) -> None:
     nats_cluster, ensemble = servers
     monkeypatch.setenv(bus.REPLICAS_ENV, "3")  # the services provision with it too, as in compose/
     settings = Settings(
+        **signing_keys,
         nats_url=nats_cluster.urls,  # every server, comma-separated, as in compose/
         zk_hosts=ensemble.hosts,
         zk_chroot=f"/{prefix}",
@@ -161,19 +163,22 @@ async def test_rolling_task_survives_a_nats_server_and_the_zookeeper_leader_kill
 
         async def final() -> TaskView | None:
             view = await status.view(task_id)
-            return view if view is not None and view.state in ("succeeded", "failed", "dead") else None
+            return view if view is not None and view.state in TASK_FINISHED else None
 
         view = await eventually(final, 60, f"task {task_id} final", stack)
 
         async def dead_letters() -> list[DeadLetter]:
             return [d for _, d in await deadletter.entries(js) if d.task_id == task_id]
 
-        async def work_stream() -> StreamInfo:
-            return await js.stream_info(subjects.WORK_STREAM)
+        async def work_stream() -> StreamInfo | None:
+            """The WORK stream once it is empty: a node's success is recorded just before its
+            item is acked, so the last acks may still be on their way when the task is final."""
+            info = await js.stream_info(subjects.WORK_STREAM)
+            return info if info.state.messages == 0 else None
 
         # the test's own connection may still be failing over: a transient error is retried
         letters = await eventually(dead_letters, 30, "reading the dead letters", stack)
-        work = await eventually(work_stream, 30, "reading the WORK stream", stack)
+        work = await eventually(work_stream, 30, "every work item acked", stack)
 
         # Both come back on their ports and data: the nats-server rejoins and catches its replicas up.
         await asyncio.to_thread(nats_killed.restart)

@@ -19,6 +19,7 @@ from taskcore.bus.tracking import StatusStore
 from taskcore.core import subjects
 from taskcore.core.model import DeadLetter, Task, WorkItem
 from taskcore.core.settings import Settings
+from taskcore.core.signing import Signer
 
 from .conftest import Stack, publish_raw, task_json, wait_final
 
@@ -37,7 +38,7 @@ async def _dead_letters_of(js: JetStreamContext, task_id: str, within: float = 2
 
 
 async def test_max_deliveries_advisory_is_dead_lettered_by_the_router(
-    stack: Stack, settings: Settings, js: tuple[NATS, JetStreamContext]
+    stack: Stack, settings: Settings, js: tuple[NATS, JetStreamContext], signer: Signer
 ) -> None:
     """A runner that keeps dying before it settles an item: the server gives up at max_deliver and
     the router, from the advisory, copies the item into the DLQ and deletes it from the work stream."""
@@ -47,9 +48,8 @@ async def test_max_deliveries_advisory_is_dead_lettered_by_the_router(
     task = Task(action="test:sleep", cluster_name="c1", task_id="adv-1", nodes=("crashy",))
     item = WorkItem(task=task, node="crashy", routed_at=time.time())
     await asyncio.sleep(1.0)  # let the router subscribe to advisories
-    await bus.publish(
-        js[1], subjects.node_subject("c1", "crashy"), msgspec.json.encode(item), msg_id="adv-1:crashy"
-    )
+    subject = subjects.node_subject("c1", "crashy")
+    await bus.publish_work(js[1], signer, subject, msgspec.json.encode(item), "adv-1:crashy")
     sub = await js[1].pull_subscribe_bind(durable=durable, stream=subjects.WORK_STREAM)
     got = 0
     deadline = time.monotonic() + 15
@@ -68,12 +68,12 @@ async def test_max_deliveries_advisory_is_dead_lettered_by_the_router(
 
 
 async def test_poison_work_item_is_dead_lettered_on_first_delivery(
-    stack: Stack, js: tuple[NATS, JetStreamContext]
+    stack: Stack, js: tuple[NATS, JetStreamContext], signer: Signer
 ) -> None:
     stack.runner("c1", ["n1"])
     await asyncio.sleep(1.5)  # the runner creates its consumer
     subject = subjects.node_subject("c1", "n1")
-    await bus.publish(js[1], subject, b'{"task": {"task_id": "poison-1"}, "node": "n1"}', msg_id="p1")
+    await bus.publish_work(js[1], signer, subject, b'{"task": {"task_id": "poison-1"}, "node": "n1"}', "p1")
     letters = await _dead_letters_of(js[1], "poison-1")
     assert len(letters) == 1, stack.logs()
     assert letters[0].deliveries == 1

@@ -152,7 +152,7 @@ async def test_paused_holder_loses_its_slot_and_acts_no_more(
 
 
 async def test_zookeeper_killed_and_restarted_mid_rollout(
-    nats_fresh: NatsServer, prefix: str, tmp_path: Path
+    nats_fresh: NatsServer, prefix: str, tmp_path: Path, signing_keys: dict[str, Any]
 ) -> None:
     """A ZooKeeper of this test's own (the session one cannot be killed): kill -9 it while two nodes
     act, start it again on the same port and data 3 s later; the rollout finishes, nothing is lost.
@@ -174,6 +174,7 @@ async def test_zookeeper_killed_and_restarted_mid_rollout(
     seconds, limit, task_id = 4.0, 2, "zk-restart-1"
     with ZooKeeperServer(tmp_path / "zk") as zk:
         settings = Settings(
+            **signing_keys,
             nats_url=nats_fresh.url,
             zk_hosts=zk.hosts,
             zk_chroot=f"/{prefix}",

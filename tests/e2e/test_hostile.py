@@ -21,6 +21,7 @@ from taskcore.bus.tracking import StatusStore
 from taskcore.core import subjects
 from taskcore.core.errors import InvalidTask
 from taskcore.core.model import DeadLetter, decode_task, with_task_id
+from taskcore.core.signing import Signer
 
 from .conftest import Stack, publish_raw, task_json, wait_final
 
@@ -100,7 +101,7 @@ async def test_tasks_beyond_the_bounds_are_dead_lettered_and_the_router_lives(
 
 
 async def test_hostile_work_items_are_dead_lettered_and_the_runner_lives(
-    stack: Stack, js: Js, status: StatusStore
+    stack: Stack, js: Js, status: StatusStore, signer: Signer
 ) -> None:
     router, runner = stack.router(), stack.runner("c1", ["n1"])
     await asyncio.sleep(1.5)  # the runner creates its consumer
@@ -108,7 +109,7 @@ async def test_hostile_work_items_are_dead_lettered_and_the_runner_lives(
     deep = b'{"task": ' + _deep_args(5_000) + b', "node": "n1", "routed_at": 0}'
     items = [b'{"task": "x", "node": "n02", "routed_at": 0}', deep, b"\xff\xfe", b"[]", b"null"]
     for i, item in enumerate(items):
-        await bus.publish(js[1], subject, item, msg_id=f"hostile-{i}")
+        await bus.publish_work(js[1], signer, subject, item, f"hostile-{i}")  # signed: the decoder's test
     letters = await _letters(js[1], len(items))
     assert len(letters) == len(items), stack.logs()
     assert all(d.reason and d.deliveries == 1 for d in letters), letters
@@ -267,7 +268,7 @@ async def _settled(js: JetStreamContext, within: float) -> None:
 
 
 async def test_fuzz_every_message_ends_routed_or_dead_lettered(
-    stack: Stack, js: Js, status: StatusStore
+    stack: Stack, js: Js, status: StatusStore, signer: Signer
 ) -> None:
     router = stack.router()
     runners = [stack.runner("c1", ["n1"]), stack.runner("fz", ["n1"])]
@@ -281,7 +282,7 @@ async def test_fuzz_every_message_ends_routed_or_dead_lettered(
     for i, payload in enumerate(global_messages):
         await publish_raw(js[1], payload, msg_id=f"fz-msg-{i}")
         if i < len(node_messages):
-            await bus.publish(js[1], node_subject, node_messages[i], msg_id=f"fz-item-{i}")
+            await bus.publish_work(js[1], signer, node_subject, node_messages[i], f"fz-item-{i}")
         if i % 60 == 59:  # valid tasks interleaved
             task_id = f"ok-{i // 60 + 1}"
             await publish_raw(
@@ -341,3 +342,36 @@ async def test_fuzz_every_message_ends_routed_or_dead_lettered(
         assert view is not None
         assert view.state == "succeeded"
     assert msgspec.json.encode(letters)  # every letter is well-formed
+
+
+async def test_nodes_without_a_runner_are_unserved_not_queued(
+    stack: Stack, js: Js, status: StatusStore
+) -> None:
+    router, runner = stack.router(), stack.runner("c1", ["n1"])
+    typos = [f"typo-{i:04}" for i in range(2_000)]
+    await _valid_completes(stack, js[1], status, "warm")  # n1's runner is registered
+    plan = stack.cli("plan", "test:sleep", "--cluster", "c1", "--node", "n1", "--node", "n1x")
+    assert plan.returncode == 0, plan.stderr
+    assert "warning: 1 node(s) have no runner and would be recorded unserved" in plan.stdout, plan.stdout
+    assert "n1x" in plan.stdout
+
+    await publish_raw(
+        js[1],
+        task_json(
+            action="test:sleep",
+            cluster_name="c1",
+            nodes=["n1", *typos],
+            taskerman_params={"action_args": {"seconds": 0.05}},
+            task_id="typos",
+        ),
+    )
+    view = await wait_final(status, "typos", within=90, stack=stack)
+    assert view.state == "failed"
+    assert view.nodes["n1"].state == "succeeded"
+    unserved = {n: r for n, r in view.nodes.items() if n != "n1"}
+    assert len(unserved) == len(typos)
+    assert {r.state for r in unserved.values()} == {"unserved"}
+    assert "no runner is registered for this node in cluster 'c1'" in (unserved["typo-0000"].error or "")
+    # nothing was published for them: WORK holds no item nobody will fetch
+    assert (await js[1].stream_info(subjects.WORK_STREAM)).state.messages == 0
+    _alive(stack, router, runner)

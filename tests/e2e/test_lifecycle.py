@@ -21,9 +21,10 @@ from taskcore.core import subjects
 from taskcore.core.actions import ActionRegistry
 from taskcore.core.model import Task, WorkItem
 from taskcore.core.settings import Settings
+from taskcore.core.signing import Signer
 from taskerman_router.router import Router
 
-from .conftest import Stack, publish_raw, task_json, wait_final
+from .conftest import Stack, max_concurrency, publish_raw, task_json, wait_final
 
 NODES = [f"n{i}" for i in range(1, 9)]
 
@@ -123,7 +124,14 @@ async def test_cancel_while_rolling(
     assert out.returncode == 0, out.stderr
     assert stack.cli("cancel", "cx").returncode == 0  # idempotent
     view = await wait_final(status, "cx", stack=stack)
-    assert view.state == "failed"
+    assert view.state == "cancelled"
+    shown = stack.cli("status", "cx", "--json")
+    assert json.loads(shown.stdout)["state"] == "cancelled", shown.stderr
+    assert "state cancelled" in stack.cli("status", "cx").stdout
+    watched = stack.cli("watch", "cx")
+    assert watched.returncode == 1, watched.stdout  # not a success
+    assert "[cancelled]" in watched.stdout
+    assert "stopped: cancelled operator said so" in watched.stdout
     states = [r.state for r in view.nodes.values()]
     assert states.count("cancelled") >= 3, states
     assert set(states) <= {"succeeded", "cancelled"}
@@ -132,6 +140,64 @@ async def test_cancel_while_rolling(
     assert not ran & cancelled
     await asyncio.sleep(2)
     assert {i["node"] for i in stack.intervals() if i["task_id"] == "cx"} == ran  # nothing more ran
+
+
+async def test_pause_mid_rollout_lets_running_nodes_finish_and_starts_nothing_until_resume(
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    stack.router()
+    stack.runner("c1", NODES[:6])
+    await publish_raw(js[1], sleep_task("px", NODES[:6], limit=2, args={"seconds": 1.5}))
+
+    async def two_running() -> bool:
+        view = await status.view("px")
+        return view is not None and [r.state for r in view.nodes.values()].count("running") == 2
+
+    await wait_for(two_running)
+    out = stack.cli("pause", "px", "--reason", "look at the graphs")
+    assert out.returncode == 0, out.stderr
+    assert "taskerman resume px" in out.stdout
+    paused_at = time.time()
+    assert "already paused" in stack.cli("pause", "px").stdout
+
+    async def settled() -> bool:  # the two that ran have finished, and nothing else started
+        view = await status.view("px")
+        return view is not None and not any(r.state == "running" for r in view.nodes.values())
+
+    await wait_for(settled)
+    await asyncio.sleep(3)  # room for a node that should not start to start
+    view = await status.view("px")
+    assert view is not None
+    assert view.state == "paused"
+    assert view.paused is not None
+    assert view.paused.reason == "look at the graphs"
+    assert sorted(r.state for r in view.nodes.values()) == ["pending"] * 4 + ["succeeded"] * 2
+    shown = stack.cli("status", "px")
+    assert "state paused" in shown.stdout
+    assert "`taskerman resume px`" in shown.stdout
+    assert json.loads(stack.cli("status", "px", "--json").stdout)["state"] == "paused"
+    resumed_at = time.time()
+    ran = [i for i in stack.intervals() if i["task_id"] == "px"]
+    assert len(ran) == 2  # the two that were running finished, and only they ran
+    assert all(i["start"] < paused_at for i in ran)
+
+    out = stack.cli("resume", "px")
+    assert out.returncode == 0, out.stderr
+    assert "task px resumed" in out.stdout
+    assert "is not paused" in stack.cli("resume", "px").stdout
+    view = await wait_final(status, "px", stack=stack)
+    assert view.state == "succeeded"
+    ran = [i for i in stack.intervals() if i["task_id"] == "px"]
+    assert sorted(i["node"] for i in ran) == NODES[:6]  # each once
+    assert all(i["start"] < paused_at or i["start"] > resumed_at for i in ran)
+    assert max_concurrency(ran) <= 2
+    kinds = [e.kind for e in await audit.task_events(js[1], "px")]
+    assert kinds.count("paused") == 1
+    assert kinds.count("resumed") == 1
+    ended = stack.cli("pause", "px")
+    assert ended.returncode == 1
+    assert "has ended (succeeded)" in ended.stderr
+    assert stack.cli("pause", "nope").returncode == 1
 
 
 async def test_runner_killed_mid_action_is_redelivered_and_not_counted(
@@ -155,29 +221,31 @@ async def test_runner_killed_mid_action_is_redelivered_and_not_counted(
     assert view.state == "succeeded"  # retry_count 0, yet the crash did not burn the only attempt
     assert view.nodes["n1"].attempts == 2
     assert view.nodes["n1"].failures == 0
-    kinds = [e.kind for e in await audit.task_events(js[1], "crash")]
-    assert "attempt-lost" in kinds
-    assert kinds[-1] == "succeeded"
+
+    async def trail_ended() -> bool:  # the audit event follows the ack, after the record says so
+        return (await audit.task_events(js[1], "crash"))[-1].kind == "succeeded"
+
+    await wait_for(trail_ended, within=10)
+    assert "attempt-lost" in [e.kind for e in await audit.task_events(js[1], "crash")]
 
 
 async def test_reconciler_dead_letters_what_no_advisory_reported(
-    settings: Settings, js: tuple[NATS, JetStreamContext], status: StatusStore
+    settings: Settings, js: tuple[NATS, JetStreamContext], status: StatusStore, signer: Signer
 ) -> None:
     """Max deliveries reached while no router listened for the advisory: the reconciler finds it."""
     capped = msgspec.structs.replace(settings, max_deliver=2, ack_wait=1.0)
     durable = await bus.ensure_runner_consumer(js[1], capped, "c1", "lost")
     task = Task(action="test:sleep", cluster_name="c1", task_id="rec-1", nodes=("lost",))
     item = WorkItem(task=task, node="lost", routed_at=time.time())
-    await bus.publish(
-        js[1], subjects.node_subject("c1", "lost"), msgspec.json.encode(item), msg_id="rec-1:lost"
-    )
+    subject = subjects.node_subject("c1", "lost")
+    await bus.publish_work(js[1], signer, subject, msgspec.json.encode(item), "rec-1:lost")
     sub = await js[1].pull_subscribe_bind(durable=durable, stream=subjects.WORK_STREAM)
     for _ in range(2):
         assert len(await sub.fetch(1, timeout=5)) == 1  # never acked: a runner that keeps dying
         await asyncio.sleep(1.2)
     with contextlib.suppress(TimeoutError):  # a live fetcher: the server gives up on the item now
         await sub.fetch(1, timeout=1)
-    router = Router(js[0], js[1], status, ActionRegistry.installed(), {})
+    router = Router(js[0], js[1], status, ActionRegistry.installed(), {}, signer=signer)
     assert await router.reconcile() == 1
     letters = [d for _, d in await deadletter.entries(js[1]) if d.task_id == "rec-1"]
     assert len(letters) == 1
@@ -202,7 +270,7 @@ async def test_replay_after_the_cause_is_fixed(
     [seq] = [s for s, d in await deadletter.entries(js[1]) if d.task_id == "fix"]
     letter = await deadletter.get(js[1], seq)
     assert letter is not None
-    assert letter.deliveries == 2
+    assert letter.attempts == 2
     assert letter.first_attempt_at is not None
     assert letter.last_attempt_at is not None
     assert letter.first_attempt_at <= letter.last_attempt_at
@@ -224,7 +292,7 @@ async def test_replay_after_the_cause_is_fixed(
 
 
 async def test_each_kind_of_poison_is_terminated_on_first_delivery(
-    stack: Stack, js: tuple[NATS, JetStreamContext]
+    stack: Stack, js: tuple[NATS, JetStreamContext], signer: Signer
 ) -> None:
     stack.runner("c1", ["n1"])
     await asyncio.sleep(1.5)  # the runner creates its consumer
@@ -241,7 +309,7 @@ async def test_each_kind_of_poison_is_terminated_on_first_delivery(
         ),
     }
     for i, payload in enumerate(poison.values()):
-        await bus.publish(js[1], subjects.node_subject("c1", "n1"), payload, msg_id=f"poison-{i}")
+        await bus.publish_work(js[1], signer, subjects.node_subject("c1", "n1"), payload, f"poison-{i}")
 
     async def all_dead() -> bool:
         return len(await deadletter.entries(js[1])) == len(poison)
@@ -253,3 +321,29 @@ async def test_each_kind_of_poison_is_terminated_on_first_delivery(
     for needle in ("not valid JSON", "node", "unknown action", "not compatible"):
         assert needle in reasons, reasons
     assert not stack.intervals()  # none of them ran
+
+
+async def test_runner_killed_after_the_side_effect_resumes_with_post_check_only(
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    """execute_action is recorded done before post_check starts: a runner killed during post_check
+    is replaced and the node's action does not run again (the witness has one interval)."""
+    stack.router()
+    victim = stack.runner("c1", ["n1"])
+    await publish_raw(
+        js[1],
+        sleep_task("resume", ["n1"], args={"seconds": 0.2, "post_check_seconds": 3.0}),
+    )
+
+    async def checking() -> bool:
+        rec = await status.get_node("resume", "n1")
+        return rec is not None and rec.executed
+
+    await wait_for(checking)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    stack.runner("c1", ["n1"])
+    view = await wait_final(status, "resume", within=60, stack=stack)
+    assert view.state == "succeeded", view
+    assert view.nodes["n1"].attempts == 2
+    assert [i["attempt"] for i in stack.intervals() if i["task_id"] == "resume"] == [1]

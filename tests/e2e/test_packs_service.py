@@ -21,6 +21,7 @@ from taskcore.bus import jetstream as bus
 from taskcore.bus.tracking import StatusStore
 from taskcore.core import subjects
 from taskcore.core.model import Task, TaskermanParams, WorkItem
+from taskcore.core.signing import Signer
 from taskcore.runtime import procs
 from taskerman_dev import demo_fleet
 
@@ -122,7 +123,7 @@ async def test_a_service_that_never_comes_back_fails_post_check_and_stops_the_ta
 
 
 async def test_arguments_are_rejected_before_any_step_with_the_reason(
-    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore, demo: Demo
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore, demo: Demo, signer: Signer
 ) -> None:
     before = await demo.pid()
     stack.router()
@@ -143,7 +144,8 @@ async def test_arguments_are_rejected_before_any_step_with_the_reason(
         taskerman_params=TaskermanParams(action_args={"service": "web", "force": True}),
     )
     item = WorkItem(task=raw, node="n1", routed_at=time.time())
-    await bus.publish(js[1], subjects.node_subject("c1", "n1"), msgspec.json.encode(item), msg_id="direct:n1")
+    subject = subjects.node_subject("c1", "n1")
+    await bus.publish_work(js[1], signer, subject, msgspec.json.encode(item), "direct:n1")
     for task_id in bad:
         view = await wait_final(status, task_id, stack=stack)
         assert view.state == "dead", (task_id, view)

@@ -81,7 +81,8 @@ async def test_failing_action_dead_letters_after_retries(
     assert [a["attempt"] for a in attempts] == [1, 2, 3]
     letters = [d for _, d in await deadletter.entries(js[1]) if d.task_id == "fail-1"]
     assert len(letters) == 1
-    assert letters[0].deliveries == 3
+    assert letters[0].attempts == 3
+    assert letters[0].deliveries == 1  # the node retried in place, holding its slot
     assert "told to fail" in letters[0].reason
     assert letters[0].node == "n1"
     assert letters[0].trace_id
@@ -90,7 +91,7 @@ async def test_failing_action_dead_letters_after_retries(
 
     out = stack.cli("dlq", "list", "--json")
     rows = json.loads(out.stdout)
-    assert [(r["task_id"], r["deliveries"]) for r in rows] == [("fail-1", 3)]
+    assert [(r["task_id"], r["attempts"]) for r in rows] == [("fail-1", 3)]
 
 
 async def test_invalid_tasks_become_dead_letters_and_router_keeps_going(

@@ -23,7 +23,7 @@ from taskcore.core import subjects
 from taskcore.core.model import WorkItem, decode_work_item
 from taskcore.core.settings import Settings
 
-from .conftest import Stack, max_concurrency, publish_raw, task_json, wait_final
+from .conftest import Stack, away, max_concurrency, publish_raw, task_json, wait_final
 
 GEO = "cassandra:geo"
 ZONES = {  # node: (zone, rack, seed)
@@ -90,6 +90,7 @@ async def test_static_attributes_reach_the_work_items_and_the_plan_shows_in_stat
     stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
 ) -> None:
     start_router(stack, geo_inventory())
+    await away(stack.settings, GEO, list(ZONES))  # no runner yet: the items wait in WORK
     await publish_raw(js[1], sleep_task("attrs-1", limit=2, taskerman_params={"topology": "zone"}))
     view = await wait_routed(status, "attrs-1")
     assert view.state == "routed", view
@@ -242,6 +243,7 @@ async def test_two_routers_route_every_node_item_exactly_once(
     stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
 ) -> None:
     nodes = ["n-1", "n-2", "n-3"]
+    await away(stack.settings, "pair", nodes)  # the runner starts once every item is published
     start_router(stack, f'[clusters."pair"]\nnodes = {json.dumps(nodes)}\n')
     start_router(stack, f'[clusters."pair"]\nnodes = {json.dumps(nodes)}\n', name="inventory-2.toml")
     deadline = time.monotonic() + 20

@@ -36,8 +36,11 @@ async def test_a_step_past_its_timeout_is_cancelled_and_fails(
 
 
 def cron(stack: Stack, nodes: list[str], timeout: float = 60, **env: str) -> tuple[int, float]:
-    """Run `taskerman-runner --once` for `nodes`; its exit status and how long it took."""
-    args = [str(BIN / "taskerman-runner"), "--once", "--cluster", "c1"]
+    """Run `taskerman-runner --once` for `nodes`; its exit status and how long it took. Its node
+    config has an `away_grace`, as a cron runner's must: between runs its nodes stay served."""
+    conf = stack.tmp / "cron.toml"
+    conf.write_text('cluster = "c1"\naway_grace = 3600\n')
+    args = [str(BIN / "taskerman-runner"), "--once", "--config", str(conf)]
     for n in nodes:
         args += ["--node", n]
     started = time.monotonic()
@@ -60,6 +63,7 @@ async def test_cron_mode_exit_status(
     stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
 ) -> None:
     stack.router()
+    assert cron(stack, ["n1", "n2"])[0] == 0  # the first run: nothing due, leaves the away notes
     await publish_raw(js[1], task("c-ok", "test:sleep", ["n1", "n2"], limit=2, args={"seconds": 0.2}))
     await routed(status, "c-ok")
     code, took = cron(stack, ["n1", "n2"])
@@ -165,3 +169,31 @@ async def test_sigterm_past_the_grace_hands_the_item_back_unacked(
     full = [i for i in stack.intervals() if i["task_id"] == "long"][-1]
     assert full["end"] - full["start"] >= 3.9
     assert (await js[1].stream_info(subjects.WORK_STREAM)).state.messages == 0
+
+
+async def test_overlapping_cron_runs_never_act_on_one_node_at_once(
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    stack.router()
+    assert cron(stack, ["n1"])[0] == 0  # registers n1 and leaves its away note
+    for task_id in ("ov-a", "ov-b"):  # two tasks: no task slot keeps them apart, only the node lock
+        await publish_raw(js[1], task(task_id, "test:sleep", ["n1"], args={"seconds": 2}))
+        await routed(status, task_id)
+    first = asyncio.create_task(asyncio.to_thread(cron, stack, ["n1"]))
+
+    async def acting() -> bool:
+        for task_id in ("ov-a", "ov-b"):
+            rec = await status.get_node(task_id, "n1")
+            if rec is not None and rec.state == "running":
+                return True
+        return False
+
+    await wait_for(acting)
+    code, _ = cron(stack, ["n1"])  # overlaps the first: skips the node
+    assert code == 0
+    assert "node=n1 skipped: another cron run holds its lock" in (stack.tmp / "cron.log").read_text()
+    assert (await first)[0] == 0, stack.logs()
+    for task_id in ("ov-a", "ov-b"):
+        assert (await status.view(task_id)).state == "succeeded"  # type: ignore[union-attr]
+    a, b = sorted((i for i in stack.intervals() if i["node"] == "n1"), key=lambda i: i["start"])
+    assert b["start"] >= a["end"], (a, b)

@@ -107,6 +107,32 @@ async def test_cluster_budget_is_shared_by_tasks(
     assert max_concurrency(intervals) == 2  # and it was used, not serialised
 
 
+async def test_status_intervals_of_two_tasks_under_budget_1_never_overlap(
+    stack: Stack, zk: ZkSession, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    """What an auditor reads: the recorded [started_at, finished_at] of the nodes (not the
+    witness) of two tasks sharing a budget of 1 never overlap, because a node's finish is recorded
+    before its leases are released. The action also takes a global lease, released after the
+    budget: a finish recorded after the release overlapped the next node's start every time."""
+    nodes = [f"n{i}" for i in range(1, 7)]
+    stack.router({"kafka:main": nodes})
+    stack.runner("kafka:main", nodes, actions={"test:sleep": {"global_limit": 2}})
+    await set_budget(stack, zk, "kafka:main", 1)
+    task_ids = ["held-a", "held-b"]
+    for task_id in task_ids:
+        await publish_raw(js[1], sleep_task("test:sleep", "kafka:main", task_id, limit=2, seconds=0.05))
+    recorded = []
+    for task_id in task_ids:
+        view = await wait_final(status, task_id, stack=stack)
+        assert view.state == "succeeded", view
+        for node, rec in view.nodes.items():
+            assert rec.started_at is not None, (node, rec)
+            assert rec.finished_at is not None, (node, rec)
+            recorded.append({"node": node, "start": rec.started_at, "end": rec.finished_at})
+    assert len(recorded) == 2 * len(nodes)
+    assert max_concurrency(recorded) == 1, sorted((i["start"], i["end"]) for i in recorded)
+
+
 async def test_exclusion_group_within_a_cluster_but_not_across(
     stack: Stack, zk: ZkSession, js: tuple[NATS, JetStreamContext], status: StatusStore
 ) -> None:
@@ -220,3 +246,71 @@ async def test_breaker_opens_on_failures_and_holds_work_until_reset(
         assert sorted(i["node"] for i in of(stack.intervals(), task_id="held")) == ["p1", "p2"]
     finally:
         stack.stop()
+
+
+def acting_span(intervals: list[Interval], node: str) -> Interval:
+    """A node acts from its first attempt's start to its last attempt's end: a failed node in
+    backoff is still disrupted."""
+    mine = of(intervals, node=node)
+    return {"start": min(i["start"] for i in mine), "end": max(i["end"] for i in mine)}
+
+
+async def test_a_failed_node_keeps_its_slot_through_its_backoff(
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    """Limit 1, both nodes fail their first attempt and retry after 1 s: the second node starts
+    only once the first has succeeded, never during its backoff (two nodes down at once)."""
+    nodes = ["f1", "f2"]
+    stack.router({"pg:flaky": nodes})
+    stack.runner("pg:flaky", nodes)
+    await publish_raw(
+        js[1],
+        task_json(
+            action="test:sleep",
+            cluster_name="pg:flaky",
+            limit=1,
+            task_id="flaky",
+            taskerman_params={
+                "action_args": {"seconds": 0.3, "fail_nodes": nodes, "fail_attempts": 1},
+                "workqueue_args": {"retry_count": 2, "backoff": 1.0},
+            },
+        ),
+    )
+    view = await wait_final(status, "flaky", stack=stack)
+    assert view.state == "succeeded", view
+    intervals = of(stack.intervals(), task_id="flaky")
+    assert len(intervals) == 4  # two attempts per node
+    assert {r.attempts for r in view.nodes.values()} == {2}
+    assert not overlap(acting_span(intervals, "f1"), acting_span(intervals, "f2")), intervals
+
+
+async def test_a_step_that_ignores_its_cancellation_keeps_its_leases_until_it_ends(
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    """Limit 1, a step timeout of 1 s, an action sleeping 7 s in a thread (which no cancellation
+    stops): the step fails at 1 s but its side effect goes on past the guard's 5 s of patience, and
+    the next node starts only once it has really ended."""
+    nodes = ["t1", "t2"]
+    stack.router({"pg:thread": nodes})
+    stack.runner("pg:thread", nodes, actions={"test:sleep": {"timeout": 1.0}})
+    await publish_raw(
+        js[1],
+        task_json(
+            action="test:sleep",
+            cluster_name="pg:thread",
+            limit=1,
+            task_id="orphan",
+            taskerman_params={
+                "action_args": {"seconds": 7.0, "in_thread": True},
+                "workqueue_args": {"retry_count": 0},
+                "max_failures": 2,
+            },
+        ),
+    )
+    view = await wait_final(status, "orphan", within=90, stack=stack)
+    assert {n: r.state for n, r in view.nodes.items()} == {"t1": "dead", "t2": "dead"}, view
+    assert all("timed out" in (r.error or "") for r in view.nodes.values()), view
+    runs = of(stack.intervals(), task_id="orphan")
+    assert len(runs) == 2, stack.logs()
+    first, second = sorted(runs, key=lambda i: i["start"])
+    assert not overlap(first, second), (first, second)

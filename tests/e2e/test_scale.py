@@ -27,7 +27,7 @@ from taskcore.core.model import Task, WorkItem
 from taskcore.core.settings import Settings
 from taskerman_router.router import Router
 
-from .conftest import Stack, publish_raw, task_json, wait_final
+from .conftest import Stack, away, publish_raw, task_json, wait_final
 
 MAX_KV_VALUE = 300 * 1024
 
@@ -162,6 +162,7 @@ async def test_ten_thousand_nodes_route_with_bounded_records(
 ) -> None:
     nodes = [f"n{i:05d}" for i in range(10_000)]
     shuffled = random.Random(7).sample(nodes, len(nodes))
+    await away(stack.settings, "c1", nodes)  # no runners: the test reads the items in WORK
     stack.router()
     began = time.monotonic()
     await publish_raw(js[1], sleep_task("big", shuffled, seconds=0.1, limit=50))
@@ -254,7 +255,7 @@ async def test_the_reconciler_looks_past_the_first_page_of_consumers(
         await asyncio.sleep(1.2)
     with contextlib.suppress(TimeoutError):  # a live fetcher: the server gives up on the item now
         await sub.fetch(1, timeout=1)
-    router = Router(js[0], js[1], status, ActionRegistry.installed(), {})
+    router = Router(js[0], js[1], status, ActionRegistry.installed(), {}, signer=None)  # reconciles only
     began = time.monotonic()
     assert await router.reconcile() == 1
     print(f"reconciled 301 consumers in {time.monotonic() - began:.2f}s")
