@@ -53,6 +53,7 @@ from taskcore.core import subjects
 from taskcore.core.model import Task, TaskermanParams
 from taskcore.core.settings import Settings
 from taskcore.runtime import procs
+from taskerman_dev import secrets as stack_secrets
 from taskerman_dev.launchers import NatsServer, ZooKeeperServer
 
 BIN = Path(sys.executable).parent
@@ -277,7 +278,13 @@ async def amain(args: argparse.Namespace) -> int:
         else:
             home = Path(dirs.enter_context(tempfile.TemporaryDirectory(prefix="taskerman-bench-")))
         nats, zk = dirs.enter_context(servers(home))
-        settings = Settings(nats_url=nats.url, zk_hosts=zk.hosts, zk_chroot="/bench", home=home)
+        settings = Settings(
+            **stack_secrets.generate(home),  # signed work items, as on `taskerman dev up`
+            nats_url=nats.url,
+            zk_hosts=zk.hosts,
+            zk_chroot="/bench",
+            home=home,
+        )
         witness = home / "witness.jsonl"
         env = {**os.environ, **settings.env(), "TASKERMAN_WITNESS_FILE": str(witness)}
         procs = Processes(home, env)

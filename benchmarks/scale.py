@@ -47,11 +47,13 @@ import handoff
 from taskcore.bus import jetstream as bus
 from taskcore.bus.tracking import StatusStore
 from taskcore.coord import clusters
+from taskcore.coord.runners import Registration
 from taskcore.coord.semaphore import FairSemaphore
 from taskcore.coord.session import Slot, ZkSession
 from taskcore.core import subjects
 from taskcore.core.model import Task, TaskermanParams
 from taskcore.core.settings import Settings
+from taskerman_dev import secrets as stack_secrets
 from taskerman_dev.zkstats import packets_received
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
@@ -81,7 +83,11 @@ class Stack:
         self._dirs = ExitStack()
         self.nats, self.zk = self._dirs.enter_context(handoff.servers(self.home))
         self.settings = Settings(
-            nats_url=self.nats.url, zk_hosts=self.zk.hosts, zk_chroot="/bench", home=self.home
+            **stack_secrets.generate(self.home),  # signed work items, as on `taskerman dev up`
+            nats_url=self.nats.url,
+            zk_hosts=self.zk.hosts,
+            zk_chroot="/bench",
+            home=self.home,
         )
         env = {**os.environ, **self.settings.env(), "TASKERMAN_WITNESS_FILE": str(self.witness)}
         self.procs = handoff.Processes(self.home, env)
@@ -254,8 +260,15 @@ async def raw_relay(stack: Stack, count: int) -> list[float]:
 
 
 async def fan_out(stack: Stack, nodes: int) -> dict[str, Any]:
-    """One task over `nodes` explicit nodes that no runner serves: time until every item is in WORK."""
+    """One task over `nodes` explicit nodes whose runners are away (an away note each, as a runner
+    that exited cleanly leaves it): time until every item is in WORK."""
     names = [f"far-{i:05d}" for i in range(nodes)]
+    for i in range(0, nodes, 500):  # aiozk pipelines the requests of one batch
+        batch = [
+            Registration(stack.zks, "bench:fanout", n, "bench", [], away_grace=600)
+            for n in names[i : i + 500]
+        ]
+        await asyncio.gather(*(r.leave() for r in batch))
     before = (await stack.js.stream_info(subjects.WORK_STREAM)).state.messages
     task = Task(
         action="test:sleep",
