@@ -105,7 +105,8 @@ async def _shared(zk: ZkSession, path: str, name: str) -> list[SharedHeld]:
     ]
 
 
-async def _leases(zk: ZkSession, cluster: str | None) -> LeasesView:
+async def read_leases(zk: ZkSession, cluster: str | None) -> LeasesView:
+    """Who holds which lease now: task slots, budgets, exclusion groups, global leases."""
     tasks = [
         TaskLeases(task_id=fleet.znode_name(t), holders=hs)
         for t in await fleet.children(zk, TASK_LEASES_ROOT)
@@ -181,7 +182,7 @@ def _print_leases(v: LeasesView, now: float) -> None:
 async def leases_cmd(args: argparse.Namespace, settings: Settings) -> int:
     """Who holds which lease: task slots, budgets, exclusion groups, global leases."""
     async with common.connect_zookeeper(settings) as zk:
-        view = await _leases(zk, args.cluster)
+        view = await read_leases(zk, args.cluster)
     if args.json:
         print(msgspec.json.encode(view).decode())
     else:

@@ -23,11 +23,13 @@ from nats.js import JetStreamContext
 
 from taskcore.bus import deadletter, submission
 from taskcore.bus import jetstream as bus
+from taskcore.bus.queues import read_queues
 from taskcore.bus.tracking import StatusStore
+from taskcore.cli.leases import read_leases
 from taskcore.cli.tasks import submit_via_api
 from taskcore.coord import clusters, runners
 from taskcore.coord.session import ZkSession
-from taskcore.core.model import TASK_FINISHED, Task, decode_task
+from taskcore.core.model import TASK_FINISHED, NodeStateName, Task, decode_task
 from taskcore.core.settings import Settings
 from taskerman_dev import secrets
 from taskerman_dev.actions import PASSED_ENV, WITNESS_ENV
@@ -46,6 +48,7 @@ SESSION_TIMEOUT = 6.0
 SUBMIT_EVERY = 1.0
 SETTLE_IDLE = 120.0  # once the faults stop, wait for the tasks to end while one ends this often
 SETTLE_MAX = 900.0
+UNENDED: frozenset[NodeStateName] = frozenset({"pending", "running", "retrying"})
 IN_FLIGHT = 16  # tasks not yet ended: the submitter waits below this (the fleet's pace, not ours)
 # a request during a failover: try again
 TRANSIENT: tuple[type[Exception], ...] = (TimeoutError, nats.errors.Error, *bus.UNAVAILABLE)
@@ -127,6 +130,8 @@ class ChaosRun:
             self._heal()
             finals = await self._settle(js, status, acked)
             log.info("settled after %.1fs", time.monotonic() - self.began)
+            if stuck := {task_id for (task_id, _), f in finals.items() if f.state in UNENDED}:
+                await self._diagnose(js, status, zk, stuck)
         await bus.close(nc)
         await asyncio.to_thread(stop_all, self.services)  # before the proxies go
         await zk_via.stop()
@@ -268,6 +273,29 @@ class ChaosRun:
                 reason = rec.error or reasons.get((t.task_id, node), "")
                 finals[(t.task_id, node)] = Final(state=rec.state, reason=reason)
         return finals
+
+    async def _diagnose(
+        self, js: JetStreamContext, status: StatusStore, zk: ZkSession, stuck: set[str]
+    ) -> None:
+        """What the tasks that did not end were doing when the wait gave up, while the fleet still
+        runs: each unended node's record, its consumer's queue, and who holds which lease
+        (`stuck.json` next to the logs, for telling a slow backlog from a stuck node)."""
+        views = {t: await retrying(f"status {t}", functools.partial(status.view, t)) for t in sorted(stuck)}
+        nodes = {
+            t: {n: msgspec.to_builtins(r) for n, r in v.nodes.items() if r.state in UNENDED}
+            for t, v in views.items()
+            if v is not None
+        }
+        names = {(v.cluster_name, n) for t, v in views.items() if v is not None for n in nodes[t]}
+        queues = await retrying("queues", functools.partial(read_queues, js))
+        report = {
+            "nodes": nodes,
+            "queues": [msgspec.to_builtins(q) for q in queues.runners if (q.cluster, q.node) in names],
+            "leases": msgspec.to_builtins(await read_leases(zk, None)),
+        }
+        path = self.home / "stuck.json"
+        path.write_text(json.dumps(report, indent=1, sort_keys=True))
+        log.warning("%d unended task(s): their nodes, queues and leases in %s", len(stuck), path)
 
     @staticmethod
     async def _ended(status: StatusStore, task_ids: set[str]) -> set[str]:
