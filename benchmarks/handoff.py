@@ -157,7 +157,8 @@ class Processes:
 
     def spawn(self, name: str, *args: str) -> None:
         log = (self.home / f"{name}-{len(self.procs)}.log").open("ab")
-        self.procs.append(subprocess.Popen([str(BIN / name), *args], env=self.env, stdout=log, stderr=log))
+        env = stack_secrets.command_env(self.env, [name])  # each service as its NATS role
+        self.procs.append(subprocess.Popen([str(BIN / name), *args], env=env, stdout=log, stderr=log))
 
     def stop(self) -> None:
         procs.terminate(self.procs, timeout=10)
@@ -166,7 +167,7 @@ class Processes:
 @contextmanager
 def servers(home: Path) -> Iterator[tuple[NatsServer, ZooKeeperServer]]:
     with ExitStack() as stack:
-        nats = stack.enter_context(NatsServer(home / "nats"))
+        nats = stack.enter_context(NatsServer(home / "nats", users=stack_secrets.nats_users(home)))
         zk = stack.enter_context(ZooKeeperServer(home / "zk"))
         yield nats, zk
 

@@ -1,22 +1,38 @@
-"""Session-wide real servers, signing keys and per-test name prefixes."""
+"""Session-wide real servers (secured), keys and per-test name prefixes."""
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from taskcore.bus import jetstream as bus
+from taskcore.core.settings import Settings
 from taskcore.core.signing import Signer
 from taskerman_dev import secrets as stack_secrets
 from taskerman_dev.launchers import NatsServer, ZooKeeperServer
 
 
 @pytest.fixture(scope="session")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    """A real nats-server with JetStream, shared by the whole session."""
-    with NatsServer(tmp_path_factory.mktemp("nats")) as server:
+def stack_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the session's keys live (`taskerman_dev.secrets`), as under a dev stack's home."""
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def nats_users(stack_home: Path) -> dict[str, str]:
+    """Role → public nkey: the NATS users every test server is secured with."""
+    return stack_secrets.nats_users(stack_home)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory, nats_users: dict[str, str]) -> Iterator[NatsServer]:
+    """A real nats-server with JetStream, shared by the whole session, secured as every stack is:
+    a user per role with its permissions (tests connect as admin, each process as its role)."""
+    with NatsServer(tmp_path_factory.mktemp("nats"), users=nats_users) as server:
         yield server
 
 
@@ -34,13 +50,20 @@ def prefix() -> str:
 
 
 @pytest.fixture(scope="session")
-def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The Settings fields of signed work items (a router and an admin seed, both trusted), made
-    as `taskerman dev up` makes them: every test's settings carry them, so the whole suite runs signed."""
-    return stack_secrets.generate(tmp_path_factory.mktemp("stack"))
+def signing_keys(stack_home: Path) -> dict[str, Any]:
+    """The Settings fields of signed work items (a router and an admin seed, both trusted) and of
+    the harness' NATS user (admin), made as `taskerman dev up` makes them: every test's settings
+    carry them, so the whole suite runs signed and authenticated."""
+    return stack_secrets.generate(stack_home)
 
 
 @pytest.fixture(scope="session")
 def signer(signing_keys: dict[str, Any]) -> Signer:
     """The router's signer, for a test that publishes a work item itself, as the router would."""
     return Signer.load(signing_keys["router_seed_file"])
+
+
+@pytest.fixture(scope="session")
+def nats_auth(signing_keys: dict[str, Any]) -> dict[str, str]:
+    """`nats.connect` options that authenticate as the harness (admin), for a test's own client."""
+    return bus.credentials(Settings(**signing_keys))

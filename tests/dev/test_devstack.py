@@ -17,8 +17,10 @@ from typing import Any, TypeVar
 import nats
 import pytest
 
-from taskcore.core import subjects
+from taskcore.bus import permissions
+from taskcore.core import signing, subjects
 from taskcore.runtime.procs import alive
+from taskerman_dev import secrets as stack_secrets
 from taskerman_dev.launchers import free_port, free_ports
 
 _T = TypeVar("_T")
@@ -87,29 +89,44 @@ def test_dev_stack_rolling_restart(dev_env: dict[str, str]) -> None:
     assert tm(dev_env, "dev", "status").returncode == 1
 
 
-async def _attack(url: str) -> None:
-    """What an anonymous client tried: a hand-made work item on a node's subject, and purging the
-    audit trail."""
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        item = {"task": {"action": "demo:restart", "cluster_name": "demo:web", "task_id": "forged"}}
-        item.update(node="node-1", routed_at=0.0)
-        subject = subjects.node_subject("demo:web", "node-1")
-        await js.publish(subject, json.dumps(item).encode(), headers={"Nats-Msg-Id": "forged:node-1"})
-        with pytest.raises(nats.js.errors.APIError):
-            await js.purge_stream(subjects.EVENTS_STREAM)
-    finally:
-        await nc.close()
+async def _attack(url: str, secrets_dir: Path) -> None:
+    """What an anonymous client tried, refused at the door; then with a runner's credentials (a
+    runner's machine taken over): a hand-made work item on a node's subject and purging the audit
+    trail, both refused by the server; then as admin, who may publish work items (`dlq replay`),
+    an unsigned one: the runner dead-letters it (checked by the caller)."""
+    with pytest.raises(nats.errors.Error):
+        await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+    item = {"task": {"action": "demo:restart", "cluster_name": "demo:web", "task_id": "forged"}}
+    item.update(node="node-1", routed_at=0.0)
+    subject = subjects.node_subject("demo:web", "node-1")
+    for role in ("runner", "admin"):
+        seed = signing.read_seed(secrets_dir / stack_secrets.nats_seed_name(role)).decode()
+        nc = await nats.connect(url, nkeys_seed_str=seed)
+        try:
+            js = nc.jetstream(timeout=2)
+            publish = js.publish(
+                subject, json.dumps(item).encode(), headers={"Nats-Msg-Id": f"forged:{role}"}
+            )
+            if role == "runner":
+                with pytest.raises(nats.errors.TimeoutError):  # not permitted: no ack, nothing stored
+                    await publish
+            else:
+                await publish
+            with pytest.raises((nats.errors.TimeoutError, nats.js.errors.APIError)):
+                await js.purge_stream(subjects.EVENTS_STREAM)
+        finally:
+            await nc.close()
 
 
 def _secure_by_default(env: dict[str, str]) -> None:
-    """`dev up` made the stack's keys under its home; its runners refuse an item the router did
-    not sign, and nobody can purge the audit trail."""
+    """`dev up` made the stack's keys under its home: its NATS server admits only its roles' users,
+    each with its permissions; its runners refuse an item the router did not sign, and nobody can
+    purge the audit trail."""
     folder = Path(env["TASKERMAN_HOME"]) / "secrets"
-    assert sorted(p.name for p in folder.iterdir()) == ["admin.nk", "router.nk"]
+    roles = sorted(stack_secrets.nats_seed_name(r) for r in permissions.ROLES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["admin.nk", "router.nk", *roles])
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in folder.iterdir())
-    asyncio.run(_attack(env["TASKERMAN_NATS_URL"]))
+    asyncio.run(_attack(env["TASKERMAN_NATS_URL"], folder))
     deadline = time.monotonic() + 30
     letters: list[dict[str, Any]] = []
     while time.monotonic() < deadline and not letters:
@@ -151,7 +168,9 @@ def test_dev_stack_cluster_mode_survives_losing_a_server_of_each(cluster_env: di
         assert sorted(p["member"] for p in procs if p["name"] == name) == [1, 2, 3]
     assert sorted(p["node"] for p in procs if p["name"] == "runner") == ["node-1", "node-2"]
     assert all(p["alive"] and p["pid"] > 0 for p in procs), procs
-    streams = _eventually(lambda: _streams(nats_urls), 20, "every stream with a leader")
+    streams = _eventually(
+        lambda: _streams(nats_urls, Path(cluster_env["TASKERMAN_HOME"])), 20, "every stream with a leader"
+    )
     assert {name: replicas for name, (replicas, _) in streams.items()} == dict.fromkeys(STREAMS, 3)
 
     first = tm(user_env, "submit", "demo:restart", "--cluster", "demo:web", "--limit", "1", "--wait")
@@ -169,7 +188,9 @@ def test_dev_stack_cluster_mode_survives_losing_a_server_of_each(cluster_env: di
     # The CLI asks JetStream about its streams on connecting, which times out while a stream the dead
     # server led elects a new leader among the survivors: submit once they have.
     survivors = [u for i, u in enumerate(nats_urls, start=1) if i != nats_victim]
-    _eventually(lambda: _streams(survivors), 30, "a new leader for every stream")
+    _eventually(
+        lambda: _streams(survivors, Path(cluster_env["TASKERMAN_HOME"])), 30, "a new leader for every stream"
+    )
     _eventually(
         lambda: any(_zk_mode(port) == "leader" for i, port in enumerate(zk_ports, start=1) if i != zk_victim),
         30,
@@ -197,11 +218,16 @@ def _dev_status(env: dict[str, str], expect: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
-def _streams(urls: list[str]) -> dict[str, tuple[int, str]] | None:
-    """Each stream's replica count and leader, or None while one has no leader."""
+def _streams(urls: list[str], home: Path) -> dict[str, tuple[int, str]] | None:
+    """Each stream's replica count and leader, or None while one has no leader (asked as the
+    stack's admin)."""
+    seed = signing.read_seed(home / "secrets" / stack_secrets.nats_seed_name("admin")).decode()
+    admin_auth = {"nkeys_seed_str": seed}
 
     async def ask() -> dict[str, tuple[int, str]] | None:
-        nc = await nats.connect(urls, connect_timeout=2, max_reconnect_attempts=1, allow_reconnect=False)
+        nc = await nats.connect(
+            urls, connect_timeout=2, max_reconnect_attempts=1, allow_reconnect=False, **admin_auth
+        )
         try:
             js = nc.jetstream(timeout=2)
             found = {}

@@ -21,8 +21,8 @@ def _healthy(server: NatsServer, timeout: float = 1.0) -> bool:
         return False
 
 
-async def test_nats_has_jetstream(nats_server: NatsServer, prefix: str) -> None:
-    nc = await nats.connect(nats_server.url, allow_reconnect=False)
+async def test_nats_has_jetstream(nats_server: NatsServer, prefix: str, nats_auth: dict[str, str]) -> None:
+    nc = await nats.connect(nats_server.url, allow_reconnect=False, **nats_auth)
     try:
         js = nc.jetstream()
         info = await js.account_info()

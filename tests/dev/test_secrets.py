@@ -1,9 +1,12 @@
-"""A stack's signing keys: made once under its home, kept, and trusted by its own settings."""
+"""A stack's keys: made once under its home, kept, trusted by its own settings; a NATS user per role."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from taskcore.bus import permissions
 from taskcore.core import signing
 from taskcore.core.settings import Settings
 from taskerman_dev import secrets
@@ -30,5 +33,26 @@ def test_generate_makes_the_keys_once_and_the_settings_trust_them(tmp_path: Path
         "TASKERMAN_ROUTER_SEED_FILE",
         "TASKERMAN_ADMIN_SEED_FILE",
         "TASKERMAN_TRUSTED_ROUTER_KEYS",
+        "TASKERMAN_NATS_CREDS",
     }
     assert Settings.from_env(env).trusted_router_keys == fields["trusted_router_keys"]
+
+
+def test_each_role_has_its_own_nats_user_and_children_connect_as_theirs(tmp_path: Path) -> None:
+    users = secrets.nats_users(tmp_path)
+    assert set(users) == set(permissions.ROLES)
+    assert len(set(users.values())) == len(users)  # one key per role
+    assert all(key.startswith("U") for key in users.values())
+    settings = Settings(**secrets.generate(tmp_path))
+    assert settings.nats_creds is not None
+    assert settings.nats_creds.name == "nats-admin.nk"  # the harness is admin
+    observer = secrets.as_role(settings, "observer")
+    assert observer.nats_creds == settings.nats_creds.parent / "nats-observer.nk"
+    assert signing.public_key(signing.read_seed(observer.nats_creds)) == users["observer"]
+    env = settings.env()
+    runner = secrets.command_env(env, ["/venv/bin/taskerman-runner", "--node", "n1"])
+    assert runner["TASKERMAN_NATS_CREDS"] == str(settings.nats_creds.parent / "nats-runner.nk")
+    assert secrets.command_env(env, ["taskerman", "status"]) == env  # not a service: as it was
+    assert secrets.as_role(Settings(), "runner") == Settings()  # insecure: nothing to change
+    with pytest.raises(ValueError, match="unknown NATS role"):
+        secrets.as_role(settings, "root")

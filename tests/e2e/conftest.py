@@ -26,15 +26,17 @@ from taskcore.core import subjects
 from taskcore.core.model import TASK_FINISHED, Task
 from taskcore.core.settings import Settings
 from taskcore.runtime import procs
+from taskerman_dev import secrets as stack_secrets
 from taskerman_dev.launchers import NatsServer, ZooKeeperServer
 
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
-def nats_fresh(tmp_path: Path) -> Iterator[NatsServer]:
-    """A nats-server of this test's own: stream names are fixed by the design, so tests do not share one."""
-    with NatsServer(tmp_path / "nats") as server:
+def nats_fresh(tmp_path: Path, nats_users: dict[str, str]) -> Iterator[NatsServer]:
+    """A nats-server of this test's own: stream names are fixed by the design, so tests do not
+    share one. Secured as the session's is."""
+    with NatsServer(tmp_path / "nats", users=nats_users) as server:
         yield server
 
 
@@ -86,9 +88,9 @@ class Stack:
         self, name: str, *args: str, extra_env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         """Start a console script with the stack's environment (plus `extra_env`), its output in
-        `<name>.log`."""
+        `<name>.log`; a service connects to NATS as its role."""
         log = (self.tmp / f"{name}.log").open("ab")
-        env = {**self.env(), **(extra_env or {})}
+        env = {**stack_secrets.command_env(self.env(), [name]), **(extra_env or {})}
         proc = subprocess.Popen([str(BIN / name), *args], env=env, stdout=log, stderr=log)
         self.procs.append(proc)
         return proc

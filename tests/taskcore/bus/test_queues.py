@@ -20,8 +20,8 @@ NODES = 300  # more than one page (queues.CONSUMER_PAGE)
 
 
 @pytest.fixture
-async def js(nats_server: NatsServer) -> AsyncIterator[JetStreamContext]:
-    nc = await nats.connect(nats_server.url)
+async def js(nats_server: NatsServer, nats_auth: dict[str, str]) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(nats_server.url, **nats_auth)
     try:
         yield nc.jetstream()
     finally:

@@ -16,8 +16,8 @@ from taskerman_dev.launchers import NatsServer
 
 
 @pytest.fixture
-async def status(nats_server: NatsServer) -> AsyncIterator[StatusStore]:
-    nc = await nats.connect(nats_server.url)
+async def status(nats_server: NatsServer, nats_auth: dict[str, str]) -> AsyncIterator[StatusStore]:
+    nc = await nats.connect(nats_server.url, **nats_auth)
     try:
         yield StatusStore(await bus.status_bucket(nc.jetstream()))
     finally:

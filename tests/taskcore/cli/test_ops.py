@@ -23,8 +23,12 @@ ODD = "cass geo:ü"  # any characters are valid in a cluster name
 
 
 @pytest.fixture
-def settings(nats_server: NatsServer, zk_server: ZooKeeperServer, prefix: str) -> Settings:
-    return Settings(nats_url=nats_server.url, zk_hosts=zk_server.hosts, zk_chroot=f"/{prefix}")
+def settings(
+    nats_server: NatsServer, zk_server: ZooKeeperServer, prefix: str, signing_keys: dict[str, Any]
+) -> Settings:
+    return Settings(
+        **signing_keys, nats_url=nats_server.url, zk_hosts=zk_server.hosts, zk_chroot=f"/{prefix}"
+    )
 
 
 async def run(settings: Settings, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

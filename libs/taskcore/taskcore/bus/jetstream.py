@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import time
+from typing import Any
 
 import nats
 import nats.js.errors
@@ -17,8 +18,9 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from taskcore.core import subjects
+from taskcore.core.errors import CredentialsError
 from taskcore.core.settings import Settings
-from taskcore.core.signing import Signer
+from taskcore.core.signing import Signer, SigningConfigError, read_seed
 from taskcore.obs import tracing
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 PUBLISH_ATTEMPTS = 5
 ROUTER_MAX_DELIVER = 5
 REPLICAS_ENV = "TASKERMAN_STREAM_REPLICAS"
+KV_STREAM = f"KV_{subjects.STATUS_BUCKET}"  # the stream under the status bucket
 
 
 # What a client sees for a few seconds while a server dies or a stream elects a new leader: a request
@@ -57,9 +60,15 @@ async def fetch(sub: JetStreamContext.PullSubscription, batch: int, wait: float)
 
 
 async def connect(settings: Settings, name: str) -> NATS:
-    """Connect with options that survive outages: reconnect forever, notice a dead server in seconds."""
+    """Connect as this process's role (`settings.nats_creds`), with options that survive outages:
+    reconnect forever, notice a dead server in seconds. Credentials the server refuses (or none,
+    where it asks for some) are a CredentialsError at once, never a retry loop."""
+    refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
     async def on_error(e: Exception) -> None:
+        refusal = isinstance(e, nats.errors.AuthorizationError) or "authorization violation" in str(e).lower()
+        if refusal and not refused.done():
+            refused.set_result(e)
         log.warning("nats error name=%s error=%s", name, e)
 
     async def on_disconnect() -> None:
@@ -68,18 +77,51 @@ async def connect(settings: Settings, name: str) -> NATS:
     async def on_reconnect() -> None:
         log.info("nats reconnected name=%s", name)
 
-    return await nats.connect(
-        server_urls(settings.nats_url),
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=1,
-        ping_interval=5,
-        max_outstanding_pings=3,
-        connect_timeout=5,
-        error_cb=on_error,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
+    connecting = asyncio.ensure_future(
+        nats.connect(
+            server_urls(settings.nats_url),
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            ping_interval=5,
+            max_outstanding_pings=3,
+            connect_timeout=5,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            **credentials(settings),
+        )
     )
+    either: set[asyncio.Future[Any]] = {connecting, refused}
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    if connecting.done():
+        return connecting.result()
+    connecting.cancel()
+    with contextlib.suppress(BaseException):
+        await connecting
+    given = settings.nats_creds or "none (TASKERMAN_NATS_CREDS is not set)"
+    raise CredentialsError(
+        f"NATS at {settings.nats_url} refused the credentials of {name}: {given}. Set "
+        "TASKERMAN_NATS_CREDS to the nkey seed file of this process's role (README, Security)"
+    )
+
+
+def credentials(settings: Settings) -> dict[str, str]:
+    """The `nats.connect` options for `settings.nats_creds`: a creds file (a user JWT and its seed)
+    or a bare nkey seed; none when unset."""
+    path = settings.nats_creds
+    if path is None:
+        return {}
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CredentialsError(f"TASKERMAN_NATS_CREDS={path}: cannot read it ({e.strerror})") from None
+    if "BEGIN NATS USER JWT" in text:
+        return {"user_credentials": str(path)}
+    try:
+        return {"nkeys_seed_str": read_seed(path).decode()}
+    except SigningConfigError as e:
+        raise CredentialsError(f"TASKERMAN_NATS_CREDS={path}: {e}") from None
 
 
 async def close(nc: NATS) -> None:
@@ -143,15 +185,66 @@ def events_stream(settings: Settings, replicas: int = 1) -> api.StreamConfig:
 
 
 async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig, keep_replicas: bool = False) -> None:
-    """Create the stream, or update it to `config`; with `keep_replicas` an existing stream keeps its
-    replica count."""
+    """Create the stream when it is missing, update it where it differs from `config` (with
+    `keep_replicas` an existing stream keeps its replica count). It is read first, so a process
+    whose role may not change streams (bus/permissions.py) starts on a provisioned bus without
+    asking to; where it differs and the update is refused, the stream is used as it is."""
+    assert config.name is not None
     try:
-        await js.add_stream(config)
-    except BadRequestError:
-        if keep_replicas and config.name is not None:
-            info = await js.stream_info(config.name)
-            config = config.evolve(num_replicas=info.config.num_replicas)
+        have = (await js.stream_info(config.name)).config
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+            return
+        except BadRequestError:  # made meanwhile by another process
+            have = (await js.stream_info(config.name)).config
+    if keep_replicas:
+        config = config.evolve(num_replicas=have.num_replicas)
+    if fields := differences(have, config):
+        await _update_stream(js, config, fields)
+
+
+STREAM_FIELDS = (
+    "subjects",
+    "retention",
+    "storage",
+    "discard",
+    "duplicate_window",
+    "max_age",
+    "max_msgs",
+    "max_bytes",
+    "max_msgs_per_subject",
+    "deny_delete",
+    "deny_purge",
+    "num_replicas",
+)
+
+
+def differences(have: api.StreamConfig, want: api.StreamConfig) -> list[str]:
+    """The fields `want` sets that `have` does not match (what the server fills in is not compared)."""
+    out = []
+    for name in STREAM_FIELDS:
+        wanted, current = getattr(want, name), getattr(have, name)
+        if wanted is None:
+            continue
+        if isinstance(wanted, float | int) and not isinstance(wanted, bool):
+            if abs(float(wanted) - float(current or 0)) > 1e-3:
+                out.append(name)
+        elif wanted != current:
+            out.append(name)
+    return out
+
+
+async def _update_stream(js: JetStreamContext, config: api.StreamConfig, fields: list[str]) -> None:
+    try:
         await js.update_stream(config)
+    except nats.errors.TimeoutError:  # a role without the right gets no answer
+        log.warning(
+            "stream %s differs from this process's settings in %s and was not updated (not permitted "
+            "to this role, or no answer): it is used as it is; an admin's process updates it",
+            config.name,
+            ", ".join(fields),
+        )
 
 
 async def provision(
@@ -196,7 +289,8 @@ async def provision_once(js: JetStreamContext, settings: Settings, replicas: int
     )
     await _ensure_stream(js, events_stream(settings, n), keep)
     await status_bucket(js, settings, replicas=wanted)
-    await js.add_consumer(
+    await _ensure_consumer(
+        js,
         subjects.TASKS_STREAM,
         api.ConsumerConfig(
             durable_name=subjects.ROUTER_DURABLE,
@@ -208,43 +302,78 @@ async def provision_once(js: JetStreamContext, settings: Settings, replicas: int
     )
 
 
+async def _ensure_consumer(js: JetStreamContext, stream: str, config: api.ConsumerConfig) -> None:
+    """Create the durable consumer, or update it where it differs; read first (`_ensure_stream`)."""
+    assert config.durable_name is not None
+    with contextlib.suppress(NotFoundError):
+        have = (await js.consumer_info(stream, config.durable_name)).config
+        same = (have.ack_wait, have.max_deliver, have.filter_subject) == (
+            config.ack_wait,
+            config.max_deliver,
+            config.filter_subject,
+        )
+        if same:
+            return
+    try:
+        await js.add_consumer(stream, config)
+    except nats.errors.TimeoutError:
+        if not await _exists(js, stream, config.durable_name):
+            raise
+        log.warning(
+            "consumer %s of %s differs and was not updated: used as it is", config.durable_name, stream
+        )
+
+
+async def _exists(js: JetStreamContext, stream: str, consumer: str) -> bool:
+    try:
+        await js.consumer_info(stream, consumer)
+    except NotFoundError:
+        return False
+    return True
+
+
 async def status_bucket(
     js: JetStreamContext, settings: Settings | None = None, replicas: int | None = None
 ) -> KeyValue:
     """The task-tracking KV bucket; created (or its retention updated) when settings are given.
-    `replicas` as for `provision`."""
-    if settings is None:
-        try:
-            return await js.key_value(subjects.STATUS_BUCKET)
-        except NotFoundError:
-            settings = Settings()
-    wanted = stream_replicas(replicas)
-    config = api.KeyValueConfig(
-        bucket=subjects.STATUS_BUCKET,
-        history=1,
-        storage=api.StorageType.FILE,
-        ttl=settings.status_retention,
-        replicas=wanted or 1,
-    )
+    `replicas` as for `provision`. Read first, as the streams are (`_ensure_stream`)."""
     try:
-        return await js.create_key_value(config)
-    except BadRequestError:  # exists with another retention or replica count: update just those
-        info = await js.stream_info(f"KV_{subjects.STATUS_BUCKET}")
-        window = min(info.config.duplicate_window or 120.0, settings.status_retention)
-        await js.update_stream(
-            info.config.evolve(
-                max_age=settings.status_retention,
-                duplicate_window=window,
-                num_replicas=wanted or info.config.num_replicas,
-            )
+        info: api.StreamInfo | None = await js.stream_info(KV_STREAM)
+    except NotFoundError:
+        info = None
+    if settings is None:
+        if info is not None:
+            return await js.key_value(subjects.STATUS_BUCKET)
+        settings = Settings()
+    wanted = stream_replicas(replicas)
+    if info is None:
+        kv_config = api.KeyValueConfig(
+            bucket=subjects.STATUS_BUCKET,
+            history=1,
+            storage=api.StorageType.FILE,
+            ttl=settings.status_retention,
+            replicas=wanted or 1,
         )
-        return await js.key_value(subjects.STATUS_BUCKET)
+        try:
+            return await js.create_key_value(kv_config)
+        except BadRequestError:  # made meanwhile by another process
+            info = await js.stream_info(KV_STREAM)
+    window = min(info.config.duplicate_window or 120.0, settings.status_retention)
+    config = info.config.evolve(
+        max_age=settings.status_retention,
+        duplicate_window=window,
+        num_replicas=wanted or info.config.num_replicas,
+    )
+    if fields := differences(info.config, config):
+        await _update_stream(js, config, fields)
+    return await js.key_value(subjects.STATUS_BUCKET)
 
 
 async def ensure_runner_consumer(js: JetStreamContext, settings: Settings, cluster: str, node: str) -> str:
     """The durable pull consumer of one node's subject; returns its name."""
     durable = subjects.runner_durable(cluster, node)
-    await js.add_consumer(
+    await _ensure_consumer(
+        js,
         subjects.WORK_STREAM,
         api.ConsumerConfig(
             durable_name=durable,

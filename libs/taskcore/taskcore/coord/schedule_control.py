@@ -18,10 +18,11 @@ import msgspec
 from aiozk import exc
 
 from taskcore.coord.session import ZkSession, read_json
+from taskcore.core import subjects
 from taskcore.core.errors import InvalidName, TaskermanError
 from taskcore.core.subjects import decode_token, encode_token
 
-API_SUBJECT = "taskerman.api.schedules"
+API_SUBJECT = subjects.SCHEDULES_SUBJECT
 API_QUEUE = "schedulers"
 PAUSED_ROOT = "/scheduler/paused"
 CANARY_PATH = "/scheduler/canary"

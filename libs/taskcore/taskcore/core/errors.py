@@ -43,3 +43,7 @@ class DiscoveryError(TaskermanError):
 
 class ServerNotReady(TaskermanError):
     """A launched server (nats-server, ZooKeeper) did not become ready."""
+
+
+class CredentialsError(TaskermanError):
+    """NATS refused this process's credentials, or they could not be read."""

@@ -37,6 +37,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     admin_seed_file: Path | None = None
     trusted_router_keys: tuple[str, ...] = ()
     insecure: bool = False  # run without keys (unsigned work items): only on purpose, with a warning
+    # The nkey seed file (or NATS creds file) this process connects to NATS with: its role's user
+    # (bus/permissions.py). None: connect without credentials, which a secured server refuses.
+    nats_creds: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -63,6 +66,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             admin_seed_file=_path(env.get("TASKERMAN_ADMIN_SEED_FILE")),
             trusted_router_keys=_keys(env.get("TASKERMAN_TRUSTED_ROUTER_KEYS", "")),
             insecure=_flag("TASKERMAN_INSECURE", env.get("TASKERMAN_INSECURE", "")),
+            nats_creds=_path(env.get("TASKERMAN_NATS_CREDS")),
         )
 
     def env(self) -> dict[str, str]:
@@ -85,6 +89,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "TASKERMAN_ADMIN_SEED_FILE": str(self.admin_seed_file or ""),
             "TASKERMAN_TRUSTED_ROUTER_KEYS": ",".join(self.trusted_router_keys),
             "TASKERMAN_INSECURE": "1" if self.insecure else "0",
+            "TASKERMAN_NATS_CREDS": str(self.nats_creds or ""),
         }
 
 

@@ -26,6 +26,9 @@ ROUTER_DURABLE = "router"
 SUBMIT_SUBJECT = "taskerman.api.submit"
 SUBMIT_QUEUE = "schedulers"
 PLAN_SUBJECT = "taskerman.api.plan"  # routers preview a task's routing (request/reply)
+SCHEDULES_SUBJECT = (
+    "taskerman.api.schedules"  # the leading scheduler lists, previews and triggers (request/reply)
+)
 ROUTER_QUEUE = "routers"  # the queue group of every router: plan previews, max-deliveries advisories
 MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 

@@ -73,7 +73,7 @@ class ChaosRun:
         self.every = every
         self.witness = home / "witness.jsonl"
         self.passed = home / "passed.jsonl"
-        self.nats = NatsCluster(home / "nats", size=3)
+        self.nats = NatsCluster(home / "nats", size=3, users=secrets.nats_users(home))
         self.zk = ZooKeeperEnsemble(home / "zk", size=3)
         self.services: list[Service] = []
         self.began = time.monotonic()
@@ -165,7 +165,12 @@ class ChaosRun:
         )
 
         def service(name: str, *argv: str, extra: dict[str, str] | None = None) -> Service:
-            s = Service(name, list(argv), {**env, **(extra or {})}, self.home / f"{name}.log")
+            s = Service(
+                name,
+                list(argv),
+                secrets.command_env({**env, **(extra or {})}, argv),
+                self.home / f"{name}.log",
+            )
             self.services.append(s)
             return s
 

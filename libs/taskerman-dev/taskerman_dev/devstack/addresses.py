@@ -6,6 +6,7 @@ from __future__ import annotations
 import urllib.parse
 
 from taskcore.core.settings import Settings
+from taskerman_dev import secrets
 from taskerman_dev.devstack.record import CLUSTER_SIZE, StackError
 from taskerman_dev.launchers import NatsCluster, ZooKeeperEnsemble
 
@@ -62,6 +63,12 @@ def server_groups(settings: Settings) -> tuple[NatsCluster, ZooKeeperEnsemble]:
     zk_host, zk_ports = member_ports("ZooKeeper", zk_addresses(settings.zk_hosts))
     home = settings.home
     return (
-        NatsCluster(home / "nats-cluster", size=CLUSTER_SIZE, host=nats_host, ports=nats_ports),
+        NatsCluster(
+            home / "nats-cluster",
+            size=CLUSTER_SIZE,
+            host=nats_host,
+            ports=nats_ports,
+            users=secrets.nats_users(home),
+        ),
         ZooKeeperEnsemble(home / "zookeeper-ensemble", size=CLUSTER_SIZE, host=zk_host, ports=zk_ports),
     )

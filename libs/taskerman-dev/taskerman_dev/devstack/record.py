@@ -43,6 +43,7 @@ class Stack(msgspec.Struct, kw_only=True):
     created_at: float
     cluster_mode: bool = False
     admin_seed_file: str | None = None  # signs `dlq replay`'s work items (taskerman_dev.secrets)
+    nats_creds: str | None = None  # the admin's NATS user, for the CLI on this machine
     processes: list[StackProcess] = []
 
 
@@ -110,9 +111,10 @@ def is_running(settings: Settings) -> bool:
 def with_stack_servers(settings: Settings, env: Mapping[str, str]) -> Settings:
     """The settings with the running stack's NATS URLs and ZooKeeper hosts wherever `env` leaves
     `TASKERMAN_NATS_URL` / `TASKERMAN_ZK_HOSTS` unset, so the CLI reaches a `dev up --cluster-mode`
-    stack (or one on non-default ports) without exports, and its admin seed where
-    `TASKERMAN_ADMIN_SEED_FILE` is unset (`dlq replay` signs with it); unchanged when no stack runs
-    under home."""
+    stack (or one on non-default ports) without exports, its admin seed where
+    `TASKERMAN_ADMIN_SEED_FILE` is unset (`dlq replay` signs with it) and its admin NATS user where
+    `TASKERMAN_NATS_CREDS` is unset (the developer's own stack); unchanged when no stack runs under
+    home."""
     if not stack_path(settings).is_file():
         return settings
     stack = load_stack(settings)
@@ -125,6 +127,9 @@ def with_stack_servers(settings: Settings, env: Mapping[str, str]) -> Settings:
         admin_seed_file=settings.admin_seed_file
         if env.get("TASKERMAN_ADMIN_SEED_FILE") or not stack.admin_seed_file
         else Path(stack.admin_seed_file),
+        nats_creds=settings.nats_creds
+        if env.get("TASKERMAN_NATS_CREDS") or not stack.nats_creds
+        else Path(stack.nats_creds),
     )
 
 

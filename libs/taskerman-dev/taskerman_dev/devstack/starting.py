@@ -108,6 +108,7 @@ class _Starter:
             created_at=time.time(),
             cluster_mode=groups is not None,
             admin_seed_file=str(settings.admin_seed_file) if settings.admin_seed_file else None,
+            nats_creds=str(settings.nats_creds) if settings.nats_creds else None,
         )
 
     def record(self, proc: StackProcess) -> None:
@@ -129,7 +130,9 @@ class _Starter:
         for what, host, port in (("NATS", nats_host, nats_port), ("ZooKeeper", zk_host, zk_port)):
             if port_open(host, port):
                 raise StackError(f"{what} port {host}:{port} is already in use (another stack or server?)")
-        nats = NatsServer(self.home / "nats", port=nats_port, host=nats_host)
+        nats = NatsServer(
+            self.home / "nats", port=nats_port, host=nats_host, users=secrets.nats_users(self.home)
+        )
         zk = ZooKeeperServer(self.home / "zookeeper", port=zk_port, host=zk_host)
         for name, server in (("nats-server", nats), ("zookeeper", zk)):
             server.start()
@@ -213,7 +216,7 @@ class _Starter:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as f:
             f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} taskerman dev up: {' '.join(argv)}\n")
-        pid = demo_fleet.spawn_detached(argv, log, env=self.env)
+        pid = demo_fleet.spawn_detached(argv, log, env=secrets.command_env(self.env, argv))
         cluster = CLUSTER if node else None
         self.record(StackProcess(name=name, pid=pid, command=argv, cluster=cluster, node=node, log=str(log)))
 
@@ -280,7 +283,8 @@ def up(settings: Settings, runners: int = 4, cluster_mode: bool = False) -> int:
             return 1
         print(f"replacing the stale record {stack_path(settings)} (none of its processes runs)")
     settings.home.mkdir(parents=True, exist_ok=True)
-    # signed work items: the stack's own router and admin keys, both trusted by its runners
+    # signed work items (the stack's own router and admin keys, both trusted by its runners) and a
+    # NATS user per role: each service connects as its own, the CLI on this machine as admin
     settings = msgspec.structs.replace(settings, **secrets.generate(settings.home))
     starter = _Starter(settings, runners, groups)
     settings = starter.settings

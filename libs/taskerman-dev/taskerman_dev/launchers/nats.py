@@ -10,10 +10,11 @@ import sys
 import sysconfig
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from taskcore.bus import permissions
 from taskcore.core.errors import ServerNotReady
 from taskerman_dev.launchers.group import ServerGroup, group_ports
 from taskerman_dev.launchers.ports import connect_host, free_port
@@ -39,14 +40,23 @@ def nats_server_binary() -> str:
 
 
 class NatsServer(ServerProcess):
-    """A nats-server with JetStream on file storage, fsyncing every write."""
+    """A nats-server with JetStream on file storage, fsyncing every write. With `users` (role →
+    public nkey, `taskerman_dev.secrets.nats_users`) clients must authenticate as one of them and
+    get their role's permissions (`taskcore/bus/permissions.py`); without, anyone may connect."""
 
     name = "nats-server"
 
     def __init__(
-        self, home: Path, port: int | None = None, host: str = "127.0.0.1", monitor_port: int | None = None
+        self,
+        home: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        monitor_port: int | None = None,
+        *,
+        users: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(home, port, host)
+        self.users = dict(users or {})
         self.monitor_port = monitor_port if monitor_port is not None else free_port(connect_host(host))
         self.config_path = self.home / "nats-server.conf"
         self.server_name = f"taskerman-{self.port}"
@@ -72,7 +82,7 @@ class NatsServer(ServerProcess):
             "jetstream {\n"
             f"  store_dir: {json.dumps(str(store))}\n"
             "  sync_interval: always\n"
-            "}\n"
+            "}\n" + (permissions.authorization(self.users) if self.users else "")
         )
 
     def _command(self) -> list[str]:
@@ -112,8 +122,9 @@ class NatsClusterMember(NatsServer):
         cluster_name: str,
         routes: Sequence[str],
         host: str = "127.0.0.1",
+        users: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(home, port, host, monitor_port)
+        super().__init__(home, port, host, monitor_port, users=users)
         self.server_name = server_name
         self.cluster_port = cluster_port
         self.cluster_name = cluster_name
@@ -162,6 +173,8 @@ class NatsCluster(ServerGroup[NatsClusterMember]):
         host: str = "127.0.0.1",
         ports: Sequence[int] | None = None,
         name: str = "taskerman",
+        *,
+        users: Mapping[str, str] | None = None,
     ) -> None:
         connect = connect_host(host)
         clients, extra = group_ports(2 * size, connect, ports, size)
@@ -178,6 +191,7 @@ class NatsCluster(ServerGroup[NatsClusterMember]):
                     cluster_name=name,
                     routes=[f"nats-route://{connect}:{p}" for j, p in enumerate(routes) if j != i],
                     host=host,
+                    users=users,
                 )
                 for i in range(size)
             ]
