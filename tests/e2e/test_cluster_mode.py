@@ -64,7 +64,7 @@ TRANSIENT = (TimeoutError, nats.errors.Error)
 
 @pytest.fixture
 def servers(tmp_path: Path, nats_users: dict[str, str]) -> Iterator[tuple[NatsCluster, ZooKeeperEnsemble]]:
-    """A 3-node NATS cluster (secured) and a 3-node ZooKeeper ensemble of this test's own, started together."""
+    """A 3-node NATS cluster (secured) and a 3-node ZooKeeper ensemble of its own, started together."""
     nats_cluster = NatsCluster(tmp_path / "nats", size=3, users=nats_users)
     ensemble = ZooKeeperEnsemble(tmp_path / "zk", size=3)
     with contextlib.ExitStack() as stack:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -178,3 +180,22 @@ async def test_a_role_connects_with_its_seed_and_provisions_a_fresh_bus(
             await asyncio.wait_for(bus.provision(nc.jetstream(), base), 20)
         finally:
             await bus.close(nc)
+
+
+def test_the_cli_prints_the_servers_authorization_block(tmp_path: Path) -> None:
+    """`taskerman keys nats-config ROLE=FILE|KEY …`, as a deployment makes its server config."""
+    taskerman = str(Path(sys.executable).parent / "taskerman")
+    router, observer = tmp_path / "router.nk", tmp_path / "observer.nk"
+    router_key, observer_key = signing.write_seed(router), signing.write_seed(observer)
+    out = subprocess.run(
+        [taskerman, "keys", "nats-config", f"router={router}", f"observer={observer_key}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out == permissions.authorization({"router": router_key, "observer": observer_key})
+    bad = subprocess.run(
+        [taskerman, "keys", "nats-config", f"root={router}"], capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 1
+    assert "unknown NATS role 'root'" in bad.stderr

@@ -225,7 +225,7 @@ def differences(have: api.StreamConfig, want: api.StreamConfig) -> list[str]:
     out = []
     for name in STREAM_FIELDS:
         wanted, current = getattr(want, name), getattr(have, name)
-        if wanted is None:
+        if wanted is None or (name == "duplicate_window" and not wanted):  # unset: the server's default
             continue
         if isinstance(wanted, float | int) and not isinstance(wanted, bool):
             if abs(float(wanted) - float(current or 0)) > 1e-3:
