@@ -67,5 +67,15 @@ async def wait_for(check: Callable[[], Awaitable[bool]], within: float = 30) -> 
     raise AssertionError("condition not met in time")
 
 
-async def kinds(js: JetStreamContext, task_id: str) -> list[str]:
-    return [e.kind for e in await audit.task_events(js, task_id)]
+async def kinds(js: JetStreamContext, task_id: str, through: str | None = None) -> list[str]:
+    """The kinds of the task's audit events; with `through`, once one of that kind is there (an
+    event is published after the record it follows, so a reader of the record may be early)."""
+    found: list[str] = []
+
+    async def read() -> bool:
+        nonlocal found
+        found = [e.kind for e in await audit.task_events(js, task_id)]
+        return through is None or through in found
+
+    await wait_for(read, within=10)
+    return found

@@ -83,7 +83,7 @@ async def test_service_restart_restarts_a_real_process_and_waits_for_its_probe(
     after = await demo.pid(within=1)
     assert after != before  # a new process answers its probe
     assert not procs.alive(before)
-    events = await kinds(js[1], "svc")
+    events = await kinds(js[1], "svc", through="succeeded")
     assert events.index("pre_check-passed") < events.index("execute_action-passed")
     assert (
         events.index("execute_action-passed") < events.index("post_check-passed") < events.index("succeeded")
