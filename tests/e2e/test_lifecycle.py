@@ -347,3 +347,33 @@ async def test_runner_killed_after_the_side_effect_resumes_with_post_check_only(
     assert view.state == "succeeded", view
     assert view.nodes["n1"].attempts == 2
     assert [i["attempt"] for i in stack.intervals() if i["task_id"] == "resume"] == [1]
+
+
+async def test_runner_killed_while_a_failed_node_holds_its_slot_in_backoff(
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    """Limit 1: n1 fails and keeps its slot through a 5 s backoff; its runner is killed -9 then
+    and restarted at once. The slot dies with the old session (not the new runner's to wait for),
+    n1 takes it again and retries, and the others follow, one at a time."""
+    stack.router()
+    victim = stack.runner("c1", ["n1", "n2", "n3"])
+    args = {"seconds": 0.3, "fail_nodes": ["n1"], "fail_attempts": 1}
+    await publish_raw(
+        js[1],
+        sleep_task(
+            "held", ["n1", "n2", "n3"], args=args, workqueue_args={"retry_count": 3, "backoff": [5.0]}
+        ),
+    )
+
+    async def in_backoff() -> bool:
+        rec = await status.get_node("held", "n1")
+        return rec is not None and rec.state == "retrying" and rec.failures == 1
+
+    await wait_for(in_backoff)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    stack.runner("c1", ["n1", "n2", "n3"])
+    view = await wait_final(status, "held", within=60, stack=stack)
+    assert view.state == "succeeded", view
+    assert (view.nodes["n1"].attempts, view.nodes["n1"].failures) == (2, 1)
+    assert max_concurrency(stack.intervals()) == 1  # the failed n1 counted as acting, then each other
