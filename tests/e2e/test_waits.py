@@ -17,6 +17,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from taskcore.bus import audit
 from taskcore.bus.tracking import PauseRecord, StatusStore
 from taskcore.core.settings import Settings
 
@@ -182,3 +183,63 @@ async def test_the_waiting_nodes_of_a_paused_task_say_paused(
     view = await wait_final(status, "px", stack=stack)
     assert view.state == "succeeded", view
     assert all(r.waiting_for is None for r in view.nodes.values()), view
+
+
+async def test_a_frozen_cluster_starts_nothing_and_says_until_when(
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    stack.router()
+    stack.runner("db:main", ["n1", "n2"])
+    out = stack.cli("cluster", "freeze", "db:main", "--until", "2h", "--reason", "release week")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "frozen until" in out.stdout, out.stdout
+    assert "(release week)" in out.stdout, out.stdout
+    assert "nothing new starts" in out.stdout, out.stdout
+    await publish_raw(js[1], sleep_task("frozen", "db:main", ["n1", "n2"]))
+    waits = await waits_of(stack, "frozen", ["n1", "n2"], lambda r: r.startswith("cluster frozen until"))
+    for w in waits.values():
+        assert w["reason"].endswith("(release week)"), w
+        assert w["release"] == "taskerman cluster unfreeze db:main", w
+    shown = stack.cli("status", "frozen").stdout
+    assert "`taskerman cluster unfreeze db:main` releases it" in shown, shown
+    assert stack.intervals() == []
+
+    out = stack.cli("cluster", "unfreeze", "db:main")  # heard on the config's watch, not polled
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "open now" in out.stdout, out.stdout
+    view = await wait_final(status, "frozen", within=30, stack=stack)
+    assert view.state == "succeeded", view
+    kinds = [e.kind for e in await audit.read(js[1], audit.cluster_subject("db:main"))]
+    assert kinds == ["cluster-frozen", "cluster-unfrozen"], kinds
+
+
+async def test_outside_its_maintenance_window_a_cluster_waits_for_it(
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    """A daily window that opened an hour ago and closed a minute ago: closed now, open again in
+    about 23 hours; clearing the windows lets the task go at once."""
+    now = time.gmtime(time.time())
+    start, end = (now.tm_hour - 1) % 24, now.tm_hour
+    spec = f"daily {start:02d}:{now.tm_min:02d}-{end:02d}:{now.tm_min:02d} UTC"
+    if now.tm_min == 0 or now.tm_sec > 50:  # keep clear of the window's edge
+        spec = f"daily {(now.tm_hour + 2) % 24:02d}:00-{(now.tm_hour + 3) % 24:02d}:00 UTC"
+    stack.router()
+    stack.runner("db:main", ["n1"])
+    bad = stack.cli("cluster", "window", "db:main", "weekdays 02:00-05:00 UTC")
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "use Mon…Sun, ranges like Mon-Fri, or daily" in bad.stderr, bad.stderr
+    out = stack.cli("cluster", "window", "db:main", spec)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"windows {spec}" in out.stdout, out.stdout
+    assert "closed until" in out.stdout, out.stdout
+    await publish_raw(js[1], sleep_task("later", "db:main", ["n1"]))
+    waits = await waits_of(stack, "later", ["n1"], lambda r: r.startswith("outside maintenance window until"))
+    assert waits["n1"]["reason"].endswith(f"({spec})"), waits
+    assert waits["n1"]["release"] == "taskerman cluster window db:main --clear", waits
+    assert stack.intervals() == []
+
+    out = stack.cli("cluster", "window", "db:main", "--clear")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "none (always open)" in out.stdout, out.stdout
+    view = await wait_final(status, "later", within=30, stack=stack)
+    assert view.state == "succeeded", view

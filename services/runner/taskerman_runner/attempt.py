@@ -222,13 +222,19 @@ class Attempt:
         return await asyncio.gather(status.stopped(task_id), status.paused(task_id))
 
     async def _take_leases(self, action_cls: type[Action]) -> LeaseSet | StopRecord | None:
-        """A closed breaker, then every lease; None when the breaker opened or the task was
-        paused meanwhile, the stop record when it was stopped."""
+        """A closed breaker and an open cluster (not frozen, inside a maintenance window), then
+        every lease; None when the breaker opened, the cluster closed or the task was paused
+        meanwhile (a closed cluster is waited for here first, on a watch of its config, until it
+        opens), the stop record when it was stopped."""
         node, item = self.node, self.state.item
         _, config = await asyncio.gather(
             node.breaker.wait_closed(None, who=self.state.holder, on_open=self._breaker_open),
             clusters.read_config(node.zk, node.cluster),
         )
+        if shut := config.closed(time.time()):  # nothing starts; the wait ends when it opens
+            await self._note_waiting(waits.closed(node.cluster, shut))
+            await clusters.wait_config_change(node.zk, node.cluster, shut.until - time.time())
+            return None
         budget = config.budget
         leases = leases_for(
             item,
@@ -240,8 +246,10 @@ class Attempt:
             override=node.overrides.get(item.task.action),
         )
         await leases.acquire(on_blocked=self._lease_blocked)
-        breaker, (stop, pause) = await asyncio.gather(node.breaker.state(), self._stop_or_pause())
-        if breaker != "open" and not stop and not pause:
+        breaker, (stop, pause), config = await asyncio.gather(
+            node.breaker.state(), self._stop_or_pause(), clusters.read_config(node.zk, node.cluster)
+        )
+        if breaker != "open" and not stop and not pause and not config.closed(time.time()):
             return leases
         await leases.release()
         return stop

@@ -1,8 +1,8 @@
 """What a node that has not started waits for, in words, with the command that would end the wait
 where there is one: pure descriptions of what the attempt saw (the breaker's state, the holders
-of the lease it queues for, the task's pause). The attempt keeps the latest in the node's record
-(`waiting_for`) and writes it only when the words change, so a wait of days costs one write per
-change of reason, not one per look.
+of the lease it queues for, the task's pause, a frozen cluster or one outside its windows). The
+attempt keeps the latest in the node's record (`waiting_for`) and writes it only when the words
+change, so a wait of days costs one write per change of reason, not one per look.
 
 The descriptions name lease kinds as lease_plan.py names the leases (`task`, `topology:<attribute>`,
 `exclusion:<group>`, `global:<action>`, `budget`)."""
@@ -19,6 +19,7 @@ from taskcore.coord.fleet import znode_name
 from taskcore.coord.leases import holder_parts
 from taskcore.coord.semaphore import HolderNode
 from taskcore.core.model import Waiting
+from taskcore.core.windows import Closed
 
 MAX_NAMES = 5  # holders named in a reason; the rest are counted (a budget may have hundreds)
 MAX_DETAIL_CHARS = 160  # of a breaker's or a pause's own reason (an error message may be long)
@@ -52,6 +53,20 @@ def breaker(cluster: str, state: BreakerState, seen: BreakerStateName) -> Waitin
     else:
         reason = f"breaker open{since}{why}"
     return Waiting(reason=reason, release=f"taskerman breaker reset {shlex.quote(cluster)}")
+
+
+def closed(cluster: str, shut: Closed) -> Waiting:
+    """The cluster is frozen, or outside every maintenance window."""
+    c = shlex.quote(cluster)
+    if shut.frozen:
+        why = f" ({clipped(shut.reason)})" if shut.reason else ""
+        return Waiting(
+            reason=f"cluster frozen until {utc(shut.until)}{why}", release=f"taskerman cluster unfreeze {c}"
+        )
+    return Waiting(
+        reason=f"outside maintenance window until {utc(shut.until)} ({shut.reason})",
+        release=f"taskerman cluster window {c} --clear",
+    )
 
 
 def paused(task_id: str, pause: PauseRecord | None) -> Waiting:

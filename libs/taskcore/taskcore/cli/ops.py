@@ -1,4 +1,5 @@
-"""Operator commands on the safety core: `cluster budget`, `breaker`, `nodes` (`leases` has its own module).
+"""Operator commands on the safety core: `cluster budget|window|freeze|unfreeze`, `breaker`,
+`nodes` (`leases` has its own module).
 
 Read-mostly views of what lives in ZooKeeper (see `clusters`, `leases`, `registry`). They need
 ZooKeeper only, not NATS, so they keep working while an operator is debugging the bus."""
@@ -6,8 +7,10 @@ ZooKeeper only, not NATS, so they keep working while an operator is debugging th
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+from datetime import datetime
 
 import msgspec
 
@@ -19,8 +22,10 @@ from taskcore.cli.common import EXIT_INVALID, EXIT_OK
 from taskcore.coord import clusters, fleet, runners
 from taskcore.coord.fleet import BreakerReading
 from taskcore.coord.session import ZkSession, read_json
+from taskcore.core import windows
 from taskcore.core.settings import Settings
 from taskcore.core.subjects import encode_token
+from taskcore.core.windows import WindowError
 
 
 class BreakerView(msgspec.Struct, frozen=True, kw_only=True):
@@ -50,6 +55,89 @@ async def budget_cmd(args: argparse.Namespace, settings: Settings) -> int:
             config = await clusters.read_config(zk, args.cluster)
     shown = "no budget (only task limits apply)" if config.budget is None else f"budget {config.budget}"
     print(f"{args.cluster}: {shown}")
+    return EXIT_OK
+
+
+def parse_until(text: str, now: float) -> float:
+    """`--until`: a duration from now (`90m`, `2h`, `3d`) or an ISO 8601 time with its zone
+    (`2026-12-24T18:00+01:00`, `…Z`); ValueError saying how to write it otherwise."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if m:
+        return now + float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"--until {text!r}: give a duration (90m, 2h, 3d) or a time like 2026-12-24T18:00+01:00"
+        ) from None
+    if when.tzinfo is None:
+        raise ValueError(f"--until {text!r}: say which zone (2026-12-24T18:00+01:00, or Z for UTC)")
+    return when.timestamp()
+
+
+def _gate_lines(cluster: str, config: clusters.ClusterConfig, now: float) -> list[str]:
+    """What `cluster window` and `cluster freeze` print: the windows, the freeze, open or not."""
+    lines = [f"{cluster}: windows {'; '.join(config.windows) if config.windows else 'none (always open)'}"]
+    if config.freeze_until is not None and config.freeze_until > now:
+        why = f" ({config.freeze_reason})" if config.freeze_reason else ""
+        lines.append(f"  frozen until {render.utc(config.freeze_until)} by {config.frozen_by or '?'}{why}")
+    shut = config.closed(now)
+    lines.append(f"  closed until {render.utc(shut.until)}: nothing new starts" if shut else "  open now")
+    return lines
+
+
+async def _audit(settings: Settings, kind: str, cluster: str, detail: str) -> None:
+    nc = await bus.connect(settings, "taskerman-cli")
+    try:
+        await audit.Audit(nc.jetstream(), common.user()).record(kind, cluster=cluster, detail=detail)
+    finally:
+        await bus.close(nc)
+
+
+async def window_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    """Show or set a cluster's maintenance windows."""
+    if args.clear and args.windows:
+        print("taskerman cluster window: give windows or --clear, not both", file=sys.stderr)
+        return EXIT_INVALID
+    change = args.clear or bool(args.windows)
+    async with common.connect_zookeeper(settings) as zk:
+        try:
+            config = (
+                await clusters.set_windows(zk, args.cluster, [] if args.clear else args.windows)
+                if change
+                else await clusters.read_config(zk, args.cluster)
+            )
+        except WindowError as e:
+            print(f"taskerman cluster window: {e}", file=sys.stderr)
+            return EXIT_INVALID
+    if change:
+        await _audit(settings, "cluster-windows", args.cluster, "; ".join(config.windows) or "cleared")
+    print("\n".join(_gate_lines(args.cluster, config, time.time())))
+    return EXIT_OK
+
+
+async def freeze_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    """Freeze a cluster until a time (nothing new starts), or lift its freeze."""
+    now = time.time()
+    if args.cluster_cmd == "freeze":
+        try:
+            until = parse_until(args.until, now)
+        except ValueError as e:
+            print(f"taskerman cluster freeze: {e}", file=sys.stderr)
+            return EXIT_INVALID
+        if until <= now:
+            print(f"taskerman cluster freeze: --until {args.until!r} is in the past", file=sys.stderr)
+            return EXIT_INVALID
+        kind, detail = (
+            "cluster-frozen",
+            f"until {render.utc(until)}" + (f": {args.reason}" if args.reason else ""),
+        )
+    else:
+        until, kind, detail = now, "cluster-unfrozen", ""
+    async with common.connect_zookeeper(settings) as zk:
+        config = await clusters.freeze(zk, args.cluster, until, args.reason or "", common.user())
+    await _audit(settings, kind, args.cluster, detail)
+    print("\n".join(_gate_lines(args.cluster, config, time.time())))
     return EXIT_OK
 
 
@@ -159,7 +247,8 @@ def _add_view(parent: Subparsers, name: str, text: str) -> None:
 
 
 class Cluster(ServerCommand):
-    """`taskerman cluster budget CLUSTER [N | --unset]` (the only cluster setting so far)."""
+    """`taskerman cluster budget CLUSTER [N | --unset]`, `window CLUSTER [SPEC … | --clear]`,
+    `freeze CLUSTER --until WHEN [--reason R]`, `unfreeze CLUSTER`."""
 
     name = "cluster"
 
@@ -170,8 +259,25 @@ class Cluster(ServerCommand):
         b.add_argument("cluster")
         b.add_argument("n", type=int, nargs="?", help="at most this many nodes of the cluster act at once")
         b.add_argument("--unset", action="store_true", help="remove the budget (only task limits apply)")
+        w = csub.add_parser("window", help="show or set the maintenance windows: work starts only inside one")
+        w.add_argument("cluster")
+        w.add_argument("windows", nargs="*", metavar="SPEC", help=f"a window, {windows.EXAMPLE}")
+        w.add_argument("--clear", action="store_true", help="no windows: the cluster is always open")
+        f = csub.add_parser(
+            "freeze", help="nothing new starts on the cluster until a time (running nodes finish)"
+        )
+        f.add_argument("cluster")
+        f.add_argument("--until", required=True, help="a duration (90m, 2h, 3d) or 2026-12-24T18:00+01:00")
+        f.add_argument("--reason", default="", help="shown to whoever waits")
+        csub.add_parser("unfreeze", help="lift a freeze").add_argument("cluster")
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
+        if args.cluster_cmd == "window":
+            return await window_cmd(args, settings)
+        if args.cluster_cmd in ("freeze", "unfreeze"):
+            if args.cluster_cmd == "unfreeze":
+                args.reason = ""
+            return await freeze_cmd(args, settings)
         return await budget_cmd(args, settings)
 
 

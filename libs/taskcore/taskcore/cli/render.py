@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections import Counter
 
 from rich.console import Console
@@ -289,3 +290,8 @@ def plan_text(plan: Plan) -> list[str]:
 def ago(t: float, now: float) -> str:
     """`3.2s ago` (never negative: clocks differ a little between hosts)."""
     return f"{max(now - t, 0.0):.1f}s ago"
+
+
+def utc(t: float) -> str:
+    """`2026-12-24T17:00:00Z`."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

@@ -1,8 +1,9 @@
 """Per-cluster safety state in ZooKeeper: the disruption budget, the circuit breaker and counters.
 
-Paths (under the chroot): `/clusters/<cluster>/config` (budget), `/clusters/<cluster>/breaker`,
-`/clusters/<cluster>/budget` and `/clusters/<cluster>/exclusion/<group>` (semaphores, see
-coord/semaphore.py), `/stats/<cluster>/<action>`. Decisions are pure functions; the I/O is
+Paths (under the chroot): `/clusters/<cluster>/config` (budget, windows, freeze),
+`/clusters/<cluster>/breaker`, `/clusters/<cluster>/budget` and
+`/clusters/<cluster>/exclusion/<group>` (semaphores, see coord/semaphore.py),
+`/stats/<cluster>/<action>`. Decisions are pure functions; the I/O is
 compare-and-set on JSON znodes."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from taskcore.coord import watches
 from taskcore.coord.session import ZkSession, read_json, update_json
 from taskcore.core.settings import Settings
 from taskcore.core.subjects import encode_token
+from taskcore.core.windows import Closed, check_windows, gate
 
 BREAKER_BACKSTOP = 60.0  # a waiter looks at an open breaker again after this, watch or no watch
 
@@ -30,9 +32,19 @@ def cluster_path(cluster: str, *parts: str) -> str:
 
 
 class ClusterConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """Operator settings of one cluster; `budget` None means unlimited (only task limits apply)."""
+    """Operator settings of one cluster; `budget` None means unlimited (only task limits apply).
+    `windows` (core/windows.py): work starts only while one is open (none: always); a freeze
+    (`freeze_until`, with its reason and who set it) stops anything new starting until then."""
 
     budget: int | None = None
+    windows: tuple[str, ...] = ()
+    freeze_until: float | None = None
+    freeze_reason: str = ""
+    frozen_by: str = ""
+
+    def closed(self, now: float) -> Closed | None:
+        """Why work may not start on the cluster now, or None."""
+        return gate(self.windows, self.freeze_until, self.freeze_reason, now)
 
 
 class BreakerPolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -191,6 +203,39 @@ class Breaker:
 
 async def read_config(zk: ZkSession, cluster: str) -> ClusterConfig:
     return await read_json(zk, cluster_path(cluster, "config"), ClusterConfig) or ClusterConfig()
+
+
+async def set_windows(zk: ZkSession, cluster: str, spec: list[str]) -> ClusterConfig:
+    """Set a cluster's maintenance windows (none: always open); WindowError for a bad one."""
+    checked = check_windows(spec)
+    return await _update_config(zk, cluster, lambda c: msgspec.structs.replace(c, windows=checked))
+
+
+async def freeze(zk: ZkSession, cluster: str, until: float, reason: str, by: str) -> ClusterConfig:
+    """Nothing new starts on the cluster until `until`; `until` in the past lifts a freeze."""
+    return await _update_config(
+        zk,
+        cluster,
+        lambda c: msgspec.structs.replace(c, freeze_until=until, freeze_reason=reason, frozen_by=by),
+    )
+
+
+async def _update_config(
+    zk: ZkSession, cluster: str, change: Callable[[ClusterConfig], ClusterConfig]
+) -> ClusterConfig:
+    return await update_json(
+        zk, cluster_path(cluster, "config"), ClusterConfig, lambda c: change(c or ClusterConfig())
+    )
+
+
+async def wait_config_change(zk: ZkSession, cluster: str, at_most: float) -> None:
+    """Return when the cluster's config changes (a window set, a freeze lifted) or after
+    `at_most` seconds."""
+    path = cluster_path(cluster, "config")
+    with watches.Watch(zk.client, [watches.DATA, watches.CREATED, watches.DELETED], path) as w:
+        with contextlib.suppress(exc.NoNode):
+            await zk.client.exists(path, watch=True)
+        await w.wait(max(at_most, 0.05))
 
 
 async def set_budget(zk: ZkSession, cluster: str, budget: int | None) -> ClusterConfig:
