@@ -169,6 +169,22 @@ def test_waves_with_topology_are_one_per_zone() -> None:
     )
 
 
+def test_a_canary_is_a_wave_of_its_own_and_every_item_names_it() -> None:
+    task = _task(limit=3)
+    task = msgspec.structs.replace(
+        task, taskerman_params=msgspec.structs.replace(task.taskerman_params, canary=2)
+    )
+    ordered = order_nodes(task, FLEET, PLUGINS)
+    assert waves(task, ordered, 3) == (
+        Wave(nodes=("a-1", "a-2"), group="canary"),
+        Wave(nodes=("b-1", "b-2", "c-1")),
+        Wave(nodes=("c-2",)),
+    )
+    assert all(r.item.canary == ("a-1", "a-2") for r in routes(task, ordered, now=1.0))
+    assert routes(_task(), ordered, now=1.0)[0].item.canary == ()  # none: not in the item at all
+    assert b"canary" not in msgspec.json.encode(routes(_task(), ordered, now=1.0)[0].item)
+
+
 def test_routes_keep_the_order_and_carry_attributes() -> None:
     task = _task(topology="zone")
     ordered = order_nodes(task, FLEET, PLUGINS)

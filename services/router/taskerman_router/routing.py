@@ -148,10 +148,21 @@ def order_nodes(
     return ordered
 
 
+CANARY_GROUP = "canary"  # as taskcore.cli.render shows it
+
+
 def waves(task: Task, nodes: Sequence[NodeInfo], concurrency: int) -> tuple[Wave, ...]:
-    """Groups of nodes that may act together, in order. With topology: one wave per zone (or
-    rack), its nodes at most `concurrency` at once. Without: chunks of `concurrency`, the ideal
-    schedule (runners pull on their own, so a node starts whenever a slot frees)."""
+    """Groups of nodes that may act together, in order. A canary (`taskerman_params.canary`: k)
+    is a wave of its own, the first k nodes, which must all succeed before the rest start. With
+    topology: one wave per zone (or rack), its nodes at most `concurrency` at once. Without:
+    chunks of `concurrency`, the ideal schedule (runners pull on their own, so a node starts
+    whenever a slot frees)."""
+    k = task.taskerman_params.canary
+    head = (Wave(nodes=tuple(n.name for n in nodes[:k]), group=CANARY_GROUP),) if k and nodes else ()
+    return head + _waves(task, nodes[k:], concurrency)
+
+
+def _waves(task: Task, nodes: Sequence[NodeInfo], concurrency: int) -> tuple[Wave, ...]:
     key = topology_key(task)
     if key:
         out: list[Wave] = []
@@ -169,15 +180,21 @@ def waves(task: Task, nodes: Sequence[NodeInfo], concurrency: int) -> tuple[Wave
 
 def routes(task: Task, nodes: Sequence[PlannedNode], now: float) -> list[Route]:
     """One route per node, in plan order: each item carries its own node, attributes and place in
-    the plan, and the task without its node list."""
+    the plan, the names of the task's canary nodes, and the task without its node list."""
     task = msgspec.structs.replace(task, nodes=())
+    canary = tuple(n.name for n in nodes[: task.taskerman_params.canary])
     return [
         Route(
             node=node.name,
             subject=subjects.node_subject(task.cluster_name, node.name),
             msg_id=subjects.work_msg_id(task.task_id, node.name),
             item=WorkItem(
-                task=task, node=node.name, routed_at=now, attributes=node.attributes, position=position
+                task=task,
+                node=node.name,
+                routed_at=now,
+                attributes=node.attributes,
+                position=position,
+                canary=canary,
             ),
         )
         for position, node in enumerate(nodes)

@@ -189,9 +189,10 @@ class Attempt:
         node, task = self.node, self.state.item.task
         deadline_s = task.taskerman_params.deadline_s
         until = None if deadline_s is None else self.state.item.routed_at + deadline_s
-        async with node.stops.watching(task.task_id) as stop_heard:
+        async with node.stops.watching(task.task_id) as stop_heard, self._canary_watch() as canary_heard:
             while True:
                 stop_heard.clear()  # before the look: a stop from here on is heard
+                canary_heard.clear()
                 stop, pause = await self._stop_or_pause()
                 if stop:
                     return stop
@@ -200,9 +201,15 @@ class Attempt:
                     return _expired(deadline_s)
                 if pause:
                     await self._note_waiting(waits.paused(task.task_id, pause))
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop_heard.wait(), left)
+                    await _either(stop_heard, at_most=left)
                     continue
+                if self._behind_canary():
+                    if ended := await self._canary_ended():
+                        return ended
+                    if pending := await self._canary_pending():
+                        await self._note_waiting(waits.canary(pending))
+                        await _either(stop_heard, canary_heard, at_most=left)
+                        continue
                 taking = asyncio.create_task(self._take_leases(action_cls))
                 hearing = asyncio.create_task(stop_heard.wait())
                 try:
@@ -215,6 +222,39 @@ class Attempt:
                     await asyncio.gather(taking, hearing, return_exceptions=True)
                 if not taking.cancelled() and (got := taking.result()) is not None:
                     return got
+
+    def _behind_canary(self) -> bool:
+        """The task has a canary wave and this node is not in it."""
+        canary = self.state.item.canary
+        return bool(canary) and self.node.node not in canary
+
+    def _canary_watch(self) -> contextlib.AbstractAsyncContextManager[asyncio.Event]:
+        """Changes of the task's node records, heard while a node waits for its canary."""
+        if self._behind_canary():
+            return self.node.stops.watching_nodes(self.state.task_id)
+        return contextlib.nullcontext(asyncio.Event())
+
+    async def _canary_pending(self) -> list[str]:
+        """The canary nodes that have not succeeded yet."""
+        canary = list(self.state.item.canary)
+        found = await self.node.status.get_nodes(self.state.task_id, canary)
+        return [n for n in canary if (r := found.get(n)) is None or r.state != "succeeded"]
+
+    async def _canary_ended(self) -> StopRecord | None:
+        """A canary node that ended without succeeding stops the task (the first to see it writes
+        the stop; its own runner does so too when it dead-letters it), so nothing else starts."""
+        found = await self.node.status.get_nodes(self.state.task_id, list(self.state.item.canary))
+        failed = sorted(n for n, r in found.items() if r.state in CANARY_FAILED)
+        if not failed:
+            return None
+        stop = StopRecord(
+            reason="canary",
+            detail=f"canary node(s) {', '.join(failed)} did not succeed",
+            by=self.node.actor,
+            at=time.time(),
+        )
+        await self.node.status.stop(self.state.task_id, stop)
+        return await self.node.status.stopped(self.state.task_id) or stop
 
     async def _stop_or_pause(self) -> tuple[StopRecord | None, PauseRecord | None]:
         """The task's stop and pause records, read at once (one round trip's wait, not two)."""
@@ -485,6 +525,8 @@ class Attempt:
         allowed = task.resolved_max_failures
         if post_check_reason:
             reason, detail = "post_check", f"post_check failed on {s.node}: {post_check_reason}"
+        elif s.node in s.item.canary:
+            reason, detail = "canary", f"canary node {s.node} failed"
         elif failed > allowed:
             reason, detail = "failures", f"{failed} failed node(s), max_failures {allowed}"
         else:
@@ -535,6 +577,23 @@ DEADLINE = "deadline"  # the reason of the stop record a node writes itself when
 def _expired(deadline_s: float | None) -> StopRecord:
     detail = f"waited past the task's deadline of {deadline_s:g}s without starting"
     return StopRecord(reason=DEADLINE, detail=detail, at=time.time())
+
+
+# a canary node in one of these states will never succeed: the task stops
+CANARY_FAILED: frozenset[NodeStateName] = frozenset(
+    {"dead", "failed", "skipped", "cancelled", "expired", "unserved"}
+)
+
+
+async def _either(*events: asyncio.Event, at_most: float | None) -> None:
+    """Until one of the events is set, or `at_most` seconds (None: no limit)."""
+    waits = {asyncio.ensure_future(e.wait()) for e in events}
+    try:
+        await asyncio.wait(waits, timeout=at_most, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
 
 
 async def _patiently(call: Callable[[], Awaitable[_T]]) -> _T:

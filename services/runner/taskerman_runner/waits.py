@@ -69,6 +69,11 @@ def closed(cluster: str, shut: Closed) -> Waiting:
     )
 
 
+def canary(pending: Sequence[str]) -> Waiting:
+    """The task's canary wave has not all succeeded yet: the rest of the task waits for it."""
+    return Waiting(reason=f"canary: {names(pending)} to succeed first")
+
+
 def paused(task_id: str, pause: PauseRecord | None) -> Waiting:
     """The task is paused: its waiting nodes queue for nothing until it is resumed."""
     by = f" by {pause.by}" if pause and pause.by else ""

@@ -47,6 +47,7 @@ MATRIX = [
     ("runner", PUB, f"{API}.STREAM.PURGE.DEAD", False),
     ("runner", PUB, f"{API}.STREAM.DELETE.WORK", False),
     ("runner", SUB, f"{KV}.stop.>", True),
+    ("runner", SUB, f"{KV}.node.t1.>", True),  # a canary's records, waited for
     ("runner", SUB, "tasks.cluster.>", False),
     ("scheduler", PUB, "tasks.global", True),
     ("scheduler", PUB, "tasks.cluster.c.n1", False),

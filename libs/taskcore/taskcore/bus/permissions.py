@@ -151,7 +151,7 @@ ROLES: dict[str, Grant] = {
             f"{KV}.failures.>",
             f"{KV}.stop.>",  # a node past max_failures, a failed post_check, a deadline
         ),
-        subscribe=(f"{KV}.stop.>", f"{KV}.pause.>"),
+        subscribe=(f"{KV}.stop.>", f"{KV}.pause.>", f"{KV}.node.>"),  # the node records: a canary's
     ),
     "scheduler": _with(
         READ,

@@ -31,6 +31,9 @@ class StopSignals:
         self._waiters: dict[str, set[asyncio.Event]] = {}  # by task token
         self._subs: list[Subscription] = []
         self._prefix = f"$KV.{subjects.STATUS_BUCKET}."
+        self._node_waiters: dict[str, set[asyncio.Event]] = {}  # by task token
+        self._node_subs: dict[str, Subscription] = {}
+        self._node_lock = asyncio.Lock()
 
     async def _ensure(self) -> None:
         if not self._subs:
@@ -58,9 +61,38 @@ class StopSignals:
                 if not waiters:
                     del self._waiters[token]
 
+    @contextlib.asynccontextmanager
+    async def watching_nodes(self, task_id: str) -> AsyncIterator[asyncio.Event]:
+        """An event set whenever a node record of the task changes, while the block runs: for the
+        nodes that wait for the task's canary. One subscription per task while anyone waits (a
+        canary's nodes are few, the waiters for them many), gone with the last waiter."""
+        token = encode_token(task_id)
+        event = asyncio.Event()
+        waiters = self._node_waiters.setdefault(token, set())
+        waiters.add(event)
+        try:
+            async with self._node_lock:  # one subscription per task, whoever comes first
+                if token not in self._node_subs:
+
+                    async def wake(_msg: Msg) -> None:
+                        for e in self._node_waiters.get(token, ()):
+                            e.set()
+
+                    subject = f"{self._prefix}node.{token}.>"
+                    self._node_subs[token] = await self.nc.subscribe(subject, cb=wake)
+            yield event
+        finally:
+            waiters.discard(event)
+            async with self._node_lock:
+                if not waiters and self._node_waiters.get(token) is waiters:
+                    del self._node_waiters[token]
+                    if sub := self._node_subs.pop(token, None):
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
+
     def waiting(self) -> int:
         """How many waits are registered (tests watch this return to zero)."""
-        return sum(len(w) for w in self._waiters.values())
+        return sum(len(w) for w in (*self._waiters.values(), *self._node_waiters.values()))
 
     async def close(self) -> None:
         subs, self._subs = self._subs, []

@@ -111,6 +111,11 @@ def add_task_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing", help="routing plugin (default: name, or zone with --topology)")
     p.add_argument("--topology", choices=["zone", "rack"], help="one zone (or rack) at a time")
     p.add_argument(
+        "--canary",
+        type=int,
+        help="the first K nodes of the plan run alone and must all succeed before the rest start",
+    )
+    p.add_argument(
         "--deadline",
         help="a node that has not started this long after routing gives up (expired); e.g. 90s, 30m, 6h, 2d",
     )
@@ -166,6 +171,8 @@ def build_task(args: argparse.Namespace, registry: ActionRegistry) -> Task:
             params[option] = value
     if deadline := getattr(args, "deadline", None):
         params["deadline_s"] = parse_duration(deadline, "--deadline")
+    if canary := getattr(args, "canary", None):
+        params["canary"] = canary
     if (max_failures := getattr(args, "max_failures", None)) is not None:
         params["max_failures"] = max_failures
     if args.retries is not None:

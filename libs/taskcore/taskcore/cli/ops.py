@@ -7,7 +7,6 @@ ZooKeeper only, not NATS, so they keep working while an operator is debugging th
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from datetime import datetime
@@ -61,11 +60,11 @@ async def budget_cmd(args: argparse.Namespace, settings: Settings) -> int:
 def parse_until(text: str, now: float) -> float:
     """`--until`: a duration from now (`90m`, `2h`, `3d`) or an ISO 8601 time with its zone
     (`2026-12-24T18:00+01:00`, `…Z`); ValueError saying how to write it otherwise."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
-    if m:
-        return now + float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    raw = text.strip()
+    if raw[-1:].lower() in common.DURATION_UNITS and raw[:-1].replace(".", "", 1).isdigit():
+        return now + common.parse_duration(raw, "--until")
     try:
-        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(
             f"--until {text!r}: give a duration (90m, 2h, 3d) or a time like 2026-12-24T18:00+01:00"

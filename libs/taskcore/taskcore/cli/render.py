@@ -215,12 +215,18 @@ def _attrs(attributes: dict[str, str]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(attributes.items())) or "-"
 
 
+CANARY_GROUP = "canary"  # the group of a canary wave (the router's routing.waves)
+
+
 def wave_lines(waves: tuple[Wave, ...], topology: str | None, indent: str = "  ") -> list[str]:
-    """One line per wave: `wave 2  zone eu-1b  (2)  a, b`."""
+    """One line per wave: `wave 2  zone eu-1b  (2)  a, b`; a canary wave says what it is."""
     width = max((len(w.group) for w in waves), default=0)
     out = []
     for i, w in enumerate(waves, 1):
-        label = f"{topology} {w.group:<{width}}  " if topology else ""
+        if w.group == CANARY_GROUP:
+            label = "canary: must all succeed before the rest start  "
+        else:
+            label = f"{topology} {w.group:<{width}}  " if topology else ""
         out.append(f"{indent}wave {i:<3} {label}({len(w.nodes)})  {', '.join(w.nodes)}")
     return out
 

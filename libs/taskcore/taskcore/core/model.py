@@ -13,6 +13,7 @@ from taskcore.core import limits, percent
 from taskcore.core.errors import InvalidTask
 from taskcore.core.limits import (
     MAX_ACTION_CHARS,
+    MAX_CANARY,
     MAX_DISCOVERY_CHARS,
     MAX_FAILURES,
     MAX_LIMIT,
@@ -66,6 +67,9 @@ class TaskermanParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, o
     # seconds after routing past which a node that has not started gives up waiting (`expired`);
     # none: a node waits for its turn as long as it takes (days, in a long rollout)
     deadline_s: Annotated[float, msgspec.Meta(gt=0, le=365 * 86400)] | None = None
+    # a canary wave: the first k nodes of the plan run alone (at most `limit` at once) and must
+    # all succeed before the rest start; one that fails stops the task
+    canary: Annotated[int, msgspec.Meta(ge=0, le=MAX_CANARY)] = 0
 
 
 class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -125,13 +129,16 @@ class WorkItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
     """One node's share of a task, published by the router on the node's subject. It carries only
     its own node: the task's `nodes` list is left out, so an item's size does not grow with the
     task. `attributes` are the node's, from discovery; `position` is its place in the router's plan
-    (0 first), the order in which the task's slot serves its nodes."""
+    (0 first), the order in which the task's slot serves its nodes. `canary` names the task's
+    canary nodes (the first `taskerman_params.canary` of the plan), which a node after them waits
+    for."""
 
     task: Task
     node: Name
     routed_at: float
     attributes: dict[str, str] = {}
     position: int = 0
+    canary: tuple[Name, ...] = ()
 
 
 NodeStateName = Literal[
