@@ -243,3 +243,21 @@ async def test_outside_its_maintenance_window_a_cluster_waits_for_it(
     assert "none (always open)" in out.stdout, out.stdout
     view = await wait_final(status, "later", within=30, stack=stack)
     assert view.state == "succeeded", view
+
+
+async def test_a_window_that_opens_in_a_few_seconds_holds_the_rollout_until_then(
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    opens = time.time() + 5
+    start, end = time.gmtime(opens), time.gmtime(opens + 3600)
+    spec = f"daily {time.strftime('%H:%M:%S', start)}-{time.strftime('%H:%M:%S', end)} UTC"
+    stack.router()
+    stack.runner("db:main", ["n1", "n2"])
+    out = stack.cli("cluster", "window", "db:main", spec)
+    assert out.returncode == 0, out.stdout + out.stderr
+    await publish_raw(js[1], sleep_task("soon", "db:main", ["n1", "n2"], limit=1))
+    view = await wait_final(status, "soon", within=60, stack=stack)
+    assert view.state == "succeeded", view
+    starts = [i["start"] for i in stack.intervals()]
+    assert len(starts) == 2
+    assert min(starts) >= int(opens), (starts, opens)  # nothing before the window opened

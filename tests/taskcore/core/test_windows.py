@@ -70,7 +70,7 @@ def test_day_specs(spec: str, days: set[int]) -> None:
         ("Someday 02:00-05:00 UTC", "use Mon…Sun"),
         ("Mon 2-5 UTC", "not HH:MM-HH:MM"),
         ("Mon 25:00-26:00 UTC", "not a time of day"),
-        ("Mon 03:00-03:00 UTC", "same minute"),
+        ("Mon 03:00-03:00 UTC", "same time"),
         ("Mon 02:00-05:00 Mars/Olympus", "unknown time zone"),
     ],
 )

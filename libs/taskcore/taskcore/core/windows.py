@@ -2,11 +2,11 @@
 
 A window is written as an operator says it: `"Mon-Fri 02:00-05:00 Europe/Amsterdam"`, `"daily
 22:00-02:00 UTC"` (past midnight: it closes the next morning), `"Sat,Sun 00:00-24:00 UTC"`. Days
-are `Mon`…`Sun`, ranges (`Mon-Fri`, `Fri-Mon`), lists of both, or `daily`; times are local to the
-zone (an IANA name), so a window opens at its wall-clock hour through daylight-saving changes (and
-lasts its length in real time). A
-cluster with windows is open while any of them is; without windows it is always open. A freeze
-(`until`, a reason) closes it whatever its windows say.
+are `Mon`…`Sun`, ranges (`Mon-Fri`, `Fri-Mon`), lists of both, or `daily`; times (`HH:MM`, or
+`HH:MM:SS`) are local to the zone (an IANA name), so a window opens at its wall-clock hour through
+daylight-saving changes (and lasts its length in real time). A cluster with windows is open while
+any of them is; without windows it is always open. A freeze (`until`, a reason) closes it whatever
+its windows say.
 
 `gate(windows, freeze_until, freeze_reason, now)` says whether work may start now and, if not,
 until when and why: runners start nothing on a closed cluster (what runs finishes)."""
@@ -20,7 +20,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_WINDOWS = 16
-_TIME = re.compile(r"^(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})$")
+_TIME = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?-(\d{1,2}):(\d{2})(?::(\d{2}))?$")
+DAY = 86400
 LOOK_AHEAD_DAYS = 8  # every window opens within a week
 
 
@@ -30,8 +31,8 @@ class WindowError(ValueError):
 
 @dataclass(frozen=True)
 class Window:
-    """Opens at `start` (minutes after local midnight) on each of `days` (0 = Monday) and stays
-    open `length` minutes, in `zone`."""
+    """Opens at `start` (seconds after local midnight) on each of `days` (0 = Monday) and stays
+    open `length` seconds, in `zone`."""
 
     days: frozenset[int]
     start: int
@@ -53,13 +54,13 @@ def parse(text: str) -> Window:
     m = _TIME.match(hours)
     if not m:
         raise WindowError(f"window {text!r}: hours {hours!r} are not HH:MM-HH:MM, {EXAMPLE}")
-    h1, m1, h2, m2 = (int(g) for g in m.groups())
-    if h1 > 23 or m1 > 59 or h2 > 24 or m2 > 59 or (h2 == 24 and m2):
+    h1, m1, s1, h2, m2, s2 = (int(g or 0) for g in m.groups())
+    if h1 > 23 or m1 > 59 or s1 > 59 or h2 > 24 or m2 > 59 or s2 > 59 or (h2 == 24 and (m2 or s2)):
         raise WindowError(f"window {text!r}: {hours!r} is not a time of day (00:00 to 24:00)")
-    start, end = h1 * 60 + m1, h2 * 60 + m2
+    start, end = h1 * 3600 + m1 * 60 + s1, h2 * 3600 + m2 * 60 + s2
     if start == end:
-        raise WindowError(f"window {text!r}: it opens and closes at the same minute")
-    length = end - start if end > start else end + 24 * 60 - start  # past midnight
+        raise WindowError(f"window {text!r}: it opens and closes at the same time")
+    length = end - start if end > start else end + DAY - start  # past midnight
     try:
         zone = ZoneInfo(zone_name)
     except (ZoneInfoNotFoundError, ValueError):
@@ -92,9 +93,9 @@ def openings(w: Window, now: float) -> list[tuple[float, float]]:
         day = today + timedelta(days=delta)
         if day.weekday() not in w.days:
             continue
-        local = datetime(day.year, day.month, day.day, tzinfo=w.zone) + timedelta(minutes=w.start)
+        local = datetime(day.year, day.month, day.day, tzinfo=w.zone) + timedelta(seconds=w.start)
         opens = local.timestamp()
-        out.append((opens, opens + w.length * 60))
+        out.append((opens, opens + w.length))
     return out
 
 
