@@ -121,6 +121,23 @@ async def test_catchup_window_for_missed_and_new_schedules(
     assert [i for i, _ in await published(jsc)][1:] == [slot_task_id("new", T0 + timedelta(minutes=1))]
 
 
+async def test_missed_slots_are_warned_of_once_not_every_tick(
+    js: tuple[NATS, JetStreamContext], zk: ZkSession, status: StatusStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An hourly schedule's last slot is older than the catch-up window at almost every tick,
+    with nothing missed: only slots really skipped are worth the warning."""
+    hourly = Schedule(name="hourly", cron="0 * * * *", overlap="allow", task=TEMPLATE)
+    nc, jsc = js
+    s = Scheduler(nc, jsc, zk, status, ActionRegistry.installed(), schedules=[hourly], holder="x")
+    slot = await s.leader.acquire(s.holder)
+    await StateStore(zk).save("hourly", ScheduleState(last_slot=T0 - timedelta(hours=5)), -1)
+    with caplog.at_level("WARNING"):
+        for second in range(60, 120):  # a minute of ticks, 12:01 to 12:02
+            await s.tick(slot, now=T0 + timedelta(seconds=second))
+    said = [r for r in caplog.records if "slots missed" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]  # the four hours missed, once
+
+
 async def test_submit_validates_assigns_ids_and_reports_duplicates(
     js: tuple[NATS, JetStreamContext], zk: ZkSession, status: StatusStore
 ) -> None:

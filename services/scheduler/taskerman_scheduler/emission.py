@@ -33,7 +33,7 @@ from taskcore.core.model import TASK_FINISHED, Task, TaskRecord, encode
 from taskcore.obs import tracing
 from taskcore.obs.metrics import Instruments
 from taskerman_scheduler.schedules import Schedule
-from taskerman_scheduler.slots import due_slots, manual_task_id, slot_task_id, window_start
+from taskerman_scheduler.slots import due_slots, manual_task_id, slot_task_id, slots_after, window_start
 from taskerman_scheduler.state import ScheduleState, StateStore
 from taskerman_scheduler.targets import KnownClusters, NoTargets, TargetError
 
@@ -106,12 +106,16 @@ class Emitter:
             version = await self.state.save(sched.name, state, version)
         start = window_start(sched, now, self.grace)
         if state.last_slot < start:
-            log.warning(
-                "slots missed while no scheduler ran are not emitted schedule=%s after=%s until=%s",
-                sched.name,
-                state.last_slot.isoformat(),
-                start.isoformat(),
-            )
+            # said only when a slot was in fact skipped: an hourly schedule's last slot is older
+            # than the window at most ticks, with nothing missed
+            missed = next(slots_after(sched, state.last_slot), None)
+            if missed is not None and missed <= start:
+                log.warning(
+                    "slots missed while no scheduler ran are not emitted schedule=%s after=%s until=%s",
+                    sched.name,
+                    state.last_slot.isoformat(),
+                    start.isoformat(),
+                )
             state = msgspec.structs.replace(state, last_slot=start)
             version = await self.state.save(sched.name, state, version)
         pause = await control.read_pause(self.zk, sched.name)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +15,7 @@ from taskcore.cli import main as cli
 from taskcore.cli.command import ENTRY_POINT_GROUP, SettingsHook
 from taskcore.cli.plan import Plan
 from taskcore.cli.tasks import Status, Submit
+from taskcore.core import signing
 from taskcore.core.settings import Settings
 from taskerman_dev.cli import Dev
 
@@ -72,3 +77,23 @@ def test_the_dev_hook_leaves_explicit_servers_alone() -> None:
     settings = Settings(nats_url="nats://a:1", zk_hosts="b:2")
     env = {"TASKERMAN_NATS_URL": "nats://a:1", "TASKERMAN_ZK_HOSTS": "b:2"}
     assert Dev().adjust_settings(settings, env) is settings
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`taskerman … | head`: the reader went away; exit 0, no traceback."""
+    seed = tmp_path / "r.nk"
+    signing.write_seed(seed)
+    read, write = os.pipe()
+    os.close(read)  # nobody reads: the first write fails with EPIPE
+    try:
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "taskerman"), "keys", "nats-config", f"router={seed}"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

@@ -41,19 +41,18 @@ class Keys:
     def run(self, args: argparse.Namespace, settings: Settings) -> int:
         try:
             if args.keys_cmd == "nats-config":
-                print(permissions.authorization(_users(args.users)), end="")
-                return EXIT_OK
-            if args.keys_cmd == "new":
-                key = signing.write_seed(args.file)
+                out = permissions.authorization(_users(args.users))
+            elif args.keys_cmd == "new":
+                out = signing.write_seed(args.file) + "\n"
             else:
-                key = signing.public_key(signing.read_seed(args.file))
+                out = signing.public_key(signing.read_seed(args.file)) + "\n"
         except FileExistsError:
             print(f"taskerman keys new: {args.file} exists; not overwriting a key", file=sys.stderr)
             return EXIT_FAILED
         except (OSError, ValueError, signing.SigningConfigError) as e:
             print(f"taskerman keys {args.keys_cmd}: {e}", file=sys.stderr)
             return EXIT_FAILED
-        print(key)
+        print(out, end="")  # outside the try: a closed pipe is not a bad key file
         return EXIT_OK
 
 

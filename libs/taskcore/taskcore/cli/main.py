@@ -4,6 +4,7 @@ group `taskerman.cli` (see `command.Command`), and the dispatch to the one given
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -11,7 +12,7 @@ from collections.abc import Iterable
 from importlib.metadata import entry_points
 
 from taskcore.cli.command import ENTRY_POINT_GROUP, Command, SettingsHook
-from taskcore.cli.common import EXIT_FAILED, EXIT_INTERRUPTED
+from taskcore.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from taskcore.core.errors import TaskermanError
 from taskcore.core.settings import Settings
 from taskcore.obs import tracing
@@ -66,8 +67,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `taskerman events X | head`: the reader has what it wanted
+        _quiet_stdout()
+        return EXIT_OK
     finally:
         tracing.shutdown()
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush into the closed pipe does
+    not print a traceback of its own."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":
