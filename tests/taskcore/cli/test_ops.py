@@ -47,14 +47,25 @@ async def run_json(settings: Settings, capsys: pytest.CaptureFixture[str], *argv
 
 async def test_budget_set_show_unset(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     no_budget = f"{CLUSTER}: no budget (only task limits apply)\n"
-    assert await run(settings, capsys, "cluster", "budget", CLUSTER) == (0, no_budget, "")
-    assert await run(settings, capsys, "cluster", "budget", CLUSTER, "2") == (0, f"{CLUSTER}: budget 2\n", "")
-    assert await run(settings, capsys, "cluster", "budget", CLUSTER) == (0, f"{CLUSTER}: budget 2\n", "")
     async with ZkSession.from_settings(settings) as zk:
+        for node in ("n1", "n2", "n3"):  # the cluster's runners, while the session lives
+            await Registration(zk, CLUSTER, node, "1.2.3", []).register()
+        assert await run(settings, capsys, "cluster", "budget", CLUSTER) == (0, no_budget, "")
+        assert await run(settings, capsys, "cluster", "budget", CLUSTER, "2") == (
+            0,
+            f"{CLUSTER}: budget 2\n",
+            "",
+        )
+        assert await run(settings, capsys, "cluster", "budget", CLUSTER) == (0, f"{CLUSTER}: budget 2\n", "")
         assert (await clusters.read_config(zk, CLUSTER)).budget == 2
-    assert await run(settings, capsys, "cluster", "budget", CLUSTER, "--unset") == (0, no_budget, "")
-    async with ZkSession.from_settings(settings) as zk:
+        code, _, err = await run(settings, capsys, "cluster", "budget", CLUSTER, "3")
+        assert code == 0
+        assert "budget 3 is not below the 3 node(s) registered" in err
+        assert await run(settings, capsys, "cluster", "budget", CLUSTER, "--unset") == (0, no_budget, "")
         assert (await clusters.read_config(zk, CLUSTER)).budget is None
+    code, out, err = await run(settings, capsys, "cluster", "budget", "demo:wbe", "2")  # a typo
+    assert (code, out) == (0, "demo:wbe: budget 2\n")
+    assert "no runner is registered for cluster 'demo:wbe' (a typo?" in err
 
 
 @pytest.mark.parametrize("argv", [["0"], ["-1"], ["3", "--unset"]])

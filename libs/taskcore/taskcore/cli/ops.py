@@ -50,11 +50,30 @@ async def budget_cmd(args: argparse.Namespace, settings: Settings) -> int:
     async with common.connect_zookeeper(settings) as zk:
         if args.unset or args.n is not None:
             config = await clusters.set_budget(zk, args.cluster, None if args.unset else args.n)
+            await _warn_unknown(zk, args.cluster, config.budget)
         else:
             config = await clusters.read_config(zk, args.cluster)
     shown = "no budget (only task limits apply)" if config.budget is None else f"budget {config.budget}"
     print(f"{args.cluster}: {shown}")
     return EXIT_OK
+
+
+async def _warn_unknown(zk: ZkSession, cluster: str, budget: int | None = None) -> None:
+    """A setting for a cluster no runner serves (a typo?), or a budget larger than its nodes: set
+    as asked, with a warning on stderr."""
+    nodes = {r.node for r in await runners.registered(zk, cluster)}
+    if not nodes:
+        print(
+            f"warning: no runner is registered for cluster {cluster!r} (a typo? `taskerman nodes` lists "
+            "the clusters served); set anyway",
+            file=sys.stderr,
+        )
+    elif budget is not None and budget >= len(nodes):
+        print(
+            f"warning: budget {budget} is not below the {len(nodes)} node(s) registered for {cluster!r}: "
+            "it holds back nothing until more nodes join",
+            file=sys.stderr,
+        )
 
 
 def parse_until(text: str, now: float) -> float:
@@ -109,6 +128,8 @@ async def window_cmd(args: argparse.Namespace, settings: Settings) -> int:
         except WindowError as e:
             print(f"taskerman cluster window: {e}", file=sys.stderr)
             return EXIT_INVALID
+        if change:
+            await _warn_unknown(zk, args.cluster)
     if change:
         await _audit(settings, "cluster-windows", args.cluster, "; ".join(config.windows) or "cleared")
     print("\n".join(_gate_lines(args.cluster, config, time.time())))
@@ -135,6 +156,7 @@ async def freeze_cmd(args: argparse.Namespace, settings: Settings) -> int:
         until, kind, detail = now, "cluster-unfrozen", ""
     async with common.connect_zookeeper(settings) as zk:
         config = await clusters.freeze(zk, args.cluster, until, args.reason or "", common.user())
+        await _warn_unknown(zk, args.cluster)
     await _audit(settings, kind, args.cluster, detail)
     print("\n".join(_gate_lines(args.cluster, config, time.time())))
     return EXIT_OK
