@@ -20,7 +20,7 @@ from taskcore.core.settings import Settings
 from taskerman_dev.cli import Dev
 
 TASKCORE_COMMANDS = {
-    "breaker", "cancel", "cluster", "dlq", "events", "health", "keys", "leases", "nodes",
+    "actions", "breaker", "cancel", "cluster", "dlq", "events", "health", "keys", "leases", "nodes",
     "pause", "plan", "publish", "resume", "schedules", "status", "submit", "tasks", "trace", "watch",
 }  # fmt: skip
 

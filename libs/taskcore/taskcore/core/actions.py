@@ -156,6 +156,10 @@ class ActionRegistry:
     def names(self) -> list[str]:
         return sorted(self._actions)
 
+    def get(self, name: str) -> type[Action]:
+        """The enabled action `name` (KeyError when there is none)."""
+        return self._actions[name]
+
     def resolve(self, task: Task) -> tuple[type[Action], msgspec.Struct]:
         """The action class and its validated arguments; InvalidTask naming the field otherwise."""
         cls = self._actions.get(task.action)
