@@ -277,7 +277,8 @@ async def test_zookeeper_gauges_and_the_canary(
     assert fleet.one("taskerman_breaker_open", cluster="c3") == 0.5  # half-open
     assert fleet.one("taskerman_breaker_open", cluster="c1") is None  # never recorded
     assert fleet.one("taskerman_runner_stale", cluster="c1", node="ghost") == 1
-    assert fleet.one("taskerman_lease_holders", cluster="c1") == 0  # a registered runner, no slot held
+    # a registered runner: the gauge is there, 0 or the canary ping's slot (every second on n1)
+    assert fleet.one("taskerman_lease_holders", cluster="c1") in (0, 1)
     age = fleet.one("taskerman_canary_age_seconds")
     assert age is not None
     assert 0 <= age < 30
