@@ -4,11 +4,12 @@ queues for, and the command that would release it."""
 from __future__ import annotations
 
 from taskcore.bus.tracking import PauseRecord
-from taskcore.coord.clusters import BreakerState
+from taskcore.coord.clusters import BreakerState, down_holder, down_node
 from taskcore.coord.leases import holder_parts, shared_holder
 from taskcore.coord.semaphore import HolderNode
 from taskcore.core.model import Task, Waiting, WorkItem
 from taskcore.core.subjects import encode_token
+from taskcore.core.windows import Closed
 from taskerman_dev.actions import TestBackup
 from taskerman_runner import waits
 from taskerman_runner.lease_plan import leases_for
@@ -51,6 +52,22 @@ def test_a_full_budget_names_the_tasks_and_nodes_holding_it_longest_held_first()
     ]
     w = waits.lease("budget", 3, holders)
     assert w == Waiting(reason="budget 3/3 held by t1 on n1, n2; t2 on n3")
+
+
+def test_a_budget_slot_a_down_node_takes_says_so() -> None:
+    holders = [held(shared_holder("t1", "n1"), "n1", since=1.0), held(down_holder("n3"), "n3", since=2.0)]
+    assert waits.lease("budget", 2, holders).reason == "budget 2/2 held by t1 on n1; n3 down"
+    assert down_node(f"{down_holder('n 3')}#abc") == "n 3"
+    assert down_node(f"{shared_holder('t1', 'n1')}#abc") is None
+
+
+def test_a_canary_and_a_closed_cluster_in_words() -> None:
+    assert waits.canary(["n1", "n2"]) == Waiting(reason="canary: n1, n2 to succeed first")
+    frozen = waits.closed("db main", Closed(until=0.0, reason="release week", frozen=True))
+    assert frozen.reason == "cluster frozen until 1970-01-01T00:00:00Z (release week)"
+    assert frozen.release == "taskerman cluster unfreeze 'db main'"
+    window = waits.closed("db", Closed(until=0.0, reason="Mon 02:00-03:00 UTC", frozen=False))
+    assert window.reason == "outside maintenance window until 1970-01-01T00:00:00Z (Mon 02:00-03:00 UTC)"
 
 
 def test_a_lease_with_room_left_says_the_node_queues_behind_earlier_waiters() -> None:

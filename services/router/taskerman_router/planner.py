@@ -12,6 +12,7 @@ import msgspec
 
 from taskcore.coord import clusters, runners
 from taskcore.coord.clusters import BreakerPolicy
+from taskcore.coord.semaphore import read_holders
 from taskcore.coord.session import ZkSession
 from taskcore.core.actions import Action, ActionRegistry
 from taskcore.core.errors import DiscoveryError, InvalidTask
@@ -99,6 +100,18 @@ class Planner:
             log.warning("budget unknown for the plan cluster=%s error=%r", cluster, e)
             return None
 
+    async def down(self, cluster: str) -> list[str]:
+        """The nodes whose failing health probe takes a slot of the cluster's budget now (the
+        runner's health watch); none when ZooKeeper cannot say."""
+        if self.zk is None:
+            return []
+        try:
+            holders = await read_holders(self.zk, clusters.cluster_path(cluster, "budget"))
+        except Exception as e:
+            log.warning("budget holders unknown for the plan cluster=%s error=%r", cluster, e)
+            return []
+        return sorted({n for h in holders if (n := clusters.down_node(h.holder))})
+
     async def resolve(self, task: Task) -> Resolution:
         """Discover, order (routing plugin, topology), resolve the percentages against the nodes
         routing kept, and cut into waves."""
@@ -134,6 +147,11 @@ class Planner:
                 breaker = await clusters.Breaker(self.zk, task.cluster_name, self.breaker_policy).state()
             except Exception as e:
                 log.warning("breaker unknown for the plan cluster=%s error=%r", task.cluster_name, e)
+        leases = plan_leases(task, action_cls, res, known_budget=self.zk is not None)
+        if res.budget and (down := await self.down(task.cluster_name)):
+            budget = leases[-1]
+            taken = f"; now {len(down)} slot(s) taken by node(s) down: {', '.join(down)}"
+            leases = (*leases[:-1], msgspec.structs.replace(budget, detail=budget.detail + taken))
         return Plan(
             task=task,
             discovery=res.discovery,
@@ -141,7 +159,7 @@ class Planner:
             nodes=res.nodes,
             waves=res.waves,
             concurrency=res.concurrency,
-            leases=plan_leases(task, action_cls, res, known_budget=self.zk is not None),
+            leases=leases,
             breaker=breaker,
             unserved=tuple(await self.unserved(task, [n.name for n in res.nodes])),
             asked=asked,

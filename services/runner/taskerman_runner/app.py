@@ -99,6 +99,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 stops=stops,
                 process=process,
                 away_grace=n.away_grace,
+                health=n.health,
             )
             for n in nodes
         ]

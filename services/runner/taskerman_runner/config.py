@@ -14,6 +14,7 @@ import msgspec
 
 from taskcore.core.actions import ActionRegistry, node_config
 from taskcore.core.errors import InvalidTask, TaskermanError
+from taskerman_runner.health import HealthCheck
 
 GRACE_ENV = "TASKERMAN_SHUTDOWN_GRACE"
 DEFAULT_GRACE = 30.0
@@ -30,7 +31,7 @@ class ActionOverride(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A node config file: `cluster`, `node`, `enabled_packs`, `away_grace`, `[packs.<pack>]` and
-    `[actions."<pack>:<name>"]` tables. Without `enabled_packs` every installed pack may run.
+    `[actions."<pack>:<name>"]` tables, `[health]`. Without `enabled_packs` every installed pack may run.
     `away_grace` (seconds, 0: none): after a clean exit, the router still queues items for this
     node that long (a cron-mode runner, a node that reboots itself); without it, a node with no
     runner registered is recorded `unserved` and gets no item."""
@@ -41,6 +42,7 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enabled_packs: list[str] | None = None
     packs: dict[str, dict[str, Any]] = {}
     actions: dict[str, ActionOverride] = {}
+    health: HealthCheck | None = None  # a down node takes a budget slot (health.py)
 
 
 def load(path: Path) -> NodeConfig:

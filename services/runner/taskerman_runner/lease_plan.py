@@ -60,7 +60,7 @@ def leases_for(
         sem = FairSemaphore(zk, f"/global/{subjects.encode_token(task.action)}", global_limit)
         owner = subjects.encode_token(cluster)
         leases.append(QueuedLease(f"global:{task.action}", sem, shared, owner=owner))
-    if budget:
+    if budget:  # counted by node: a node that is down (health.py) holds its own slot already
         sem = FairSemaphore(zk, clusters.cluster_path(cluster, "budget"), budget)
-        leases.append(QueuedLease("budget", sem, shared))
+        leases.append(QueuedLease("budget", sem, shared, owner=subjects.encode_token(node)))
     return LeaseSet(leases)

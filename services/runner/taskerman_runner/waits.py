@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from taskcore.bus.tracking import PauseRecord
-from taskcore.coord.clusters import BreakerState, BreakerStateName
+from taskcore.coord.clusters import BreakerState, BreakerStateName, down_node
 from taskcore.coord.fleet import znode_name
 from taskcore.coord.leases import holder_parts
 from taskcore.coord.semaphore import HolderNode
@@ -111,10 +111,16 @@ def lease(name: str, limit: int, holders: Sequence[HolderNode]) -> Waiting:
 def _by_task(holders: Sequence[HolderNode]) -> str:
     """`t1 on n1, n2; t2 on n3`: the holders of a shared lease, by task (first holders first)."""
     by_task: dict[str | None, list[str]] = {}
+    down: list[str] = []  # nodes whose health probe fails: they hold a slot (runner health.py)
     for h in holders:
+        if down_node_name := down_node(h.holder):
+            down.append(down_node_name)
+            continue
         task, node = holder_parts(h.holder)
         by_task.setdefault(task, []).append(node)
     parts = [f"{task} on {names(nodes)}" if task else names(nodes) for task, nodes in by_task.items()]
+    if down:
+        parts.append(f"{names(down)} down")
     shown = "; ".join(parts[:MAX_NAMES])
     rest = len(parts) - MAX_NAMES
     return f"{shown}; and {rest} more task(s)" if rest > 0 else shown

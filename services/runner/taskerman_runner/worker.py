@@ -39,6 +39,7 @@ from taskcore.obs.metrics import Instruments
 from taskerman_runner.attempt import RELEASE_DELAY, Attempt, NodeServices, dead_letter
 from taskerman_runner.config import DEFAULT_GRACE, ActionOverride
 from taskerman_runner.guard import StepGuard
+from taskerman_runner.health import HealthCheck, HealthWatch
 from taskerman_runner.hooks import Hooks
 from taskerman_runner.observers import (
     AuditObserver,
@@ -83,6 +84,7 @@ class NodeWorker:
         stops: StopSignals | None = None,
         process: ProcessHeartbeat | None = None,
         away_grace: float = 0.0,
+        health: HealthCheck | None = None,
     ) -> None:
         """`stops` and `process` may be shared by every node of a process (one subscription to
         stop records, one heartbeat); by default the node has its own. The trusted keys come from
@@ -104,6 +106,12 @@ class NodeWorker:
         self.audit = Audit(js, audit.actor(f"runner:{node}"))
         self.metrics = Instruments()
         self.guard = StepGuard(zk)  # watches the running step; `guard.abort` ends it past the grace
+        self.in_hand = False  # an item is being handled
+        self.health = (
+            HealthWatch(zk, self.audit, cluster=cluster, node=node, check=health, busy=lambda: self.in_hand)
+            if health
+            else None
+        )
         self.hooks = Hooks(
             [
                 StatusObserver(status),
@@ -142,18 +150,25 @@ class NodeWorker:
         """Fetch and handle items until `stop` is set; the action in hand gets `grace` seconds to
         finish, then it is cancelled and its item handed back."""
         self.guard.grace = grace
-        heartbeat = asyncio.create_task(self.registration.heartbeat(stop))
+        loops = [asyncio.create_task(self.registration.heartbeat(stop))]
+        if self.health is not None:
+            loops.append(asyncio.create_task(self.health.run(stop)))
         try:
             while not stop.is_set():
                 for msg in await self._fetch_until(stop):
+                    self.in_hand = True
                     try:
                         await self._handle_until(stop, msg)
                     except bus.UNAVAILABLE as e:  # not settled: it comes back after ack_wait
                         log.warning("nats unavailable, item comes back node=%s error=%r", self.node, e)
                     except Exception:  # `handle` contains its errors; this is the last line
                         log.exception("item not handled node=%s", self.node)
+                    finally:
+                        self.in_hand = False
         finally:
-            heartbeat.cancel()
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
             await self.registration.leave()
 
     async def _fetch_until(self, stop: asyncio.Event) -> list[Msg]:

@@ -212,3 +212,21 @@ async def test_a_lease_set_reports_the_lease_it_waits_for_once_before_queueing(z
     assert reports == [("full", [taken.holder], 0)]  # the wait itself reports nothing more
     assert [lease.name for lease, _slot in leases.held] == ["free", "full"]
     await leases.release()
+
+
+async def test_a_down_node_occupies_a_slot_whatever_the_limit(zk: ZkSession) -> None:
+    """`occupy`: counted at once even over the limit; others wait until it leaves, its own owner
+    joins it (a down node's repair takes its own slot)."""
+    sem = FairSemaphore(zk, "/leases/budget", 1)
+    busy = await sem.acquire("t1/n1", owner="n1")
+    down = await sem.occupy("(down)/n2", owner="n2")  # over the limit: both count
+    assert sorted(await sem.holders()) == ["n1", "n2"]
+    await sem.release(busy)
+    with pytest.raises(TimeoutError):  # n2 is down: the budget of 1 is spent
+        await sem.acquire("t2/n3", owner="n3", max_wait=0.5)
+    repair = await sem.acquire("t3/n2", owner="n2", max_wait=5)  # the down node itself joins
+    await sem.release(repair)
+    await sem.release(down)  # healthy again
+    third = await sem.acquire("t2/n3", owner="n3", max_wait=5)
+    assert down.token < third.token
+    await sem.release(third)

@@ -20,6 +20,7 @@ from taskcore.cli.command import ServerCommand, Subparsers
 from taskcore.cli.common import EXIT_INVALID, EXIT_OK
 from taskcore.coord import clusters, fleet, runners
 from taskcore.coord.fleet import BreakerReading
+from taskcore.coord.semaphore import read_holders
 from taskcore.coord.session import ZkSession, read_json
 from taskcore.core import windows
 from taskcore.core.settings import Settings
@@ -53,8 +54,12 @@ async def budget_cmd(args: argparse.Namespace, settings: Settings) -> int:
             await _warn_unknown(zk, args.cluster, config.budget)
         else:
             config = await clusters.read_config(zk, args.cluster)
+        holders = await read_holders(zk, clusters.cluster_path(args.cluster, "budget"))
     shown = "no budget (only task limits apply)" if config.budget is None else f"budget {config.budget}"
     print(f"{args.cluster}: {shown}")
+    down = sorted({node for h in holders if (node := clusters.down_node(h.holder))})
+    if down:
+        print(f"  {len(down)} slot(s) taken by node(s) down (their health probe fails): {', '.join(down)}")
     return EXIT_OK
 
 

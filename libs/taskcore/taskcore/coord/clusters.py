@@ -201,6 +201,20 @@ class Breaker:
         return s.probe == who
 
 
+DOWN = "(down)"  # the task part of the budget holder a down node occupies: `(down)/<node>`
+
+
+def down_holder(node: str) -> str:
+    """The holder id of the budget slot a down node occupies (the runner's health watch)."""
+    return f"{DOWN}/{node}"
+
+
+def down_node(holder: str) -> str | None:
+    """The node of a down node's budget holder (`(down)/<node>#<uid>`), else None."""
+    task, _, rest = holder.partition("/")
+    return rest.rsplit("#", 1)[0] if task == DOWN and rest else None
+
+
 async def read_config(zk: ZkSession, cluster: str) -> ClusterConfig:
     return await read_json(zk, cluster_path(cluster, "config"), ClusterConfig) or ClusterConfig()
 

@@ -261,6 +261,29 @@ class FairSemaphore:
             if name:
                 await self._delete_holder(f"{self.holders_path}/{name}")
 
+    async def occupy(self, holder_name: str, owner: str) -> Slot:
+        """Hold as `owner` at once, whatever the limit: a node that is down already counts
+        against a disruption budget, as a PodDisruptionBudget counts an unhealthy pod. The holders
+        may then exceed the limit: nobody else is admitted until enough leave; a holder of the
+        same owner joins it (the down node's own repair). Released as any slot (`release`)."""
+        if OWNER_SEP in owner or "/" in owner:
+            raise ValueError(f"owner {owner!r} must be an encoded token")
+        uid = uuid.uuid4().hex
+        holder = f"{holder_name}#{uid}"
+        path = f"{self.holders_path}/{owner}{OWNER_SEP}{uid}"
+        for _ in range(2):
+            txn = self.zk.client.begin_transaction()
+            txn.set_data(self.holders_path, b"")  # bump the gate: a take decided before this retries
+            txn.create(path, data=holder.encode(), ephemeral=True)
+            failed = await _failures(txn)
+            if failed and exc.NoNode in failed:
+                await self._create_folders()
+                continue
+            break
+        if (slot := await self._own(path, holder)) is None:
+            raise LeaseLost(f"could not occupy {self.path} as {owner}")
+        return slot
+
     # --- hold ---------------------------------------------------------------------------------
 
     async def verify(self, slot: Slot) -> None:
