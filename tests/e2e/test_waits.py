@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -66,6 +67,17 @@ def watching(stack: Stack, task_id: str) -> subprocess.Popen[str]:
     """`taskerman watch TASK_ID` into a pipe: the plain lines (not a terminal)."""
     return subprocess.Popen(
         [str(BIN / "taskerman"), "watch", task_id], env=stack.env(), stdout=subprocess.PIPE, text=True
+    )
+
+
+def taskerman(stack: Stack, *args: str) -> subprocess.Popen[str]:
+    """`taskerman ARGS` in the background, its output in pipes."""
+    return subprocess.Popen(
+        [str(BIN / "taskerman"), *args],
+        env=stack.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -261,3 +273,30 @@ async def test_a_window_that_opens_in_a_few_seconds_holds_the_rollout_until_then
     starts = [i["start"] for i in stack.intervals()]
     assert len(starts) == 2
     assert min(starts) >= int(opens), (starts, opens)  # nothing before the window opened
+
+
+async def test_ctrl_c_during_wait_says_the_task_keeps_running(
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    stack.router()
+    stack.runner("c1", ["n1"])
+    proc = taskerman(
+        stack, "submit", "test:sleep", "--cluster", "c1", "--node", "n1", "--arg", "seconds=30",
+        "--task-id", "long-1", "--wait",
+    )  # fmt: skip
+
+    async def running() -> bool:
+        rec = await status.get_node("long-1", "n1")
+        return rec is not None and rec.state == "running"
+
+    deadline = time.monotonic() + 30
+    while not await running():
+        assert time.monotonic() < deadline, stack.logs()
+        await asyncio.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _out, err = await asyncio.to_thread(proc.communicate, timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted: task long-1 keeps running; `taskerman watch long-1` follows it again" in err, err
+    assert "Traceback" not in err, err
+    assert (await status.get_node("long-1", "n1")).state == "running"  # type: ignore[union-attr]
+    assert stack.cli("cancel", "long-1").returncode == 0

@@ -70,6 +70,11 @@ async def test_canary_pings_through_the_pipeline_and_health_notices_a_stall(
     assert state.latency is not None
     assert state.last_completed_at is not None
 
+    listed = await asyncio.to_thread(stack.cli, "tasks", "--json")  # the pings fill no task list
+    assert [t["task_id"] for t in json.loads(listed.stdout)] == [], listed.stdout
+    listed = await asyncio.to_thread(stack.cli, "tasks", "--json", "--canary")
+    assert done in [t["task_id"] for t in json.loads(listed.stdout)], listed.stdout
+
     text = await _health(stack)
     assert text.returncode == 0, text
     assert text.stdout.startswith("pipeline  healthy: last ping completed ")

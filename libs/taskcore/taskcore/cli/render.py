@@ -99,7 +99,20 @@ def outcome(view: TaskView, console: Console) -> int:
 
 
 async def watch(status: StatusStore, task_id: str, quiet: bool = False, poll: float = 0.5) -> int:
-    """Show progress until the task ends; 0 on success, 1 on failure or dead letter."""
+    """Show progress until the task ends; 0 on success, 1 on failure or dead letter. Interrupted
+    (Ctrl-C), it says that the task goes on without us, and how to follow or stop it."""
+    try:
+        return await _watch(status, task_id, quiet, poll)
+    except asyncio.CancelledError:
+        print(
+            f"\ninterrupted: task {task_id} keeps running; `taskerman watch {task_id}` follows it again, "
+            f"`taskerman cancel {task_id}` stops it",
+            file=sys.stderr,
+        )
+        raise
+
+
+async def _watch(status: StatusStore, task_id: str, quiet: bool, poll: float) -> int:
     console = Console(file=sys.stdout, quiet=quiet, soft_wrap=True)
     if console.is_terminal:
         return await _watch_live(status, task_id, console, poll)

@@ -29,6 +29,7 @@ from taskcore.core.errors import InvalidTask
 from taskcore.core.model import TASK_FINISHED, Task, TaskStateName, decode_task
 from taskcore.core.settings import Settings
 from taskcore.obs import tracing
+from taskcore.packs.canary import Ping
 
 STATES = list(get_args(TaskStateName))
 
@@ -215,6 +216,9 @@ class Watch(ServerCommand):
             await bus.close(nc)
 
 
+CANARY_ACTION = Ping.name  # the heartbeat canary's action
+
+
 class Tasks(ServerCommand):
     """`taskerman tasks`: recent tasks, newest first."""
 
@@ -224,7 +228,10 @@ class Tasks(ServerCommand):
         tl = subparsers.add_parser(self.name, help="recent tasks, newest first")
         tl.add_argument("--state", choices=STATES)
         tl.add_argument("--cluster")
-        tl.add_argument("--limit", type=int, default=50)
+        tl.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
+        tl.add_argument(
+            "--canary", action="store_true", help=f"show the heartbeat canary's {CANARY_ACTION} tasks too"
+        )
         tl.add_argument("--json", action="store_true")
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
@@ -233,6 +240,8 @@ class Tasks(ServerCommand):
             records = sorted(await status.tasks(), key=lambda r: r.created_at, reverse=True)
             if args.cluster:
                 records = [r for r in records if r.task and r.task.cluster_name == args.cluster]
+            if not args.canary:  # one every few seconds: they would fill the list
+                records = [r for r in records if r.task and r.task.action != CANARY_ACTION]
             found = []
             for rec in records:
                 view = await status.view(rec.task.task_id) if rec.task else None
