@@ -92,6 +92,14 @@ async def test_failing_action_dead_letters_after_retries(
     out = stack.cli("dlq", "list", "--json")
     rows = json.loads(out.stdout)
     assert [(r["task_id"], r["attempts"]) for r in rows] == [("fail-1", 3)]
+    listed = stack.cli("dlq", "list").stdout.splitlines()
+    assert listed[0].split() == ["ID", "TASK", "NODE", "TRIES", "REASON"], listed
+    shown = json.loads(stack.cli("dlq", "show", "fail-1").stdout)  # by task id too
+    assert shown["id"] == rows[0]["id"]
+    assert shown["payload"]["node"] == "n1"  # the work item as JSON, not an escaped string
+    missing = stack.cli("dlq", "show", "nope")
+    assert missing.returncode == 1
+    assert "no dead letter 'nope' (an ID from `dlq list`, or a task id)" in missing.stderr
 
 
 async def test_invalid_tasks_become_dead_letters_and_router_keeps_going(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 
 import msgspec
@@ -30,7 +31,9 @@ class DeadLetters(ServerCommand):
         dsub = d.add_subparsers(dest="dlq_cmd", required=True)
         dl = dsub.add_parser("list")
         dl.add_argument("--json", action="store_true")
-        dsub.add_parser("show").add_argument("id", type=int)
+        dsub.add_parser("show", help="one dead letter by its ID, or every one of a task").add_argument(
+            "id", help="the letter's ID (dlq list), or a task id"
+        )
         dr = dsub.add_parser("replay")
         dr.add_argument("id", type=int, nargs="?")
         dr.add_argument("--all", action="store_true")
@@ -39,7 +42,9 @@ class DeadLetters(ServerCommand):
             action="store_true",
             help="also replay work items a runner refused for their signature (they may be forged)",
         )
-        dsub.add_parser("purge").add_argument("--yes", action="store_true")
+        dsub.add_parser("purge", help="remove every dead letter (admin)").add_argument(
+            "--yes", action="store_true"
+        )
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
         nc, js, status = await common.connect_jetstream(settings)
@@ -73,19 +78,33 @@ async def _list(args: argparse.Namespace, js: JetStreamContext) -> int:
     if args.json:
         print(msgspec.json.encode(rows).decode())
     else:
+        if rows:
+            print(f"{'ID':>6}  {'TASK':<20} {'NODE':<16} {'TRIES':<5}  REASON")
         for r in rows:
             node, tries = r["node"] or "-", r["attempts"] or r["deliveries"]
-            print(f"{r['id']:>6}  {r['task_id']:<20} {node:<16} x{tries}  {r['reason']}")
+            print(f"{r['id']:>6}  {r['task_id']:<20} {node:<16} x{tries:<4}  {r['reason']}")
         print(f"{len(rows)} dead letter(s)")
     return EXIT_OK
 
 
 async def _show(args: argparse.Namespace, js: JetStreamContext) -> int:
-    letter = await deadletter.get(js, args.id)
-    if letter is None:
-        print(f"taskerman dlq: no dead letter {args.id}", file=sys.stderr)
+    """A letter by its id, or every letter of a task; the payload shown as the JSON it carries."""
+    if args.id.isdigit():
+        letter = await deadletter.get(js, int(args.id))
+        found = [(int(args.id), letter)] if letter is not None else []
+    else:
+        found = [(seq, d) for seq, d in await deadletter.entries(js) if d.task_id == args.id]
+    if not found:
+        print(
+            f"taskerman dlq show: no dead letter {args.id!r} (an ID from `dlq list`, or a task id)",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
-    print(msgspec.json.format(msgspec.json.encode(letter)).decode())
+    for seq, letter in found:
+        shown = msgspec.to_builtins(letter)
+        with contextlib.suppress(msgspec.DecodeError):  # the JSON it carries; other payloads stay text
+            shown["payload"] = msgspec.json.decode(letter.payload)
+        print(msgspec.json.format(msgspec.json.encode({"id": seq, **shown})).decode())
     return EXIT_OK
 
 
@@ -143,7 +162,8 @@ async def _purge(args: argparse.Namespace, js: JetStreamContext) -> int:
         if not sys.stdin.isatty():
             print("taskerman dlq purge: refusing without --yes (no terminal to confirm on)", file=sys.stderr)
             return EXIT_INVALID
-        answer = await asyncio.to_thread(input, "Remove every dead letter? [y/N] ")
+        count = len(await deadletter.entries(js))
+        answer = await asyncio.to_thread(input, f"Remove all {count} dead letter(s)? [y/N] ")
         if answer.strip().lower() != "y":
             print("nothing removed")
             return EXIT_OK
