@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -29,6 +30,7 @@ async def test_rolling_sleep_respects_limit(
             cluster_name="demo:web",
             limit=2,
             task_id="roll-1",
+            owner="alice",
             taskerman_params={"action_args": {"seconds": 0.6}},
         ),
     )
@@ -51,7 +53,11 @@ async def test_rolling_sleep_respects_limit(
     assert watched.returncode == 0, watched.stderr
     assert "6/6 nodes succeeded" in watched.stdout
     listed = json.loads(stack.cli("tasks", "--json", "--state", "succeeded").stdout)
-    assert [t["task_id"] for t in listed] == ["roll-1"]
+    assert [(t["task_id"], t["owner"]) for t in listed] == [("roll-1", "alice")]
+    shown = stack.cli("status", "roll-1").stdout.splitlines()
+    assert shown[1].startswith("  created 20"), shown  # one time format: local, with its zone
+    assert shown[1].endswith(f" {time.strftime('%Z')}  owner alice"), shown
+    assert " started 20" in shown[-1], shown
     assert json.loads(stack.cli("tasks", "--json", "--state", "failed").stdout) == []
 
 

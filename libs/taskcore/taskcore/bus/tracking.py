@@ -161,6 +161,7 @@ class TaskView(msgspec.Struct, frozen=True):
     topology: TopologyName | None = None
     limit_asked: str | None = None
     paused: PauseRecord | None = None  # while paused: by whom, when, why
+    owner: str = ""  # the task's `owner`, as submitted
 
 
 class StatusStore:
@@ -404,4 +405,5 @@ class StatusStore:
             topology=t.taskerman_params.topology if t else None,
             limit_asked=t.limit if t and isinstance(t.limit, str) else None,
             paused=pause,
+            owner=t.owner if t else "",
         )

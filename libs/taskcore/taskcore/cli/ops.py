@@ -103,9 +103,9 @@ def _gate_lines(cluster: str, config: clusters.ClusterConfig, now: float) -> lis
     lines = [f"{cluster}: windows {'; '.join(config.windows) if config.windows else 'none (always open)'}"]
     if config.freeze_until is not None and config.freeze_until > now:
         why = f" ({config.freeze_reason})" if config.freeze_reason else ""
-        lines.append(f"  frozen until {render.utc(config.freeze_until)} by {config.frozen_by or '?'}{why}")
+        lines.append(f"  frozen until {render.when(config.freeze_until)} by {config.frozen_by or '?'}{why}")
     shut = config.closed(now)
-    lines.append(f"  closed until {render.utc(shut.until)}: nothing new starts" if shut else "  open now")
+    lines.append(f"  closed until {render.when(shut.until)}: nothing new starts" if shut else "  open now")
     return lines
 
 
@@ -155,7 +155,7 @@ async def freeze_cmd(args: argparse.Namespace, settings: Settings) -> int:
             return EXIT_INVALID
         kind, detail = (
             "cluster-frozen",
-            f"until {render.utc(until)}" + (f": {args.reason}" if args.reason else ""),
+            f"until {render.when(until)}" + (f": {args.reason}" if args.reason else ""),
         )
     else:
         until, kind, detail = now, "cluster-unfrozen", ""
@@ -186,8 +186,7 @@ async def _breaker_view(zk: ZkSession, b: BreakerReading, window: float, now: fl
 
 
 def _print_breaker(v: BreakerView, now: float) -> None:
-    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v.opened_at or 0))
-    opened = f" since {iso} ({render.ago(v.opened_at, now)})" if v.opened_at else ""
+    opened = f" since {render.when(v.opened_at)} ({render.ago(v.opened_at, now)})" if v.opened_at else ""
     print(f"{v.cluster}: {v.state}{opened}")
     if v.reason:
         print(f"  reason: {v.reason}")

@@ -162,10 +162,10 @@ async def _watch_live(status: StatusStore, task_id: str, console: Console, poll:
 
 
 def tasks_table(views: list[TaskView]) -> Table:
-    table = Table("task", "state", "action", "cluster", "limit", "nodes", "created")
+    table = Table("task", "state", "action", "cluster", "limit", "nodes", "owner", "created")
     for v in views:
         style = STATE_STYLE.get(v.state, "white")
-        created = f"{v.created_at:.0f}"
+        created = when(v.created_at) if v.created_at else "-"
         table.add_row(
             v.task_id,
             f"[{style}]{v.state}",
@@ -173,6 +173,7 @@ def tasks_table(views: list[TaskView]) -> Table:
             v.cluster_name,
             limit_text(v),
             counts_text(v) or "-",
+            v.owner or "-",
             created,
         )
     return table
@@ -311,6 +312,9 @@ def ago(t: float, now: float) -> str:
     return f"{max(now - t, 0.0):.1f}s ago"
 
 
-def utc(t: float) -> str:
-    """`2026-12-24T17:00:00Z`."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+def when(t: float, ms: bool = False) -> str:
+    """The one way the CLI shows a time: local, with its zone (`2026-12-24 18:00:00 CET`; with
+    `ms`, `18:00:00.250`). `TZ=UTC taskerman …` shows UTC."""
+    frac = f".{int(t % 1 * 1000):03d}" if ms else ""
+    local = time.localtime(t)
+    return time.strftime("%Y-%m-%d %H:%M:%S", local) + frac + time.strftime(" %Z", local)

@@ -19,7 +19,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from taskcore.bus import jetstream as bus
-from taskcore.cli import common
+from taskcore.cli import common, render
 from taskcore.cli.command import ServerCommand, Subparsers
 from taskcore.cli.common import EXIT_FAILED, EXIT_INVALID, EXIT_OK
 from taskcore.coord import schedule_control as control
@@ -134,7 +134,7 @@ def _secs(seconds: float) -> str:
 
 def _pause_text(flag: PauseFlag) -> str:
     by = f" by {flag.by}" if flag.by else ""
-    since = f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(flag.at))}" if flag.at else ""
+    since = f" since {render.when(flag.at)}" if flag.at else ""
     why = f": {flag.reason}" if flag.reason else ""
     return f"PAUSED{by}{since}{why}"
 

@@ -176,6 +176,8 @@ class Status(ServerCommand):
             return EXIT_OK
         head = f"task {view.task_id}  {view.action} on {view.cluster_name}  limit {render.limit_text(view)}"
         print(f"{head}  state {view.state}")
+        owner = f"  owner {view.owner}" if view.owner else ""
+        print(f"  created {render.when(view.created_at)}{owner}")
         if view.paused:
             p = view.paused
             why = f": {p.reason}" if p.reason else ""
@@ -190,7 +192,8 @@ class Status(ServerCommand):
         for node, rec in sorted(view.nodes.items()):
             took = f"{rec.finished_at - rec.started_at:.1f}s" if rec.started_at and rec.finished_at else "-"
             err = f"  {rec.error}" if rec.error else ""
-            print(f"  {node:<24} {rec.state:<10} attempts={rec.attempts} took={took}{err}")
+            started = f" started {render.when(rec.started_at)}" if rec.started_at else ""
+            print(f"  {node:<24} {rec.state:<10} attempts={rec.attempts}{started} took={took}{err}")
             if (w := rec.waiting_for) is not None and rec.state not in render.FINISHED_NODE:
                 print(f"    waiting {max(time.time() - w.since, 0.0):.0f}s for: {render.wait_text(w)}")
         return EXIT_OK
@@ -374,9 +377,8 @@ class Events(ServerCommand):
             print(f"no events for task {args.task_id!r}", file=sys.stderr)
             return EXIT_FAILED
         for e in events:
-            when = time.strftime("%H:%M:%S", time.localtime(e.at)) + f".{int(e.at % 1 * 1000):03d}"
             where = e.node or "-"
-            print(f"{when}  {e.kind:<18} {where:<16} {e.detail}  [{e.by}]")
+            print(f"{render.when(e.at, ms=True)}  {e.kind:<18} {where:<16} {e.detail}  [{e.by}]")
         return EXIT_OK
 
 
