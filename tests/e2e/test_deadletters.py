@@ -22,6 +22,7 @@ from taskcore.core.settings import Settings
 from taskcore.core.signing import Signer
 
 from .conftest import Stack, publish_raw, task_json, wait_final
+from .test_percentages import serving_plans
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -164,3 +165,26 @@ async def test_an_oversized_garbage_task_is_dead_lettered_truncated_and_the_rout
     view = await wait_final(status, "after-garbage", stack=stack)
     assert view.state == "succeeded", stack.logs()
     assert router.poll() is None
+
+
+async def test_submit_asks_a_router_first_and_refuses_what_it_cannot_route(
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    """An unknown cluster, routing plugin or a topology the nodes lack is exit 2 before anything
+    is submitted; nodes no runner serves are a warning."""
+    stack.router({"demo:web": ["n1", "n2"]})
+    await serving_plans(js[0])
+    for argv, says in (
+        (["--cluster", "demo:wbe"], "unknown cluster"),
+        (["--cluster", "demo:web", "--routing", "nope"], "unknown routing plugin 'nope'"),
+        (["--cluster", "demo:web", "--topology", "zone"], "needs a 'zone' attribute"),
+    ):
+        out = stack.cli("submit", "test:sleep", *argv, "--task-id", "refused-1")
+        assert out.returncode == 2, (argv, out.stdout, out.stderr)
+        assert "the router cannot route this task" in out.stderr, out.stderr
+        assert says in out.stderr, out.stderr
+        assert out.stdout == ""
+    assert await status.get_task("refused-1") is None  # nothing was submitted
+    out = stack.cli("submit", "test:sleep", "--cluster", "demo:web", "--node", "n9", "--task-id", "typo-1")
+    assert out.returncode == 0, out.stderr
+    assert "1 node(s) have no runner and will be recorded unserved: n9" in out.stderr, out.stderr

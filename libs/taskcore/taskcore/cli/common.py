@@ -204,16 +204,22 @@ async def request_plan(settings: Settings, task: Task) -> PlanReply | None:
     """A router's plan of `task` (`taskerman.api.plan`); None when no router answers."""
     nc = await connect_nats(settings)
     try:
+        return await plan_via(nc, task)
+    finally:
+        await bus.close(nc)
+
+
+async def plan_via(nc: NATS, task: Task, wait: float = PLAN_TIMEOUT) -> PlanReply | None:
+    """`request_plan` on a connection of the caller's."""
+    try:
         msg = await nc.request(
             subjects.PLAN_SUBJECT,
             msgspec.json.encode(task),
-            timeout=PLAN_TIMEOUT,
+            timeout=wait,
             headers=tracing.inject_headers(),
         )
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
         return None
-    finally:
-        await bus.close(nc)
     return msgspec.json.decode(msg.data, type=PlanReply)
 
 

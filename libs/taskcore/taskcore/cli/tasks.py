@@ -59,6 +59,8 @@ class Submit(ServerCommand):
             return EXIT_INVALID
         nc, js, status = await common.connect_jetstream(settings)
         try:
+            if (refused := await _routable(nc, task)) is not None:
+                return refused
             with tracing.tracer(__name__).start_as_current_span(
                 "submit", attributes={"task_id": task.task_id}
             ):
@@ -79,6 +81,30 @@ class Submit(ServerCommand):
             return EXIT_OK
         finally:
             await bus.close(nc)
+
+
+async def _routable(nc: NATS, task: Task) -> int | None:
+    """Ask a router first whether it can route the task, so that an unknown cluster, discovery or
+    routing plugin or a topology its nodes lack is an error now (exit 2), not a dead letter later;
+    nodes no runner serves are a warning. None: submit it (no router answering is no objection:
+    it will be checked when it is routed)."""
+    reply = await common.plan_via(nc, task, wait=CHECK_TIMEOUT)
+    if reply is None:
+        return None
+    if reply.plan is None:
+        where = f"{reply.field}: " if reply.field else ""
+        print(f"taskerman submit: the router cannot route this task: {where}{reply.error}", file=sys.stderr)
+        return EXIT_INVALID  # the router would dead-letter it as it is (discovery included)
+    if unserved := reply.plan.unserved:
+        shown = ", ".join(unserved[:10]) + (" …" if len(unserved) > 10 else "")
+        print(
+            f"warning: {len(unserved)} node(s) have no runner and will be recorded unserved: {shown}",
+            file=sys.stderr,
+        )
+    return None
+
+
+CHECK_TIMEOUT = 5.0  # seconds a router may take to check a task before it is submitted anyway
 
 
 async def submit_via_api(nc: NATS, task: Task) -> SubmitReply | None:
