@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from taskcore.cli import common
 from taskcore.cli import main as cli
 from taskcore.cli.command import ENTRY_POINT_GROUP, SettingsHook
 from taskcore.cli.plan import Plan
@@ -18,6 +19,7 @@ from taskcore.cli.tasks import Status, Submit
 from taskcore.core import signing
 from taskcore.core.settings import Settings
 from taskerman_dev.cli import Dev
+from taskerman_dev.launchers import free_port
 
 TASKCORE_COMMANDS = {
     "actions", "breaker", "cancel", "cluster", "dlq", "events", "health", "keys", "leases", "nodes",
@@ -97,3 +99,20 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
         os.close(write)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_an_unreachable_server_is_one_line_with_a_hint(tmp_path: Path) -> None:
+    port = free_port("127.0.0.1")  # nothing listens there
+    env = {**os.environ, "TASKERMAN_NATS_URL": f"nats://127.0.0.1:{port}", "TASKERMAN_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "taskerman"), "status", "t1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"taskerman: NATS at nats://127.0.0.1:{port} is unreachable (no answer in 5s). {common.SERVER_HINT}"
+    ]

@@ -69,7 +69,9 @@ async def connect(settings: Settings, name: str) -> NATS:
         refusal = isinstance(e, nats.errors.AuthorizationError) or "authorization violation" in str(e).lower()
         if refusal and not refused.done():
             refused.set_result(e)
-        log.warning("nats error name=%s error=%s", name, e)
+        # before the first connection its caller reports the outcome: each try is a detail
+        level = logging.WARNING if connecting.done() else logging.INFO
+        log.log(level, "nats error name=%s error=%s", name, e)
 
     async def on_disconnect() -> None:
         log.info("nats disconnected name=%s", name)

@@ -24,14 +24,19 @@ from taskcore.cli import render
 from taskcore.coord.session import ZkSession
 from taskcore.core import subjects
 from taskcore.core.actions import ActionRegistry
-from taskcore.core.errors import InvalidTask, TaskermanError
+from taskcore.core.errors import CredentialsError, InvalidTask, TaskermanError
 from taskcore.core.model import PlanReply, Task, WorkqueueArgs, check_task, invalid_from, with_task_id
 from taskcore.core.settings import Settings
 from taskcore.obs import tracing
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 EXIT_INTERRUPTED = 130
-CONNECT_TIMEOUT = 15.0
+CONNECT_TIMEOUT = 15.0  # ZooKeeper (a session waits out an election) and provisioning
+NATS_CONNECT_TIMEOUT = 5.0  # a NATS client moves on to the next server at once
+SERVER_HINT = (
+    "Is it running, and are TASKERMAN_NATS_URL and TASKERMAN_ZK_HOSTS right? (`taskerman dev up` "
+    "starts a local stack; `taskerman dev status` shows where it listens)"
+)
 PLAN_TIMEOUT = 20.0  # discovery may ask DNS or a cloud API
 
 
@@ -48,11 +53,16 @@ def user() -> str:
 
 
 async def connect_nats(settings: Settings, name: str = "taskerman-cli") -> NATS:
-    """A NATS connection, or Unreachable after CONNECT_TIMEOUT."""
+    """A NATS connection, or Unreachable after NATS_CONNECT_TIMEOUT."""
     try:
-        return await asyncio.wait_for(bus.connect(settings, name), CONNECT_TIMEOUT)
+        return await asyncio.wait_for(bus.connect(settings, name), NATS_CONNECT_TIMEOUT)
+    except CredentialsError:
+        raise
     except Exception as e:
-        raise Unreachable(f"NATS at {settings.nats_url} is unreachable: {e!r}") from e
+        why = "no answer" if isinstance(e, TimeoutError) else repr(e)
+        raise Unreachable(
+            f"NATS at {settings.nats_url} is unreachable ({why} in {NATS_CONNECT_TIMEOUT:g}s). {SERVER_HINT}"
+        ) from e
 
 
 async def connect_jetstream(settings: Settings) -> tuple[NATS, JetStreamContext, StatusStore]:
@@ -75,7 +85,9 @@ async def connect_zookeeper(settings: Settings) -> AsyncIterator[ZkSession]:
         await asyncio.wait_for(session.__aenter__(), CONNECT_TIMEOUT)
     except TimeoutError as e:
         await session.__aexit__(None, None, None)
-        raise Unreachable(f"ZooKeeper at {settings.zk_hosts} did not answer in {CONNECT_TIMEOUT:g}s") from e
+        raise Unreachable(
+            f"ZooKeeper at {settings.zk_hosts} did not answer in {CONNECT_TIMEOUT:g}s. {SERVER_HINT}"
+        ) from e
     try:
         yield session
     finally:

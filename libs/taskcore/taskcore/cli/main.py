@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(commands).parse_args(argv)
     command: Command = args.command
     settings = settings_for(command, commands)
+    # aiozk logs every failed connection try with a traceback; the command says what failed itself
+    logging.getLogger("aiozk").setLevel(logging.CRITICAL)
     tracing.setup("taskerman-cli", settings.home)
     try:
         return command.run(args, settings)
