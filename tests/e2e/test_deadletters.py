@@ -188,3 +188,37 @@ async def test_submit_asks_a_router_first_and_refuses_what_it_cannot_route(
     out = stack.cli("submit", "test:sleep", "--cluster", "demo:web", "--node", "n9", "--task-id", "typo-1")
     assert out.returncode == 0, out.stderr
     assert "1 node(s) have no runner and will be recorded unserved: n9" in out.stderr, out.stderr
+
+
+async def test_a_task_id_resubmitted_with_other_settings_is_refused(stack: Stack) -> None:
+    first = stack.cli(
+        "submit", "test:sleep", "--cluster", "c1", "--node", "n1", "--limit", "2", "--task-id", "twice"
+    )
+    assert first.returncode == 0, first.stderr
+    again = stack.cli(
+        "submit", "test:sleep", "--cluster", "c1", "--node", "n1", "--limit", "2", "--task-id", "twice"
+    )
+    assert again.returncode == 0, again.stderr
+    assert "was already submitted; not submitting it again" in again.stderr
+    other = stack.cli(
+        "submit", "test:sleep", "--cluster", "c1", "--node", "n1", "--limit", "3", "--task-id", "twice"
+    )
+    assert other.returncode == 2, other.stdout + other.stderr
+    assert "task_id 'twice' is already another task's" in other.stderr, other.stderr
+    assert "submit this one with a new task id" in other.stderr
+
+
+async def test_submit_json_wait_prints_the_outcome(stack: Stack) -> None:
+    stack.router()
+    stack.runner("c1", ["n1"])
+    out = stack.cli(
+        "submit", "test:sleep", "--cluster", "c1", "--node", "n1", "--arg", "seconds=0.1",
+        "--task-id", "waited", "--json", "--wait",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    view = msgspec.json.decode(out.stdout)  # one document, as `status --json`
+    assert (view["task_id"], view["state"], view["nodes"]["n1"]["state"]) == (
+        "waited",
+        "succeeded",
+        "succeeded",
+    )

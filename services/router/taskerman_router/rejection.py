@@ -7,9 +7,8 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-import msgspec
-
 from taskcore.bus.tracking import StatusStore
+from taskcore.core import model
 from taskcore.core.errors import InvalidTask
 from taskcore.core.model import Task, TaskRecord
 
@@ -31,7 +30,7 @@ def same_task(known: TaskRecord, task: Task | None, reason: str = "") -> bool:
     record keeps in its plan), or, for a task that never decoded, its own rejection."""
     if task is None or known.task is None:
         return task is None and known.task is None and known.error == reason
-    return msgspec.structs.replace(known.task, nodes=()) == msgspec.structs.replace(task, nodes=())
+    return model.same_task(known.task, task)
 
 
 async def record_dead(status: StatusStore, task_id: str, task: Task | None, reason: str) -> str | None:

@@ -12,7 +12,7 @@ from taskcore.bus import jetstream as bus
 from taskcore.bus.audit import Audit
 from taskcore.bus.tracking import StatusStore
 from taskcore.core import subjects
-from taskcore.core.model import Task, TaskRecord
+from taskcore.core.model import Task, TaskRecord, same_task
 
 
 class SubmitReply(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -34,6 +34,15 @@ async def submit(
     If the publish fails the pending record is removed, so a retry is not taken for a duplicate."""
     record = TaskRecord(task=task, state="pending", created_at=time.time())
     if not await status.create_task(task.task_id, record):
+        known = await status.get_task(task.task_id)
+        if known is not None and known.task is not None and not same_task(known.task, task):
+            return SubmitReply(
+                task_id=task.task_id,
+                error=f"task_id {task.task_id!r} is already another task's (submitted at "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(known.created_at))}, now {known.state}, "
+                "with other settings): submit this one with a new task id",
+                field="task_id",
+            )
         return SubmitReply(task_id=task.task_id, duplicate=True)
     try:
         await bus.publish(js, subjects.GLOBAL, msgspec.json.encode(task), msg_id=task.task_id)

@@ -75,9 +75,13 @@ class Submit(ServerCommand):
                 return EXIT_INVALID
             if reply.duplicate and not args.json:
                 print(f"task {task.task_id} was already submitted; not submitting it again", file=sys.stderr)
+            if args.wait and args.json:  # one JSON document: the outcome, as `status --json`
+                code = await render.watch(status, task.task_id, quiet=True)
+                print(msgspec.json.encode(await status.view(task.task_id)).decode())
+                return code
             print(msgspec.json.encode({"task_id": task.task_id}).decode() if args.json else task.task_id)
             if args.wait:
-                return await render.watch(status, task.task_id, quiet=args.json)
+                return await render.watch(status, task.task_id)
             return EXIT_OK
         finally:
             await bus.close(nc)

@@ -351,6 +351,12 @@ def with_task_id(task: Task, task_id: str | None = None) -> Task:
     return msgspec.structs.replace(task, task_id=task_id or uuid.uuid4().hex[:16])
 
 
+def same_task(a: Task, b: Task) -> bool:
+    """Whether two tasks are one: equal but for their node lists (a routed record keeps the
+    nodes in its plan, not in its task)."""
+    return msgspec.structs.replace(a, nodes=()) == msgspec.structs.replace(b, nodes=())
+
+
 def encode(obj: Any) -> bytes:
     """JSON-encode any of this module's structs."""
     return msgspec.json.encode(obj)
