@@ -182,7 +182,9 @@ class ActionRegistry:
         try:
             args = msgspec.convert(task.action_args, cls.Args, strict=True)
         except msgspec.ValidationError as e:
-            raise InvalidTask(str(e), field="taskerman_params.action_args") from e
+            known = ", ".join(f.encode_name for f in msgspec.structs.fields(cls.Args)) or "none"
+            hint = f" ({task.action} takes: {known}; `taskerman actions {task.action}`)"
+            raise InvalidTask(f"{e}{hint}", field="taskerman_params.action_args") from e
         return cls, args
 
     def resolve_for_node(
