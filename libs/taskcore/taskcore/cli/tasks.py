@@ -261,7 +261,13 @@ class Tasks(ServerCommand):
         tl = subparsers.add_parser(self.name, help="recent tasks, newest first")
         tl.add_argument("--state", choices=STATES)
         tl.add_argument("--cluster")
-        tl.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
+        tl.add_argument(
+            "--rows",
+            type=int,
+            default=50,
+            help="at most this many rows (default 50); --limit is the m of a task",
+        )
+        tl.add_argument("--limit", dest="rows", type=int, help=argparse.SUPPRESS)  # the earlier spelling
         tl.add_argument(
             "--canary", action="store_true", help=f"show the heartbeat canary's {CANARY_ACTION} tasks too"
         )
@@ -280,7 +286,7 @@ class Tasks(ServerCommand):
                 view = await status.view(rec.task.task_id) if rec.task else None
                 if view is not None and (not args.state or view.state == args.state):
                     found.append(view)
-                if len(found) >= args.limit:
+                if len(found) >= args.rows:
                     break
         finally:
             await bus.close(nc)
