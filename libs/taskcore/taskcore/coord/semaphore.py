@@ -17,7 +17,8 @@ the head of the queue looks at the holders. Layout under `path`:
   alongside the listing (`h`'s data version is the gate), and every release bumps it too: so the
   listing a create was decided on is the listing at the moment it commits, even if two waiters
   think they are at the head (a position inserted ahead of a waiting head), even if the listing
-  came from a lagging follower. Holders never exceed the limit, and the holder node's czxid is a
+  came from a lagging follower. Holders never exceed the limit (but for `occupy`, which counts a
+  node that is down at once and admits nobody until enough leave), and the holder node's czxid is a
   fencing token that strictly increases across successive holders.
 
 Both kinds of node carry a unique id in their name, so a create retried by aiozk after a
