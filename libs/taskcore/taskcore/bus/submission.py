@@ -30,8 +30,9 @@ class SubmitReply(msgspec.Struct, frozen=True, omit_defaults=True):
 async def submit(
     js: JetStreamContext, status: StatusStore, task: Task, by: str, kind: str = "submitted"
 ) -> SubmitReply:
-    """Record and publish a task that has its id; a task id seen before is a duplicate, not resent.
-    If the publish fails the pending record is removed, so a retry is not taken for a duplicate."""
+    """Record and publish a task that has its id; a task id seen before is a duplicate, not resent
+    (unless it is still pending: then it is published again, under the same message id). If the
+    publish fails the pending record is removed, so a retry is not taken for a duplicate."""
     record = TaskRecord(task=task, state="pending", created_at=time.time())
     if not await status.create_task(task.task_id, record):
         known = await status.get_task(task.task_id)
@@ -43,6 +44,11 @@ async def submit(
                 "with other settings): submit this one with a new task id",
                 field="task_id",
             )
+        if known is not None and known.state == "pending":
+            # an earlier try may have recorded it and lost its publish (the bus failed over before
+            # the pending record could be removed): publish again; if it did land, JetStream drops
+            # this copy by its message id
+            await bus.publish(js, subjects.GLOBAL, msgspec.json.encode(task), msg_id=task.task_id)
         return SubmitReply(task_id=task.task_id, duplicate=True)
     try:
         await bus.publish(js, subjects.GLOBAL, msgspec.json.encode(task), msg_id=task.task_id)
