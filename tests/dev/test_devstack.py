@@ -60,7 +60,10 @@ def test_dev_stack_rolling_restart(dev_env: dict[str, str]) -> None:
     assert up.returncode == 0, up.stdout + up.stderr
     st = tm(dev_env, "dev", "status", "--json")
     assert st.returncode == 0, st.stdout + st.stderr
-    procs = json.loads(st.stdout)
+    report = json.loads(st.stdout)
+    assert report["nats_url"] == dev_env["TASKERMAN_NATS_URL"]
+    assert set(report["credentials"]) == set(permissions.ROLES)  # a seed per role, to connect as one
+    procs = report["processes"]
     names = sorted(p["name"] for p in procs)
     assert names.count("runner") == 3
     for needed in ("nats-server", "zookeeper", "router", "scheduler"):
@@ -99,6 +102,14 @@ async def _attack(url: str, secrets_dir: Path) -> None:
     item = {"task": {"action": "demo:restart", "cluster_name": "demo:web", "task_id": "forged"}}
     item.update(node="node-1", routed_at=0.0)
     subject = subjects.node_subject("demo:web", "node-1")
+    seed = signing.read_seed(secrets_dir / stack_secrets.nats_seed_name("operator")).decode()
+    nc = await nats.connect(url, nkeys_seed_str=seed)  # what `nats pub --creds …` does
+    try:
+        task = {"action": "demo:restart", "cluster_name": "demo:web", "task_id": "by-operator", "limit": 1}
+        ack = await nc.jetstream(timeout=5).publish(subjects.GLOBAL, json.dumps(task).encode())
+        assert ack.stream == subjects.TASKS_STREAM  # the original interface, with an operator's key
+    finally:
+        await nc.close()
     for role in ("runner", "admin"):
         seed = signing.read_seed(secrets_dir / stack_secrets.nats_seed_name(role)).decode()
         nc = await nats.connect(url, nkeys_seed_str=seed)
@@ -214,7 +225,7 @@ def test_dev_stack_cluster_mode_survives_losing_a_server_of_each(cluster_env: di
 def _dev_status(env: dict[str, str], expect: int = 0) -> list[dict[str, Any]]:
     st = tm(env, "dev", "status", "--json")
     assert st.returncode == expect, st.stdout + st.stderr
-    rows: list[dict[str, Any]] = json.loads(st.stdout)
+    rows: list[dict[str, Any]] = json.loads(st.stdout)["processes"]
     return rows
 
 

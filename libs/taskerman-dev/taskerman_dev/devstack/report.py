@@ -1,11 +1,15 @@
-"""`taskerman dev status`: every recorded process, its pid and whether it runs."""
+"""`taskerman dev status`: every recorded process, its pid and whether it runs; with `--json` also
+where the servers listen and each NATS role's credentials, for another client to connect as one
+(`nats --creds` takes the seed file as it is)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
 
+from taskcore.bus import permissions
 from taskcore.core.settings import Settings
+from taskerman_dev import secrets
 from taskerman_dev.devstack.record import (
     CLUSTER_SIZE,
     absolute,
@@ -33,7 +37,18 @@ def status(settings: Settings, as_json: bool) -> int:
         for p in procs
     ]
     if as_json:
-        print(json.dumps(rows, indent=2))
+        folder = (settings.home / secrets.SECRETS_DIR).absolute()
+        report = {
+            "nats_url": stack.nats_url if stack else settings.nats_url,
+            "zk_hosts": stack.zk_hosts if stack else settings.zk_hosts,
+            "credentials": {
+                role: str(folder / secrets.nats_seed_name(role))
+                for role in permissions.ROLES
+                if (folder / secrets.nats_seed_name(role)).is_file()
+            },
+            "processes": rows,
+        }
+        print(json.dumps(report, indent=2))
     elif stack is not None and rows:
         mode = f" (cluster mode, streams at {CLUSTER_SIZE} replicas)" if stack.cluster_mode else ""
         print(f"NATS {stack.nats_url}  ZooKeeper {stack.zk_hosts}{mode}")
