@@ -29,6 +29,7 @@ taskerman_params = { action_args = { seconds = 0.5 } }
 name = "every second"
 cron = "* * * * * *"
 overlap = "allow"
+respect_windows = true
 [schedule.task]
 action = "test:sleep"
 cluster_name = "c1"
@@ -70,6 +71,8 @@ def test_parse_good_file(registry: ActionRegistry, tmp_path: Path) -> None:
     assert nightly.timezone == "Europe/Berlin"
     assert nightly.overlap == "skip"
     assert nightly.catchup == timedelta(minutes=10)
+    assert not nightly.respect_windows
+    assert every.respect_windows
     assert nightly.task.limit == 2
     assert nightly.task.action_args == {"seconds": 0.5}
     assert nightly.task.task_id == ""

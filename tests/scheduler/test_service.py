@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from nats.js import JetStreamContext
 
 from taskcore.bus import audit
 from taskcore.bus.tracking import StatusStore
+from taskcore.coord import clusters
 from taskcore.coord import schedule_control as control
 from taskcore.coord.runners import Registration
 from taskcore.coord.schedule_control import PauseFlag
@@ -136,6 +138,24 @@ async def test_missed_slots_are_warned_of_once_not_every_tick(
             await s.tick(slot, now=T0 + timedelta(seconds=second))
     said = [r for r in caplog.records if "slots missed" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in said]  # the four hours missed, once
+
+
+async def test_respect_windows_skips_the_slots_of_a_closed_cluster(
+    js: tuple[NATS, JetStreamContext], zk: ZkSession, status: StatusStore
+) -> None:
+    sched = Schedule(name="polite", cron="* * * * * *", overlap="allow", respect_windows=True, task=TEMPLATE)
+    nc, jsc = js
+    s = Scheduler(nc, jsc, zk, status, ActionRegistry.installed(), schedules=[sched], holder="x")
+    slot = await s.leader.acquire(s.holder)
+    await clusters.freeze(zk, "c1", time.time() + 600, "release week", "test")
+    assert await s.tick(slot, now=_sec(0)) == 0
+    state, _ = await StateStore(zk).load("polite")
+    assert state is not None
+    assert state.skipped >= 1
+    assert "cluster c1 frozen (release week)" in state.last_skip
+    await clusters.freeze(zk, "c1", time.time(), "", "test")  # lifted
+    assert await s.tick(slot, now=_sec(1)) == 1
+    assert [i for i, _ in await published(jsc)] == [slot_task_id("polite", _sec(1))]
 
 
 async def test_submit_validates_assigns_ids_and_reports_duplicates(

@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 from taskcore.bus import jetstream as bus
 from taskcore.bus.audit import Audit
 from taskcore.bus.tracking import StatusStore
+from taskcore.coord import clusters as cluster_config
 from taskcore.coord import schedule_control as control
 from taskcore.coord.schedule_control import PauseFlag
 from taskcore.coord.semaphore import FairSemaphore
@@ -206,6 +207,8 @@ class Emitter:
         """Emit one run of `sched`: one task per target cluster, all under one trace, each audited
         with the schedule and the slot. NoTargets when a pattern matches no known cluster."""
         clusters = await self.targets.resolve(sched)
+        if sched.respect_windows and not manual:
+            clusters = await self._open(sched, clusters, when)
         run = f"manual-{when.isoformat()}" if manual else when.isoformat()
         label = f"manual run at {when.isoformat()}" if manual else f"slot {when.isoformat()}"
         ids: list[str] = []
@@ -223,6 +226,29 @@ class Emitter:
                 )
                 ids.append(task_id)
         return tuple(ids)
+
+    async def _open(self, sched: Schedule, clusters: Sequence[str], when: datetime) -> list[str]:
+        """The clusters a `respect_windows` schedule may emit to now; each closed one (frozen, or
+        outside its maintenance windows) is skipped, audited for itself while others go ahead.
+        NoTargets (the whole slot skipped) when none is open."""
+        now = time.time()
+        open_, closed = [], []
+        for cluster in clusters:
+            shut = (await cluster_config.read_config(self.zk, cluster)).closed(now)
+            if shut is None:
+                open_.append(cluster)
+            else:
+                why = "frozen" if shut.frozen else "outside its maintenance windows"
+                closed.append((cluster, f"cluster {cluster} {why} ({shut.reason})"))
+        if not open_:
+            raise NoTargets("; ".join(reason for _, reason in closed))
+        for cluster, reason in closed:
+            log.info("slot skipped for a closed cluster schedule=%s cluster=%s", sched.name, cluster)
+            detail = f"schedule {sched.name}, slot {when.isoformat()}: {reason}"
+            await self.audit.record(
+                "skipped", task_id=slot_task_id(sched.name, when, cluster), cluster=cluster, detail=detail
+            )
+        return open_
 
     async def emit_ping(self, task: Task, run: str, detail: str) -> None:
         """Emit one canary ping like a schedule's task, under the schedule name `(canary)`."""

@@ -37,6 +37,7 @@ class _RawSchedule(msgspec.Struct, forbid_unknown_fields=True):
     jitter: str | int | float = 0
     clusters: list[str] | None = None
     cluster_pattern: str | None = None
+    respect_windows: bool = False
 
 
 class _RawFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -176,6 +177,7 @@ def _parse_one(table: Mapping[str, Any], registry: ActionRegistry, where: dict[s
         jitter=durations["jitter"],
         clusters=clusters,
         cluster_pattern=pattern,
+        respect_windows=raw.respect_windows,
         task=task,
     )
 

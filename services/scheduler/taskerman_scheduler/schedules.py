@@ -69,6 +69,8 @@ class Schedule(msgspec.Struct, frozen=True, kw_only=True):
     jitter: timedelta = timedelta(0)
     clusters: tuple[str, ...] = ()
     cluster_pattern: str = ""
+    # a slot whose cluster is frozen or outside its maintenance windows is skipped for it
+    respect_windows: bool = False
     task: Task
 
     @property
