@@ -169,7 +169,8 @@ def events_stream(settings: Settings, replicas: int = 1) -> api.StreamConfig:
     """The audit trail, which nobody may erase: the server refuses to delete or purge its messages
     (`deny_delete`, `deny_purge`, which no later update can lift), and events leave it only by age
     (`TASKERMAN_EVENTS_RETENTION`), never by count or size. An EVENTS stream of an older version is
-    updated to this at provisioning."""
+    updated to this at provisioning where the bus lets the process (an insecure one); no role of a
+    secured bus may (bus/permissions.py `ERASE_AUDIT`)."""
     return api.StreamConfig(
         name=subjects.EVENTS_STREAM,
         subjects=[f"{subjects.EVENTS_PREFIX}.>"],
