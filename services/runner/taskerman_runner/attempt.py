@@ -204,9 +204,10 @@ class Attempt:
                     await _either(stop_heard, at_most=left)
                     continue
                 if self._behind_canary():
-                    if ended := await self._canary_ended():
-                        return ended
-                    if pending := await self._canary_pending():
+                    pending = await self._canary()
+                    if isinstance(pending, StopRecord):
+                        return pending
+                    if pending:
                         await self._note_waiting(waits.canary(pending))
                         await _either(stop_heard, canary_heard, at_most=left)
                         continue
@@ -234,27 +235,22 @@ class Attempt:
             return self.node.stops.watching_nodes(self.state.task_id)
         return contextlib.nullcontext(asyncio.Event())
 
-    async def _canary_pending(self) -> list[str]:
-        """The canary nodes that have not succeeded yet."""
+    async def _canary(self) -> list[str] | StopRecord:
+        """The canary nodes that have not succeeded yet (none: go on), read at once; or, when one
+        ended without succeeding, the task's stop (the first to see it writes it; the canary's
+        own runner does too when it dead-letters it), so nothing else starts."""
         canary = list(self.state.item.canary)
         found = await self.node.status.get_nodes(self.state.task_id, canary)
+        if failed := sorted(n for n, r in found.items() if r.state in CANARY_FAILED):
+            stop = StopRecord(
+                reason="canary",
+                detail=f"canary node(s) {', '.join(failed)} did not succeed",
+                by=self.node.actor,
+                at=time.time(),
+            )
+            await self.node.status.stop(self.state.task_id, stop)
+            return await self.node.status.stopped(self.state.task_id) or stop
         return [n for n in canary if (r := found.get(n)) is None or r.state != "succeeded"]
-
-    async def _canary_ended(self) -> StopRecord | None:
-        """A canary node that ended without succeeding stops the task (the first to see it writes
-        the stop; its own runner does so too when it dead-letters it), so nothing else starts."""
-        found = await self.node.status.get_nodes(self.state.task_id, list(self.state.item.canary))
-        failed = sorted(n for n, r in found.items() if r.state in CANARY_FAILED)
-        if not failed:
-            return None
-        stop = StopRecord(
-            reason="canary",
-            detail=f"canary node(s) {', '.join(failed)} did not succeed",
-            by=self.node.actor,
-            at=time.time(),
-        )
-        await self.node.status.stop(self.state.task_id, stop)
-        return await self.node.status.stopped(self.state.task_id) or stop
 
     async def _stop_or_pause(self) -> tuple[StopRecord | None, PauseRecord | None]:
         """The task's stop and pause records, read at once (one round trip's wait, not two)."""
