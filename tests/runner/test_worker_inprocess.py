@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from aiozk import exc as zk_exc
 from nats.js import JetStreamContext
 
 from taskcore.bus import audit, deadletter
@@ -22,6 +23,7 @@ from taskcore.core.model import NodeRecord, TaskermanParams, WorkItem, Workqueue
 from taskcore.core.model import Task as TaskSpec
 from taskcore.core.settings import Settings
 from taskerman_dev.launchers import NatsServer, ZooKeeperServer
+from taskerman_runner import attempt
 from taskerman_runner.worker import NodeWorker
 
 NODE = "n1"
@@ -170,3 +172,37 @@ async def test_failure_without_retries_ends_dead_with_a_dead_letter(
     kinds = [e.kind for e in await audit.task_events(js, task.task_id)]
     assert kinds[-3:] == ["execute_action-failed", "dead-lettered", "stopped"]  # max_failures 0
     assert "retried" not in kinds
+
+
+async def test_a_zookeeper_failure_in_the_lease_wait_is_not_a_failure_and_keeps_the_side_effect(
+    js: JetStreamContext, zk: ZkSession, settings: Settings, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chaos run's one duplicate: a delivery resumed after its side effect (record `running`,
+    `executed`) met a ZooKeeper timeout in its lease wait, which was counted as a failure and
+    cleared `executed`, so the retry ran execute_action again. Now it goes back uncounted, and the
+    retry resumes at post_check."""
+    cluster = f"{prefix}-c"
+    task = sleep_task(prefix, cluster, "resumed")
+    status = StatusStore(await bus.status_bucket(js))
+    lost = NodeRecord(state="running", attempts=1, executed=True, started_at=time.time())
+    await status.put_node(task.task_id, NODE, lost)  # what a runner that lost its ack left
+    real = attempt.clusters.read_config
+    calls = 0
+
+    async def flaky(zk: ZkSession, cluster: str) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise zk_exc.TimeoutError("zookeeper did not answer")
+        return await real(zk, cluster)
+
+    monkeypatch.setattr(attempt.clusters, "read_config", flaky)
+    unsettled, _ = await drain_one(js, zk, settings, cluster, task)
+    assert unsettled == 0
+    rec = await status.get_node(task.task_id, NODE)
+    assert rec is not None
+    assert (rec.state, rec.failures, rec.executed) == ("succeeded", 0, True)
+    kinds = [e.kind for e in await audit.task_events(js, task.task_id)]
+    assert "released" in kinds, kinds
+    assert "execute_action-passed" not in kinds, kinds  # the side effect did not run again
+    assert kinds[-2:] == ["post_check-passed", "succeeded"], kinds

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from aiozk import exc as zk_exc
 from msgspec.structs import replace
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -58,8 +59,9 @@ PROGRESS_PATIENCE = 120.0  # seconds a holding attempt waits out a bus failover 
 PROGRESS_RETRY = 0.5
 MAX_BLIPS = 5  # times an attempt goes on in place after its session wavered; then it is handed back
 
-# Ends of an attempt that are not the action's failure: the item goes back, nothing is counted.
-RELEASED_BACK: tuple[type[Exception], ...] = (LeaseLost, RunnerStopping, *bus.UNAVAILABLE)
+# Ends of an attempt that are not the action's failure: the item goes back, nothing is counted
+# (ZooKeeper failing a request of the lease wait, say, is the coordination's trouble, not the node's).
+RELEASED_BACK: tuple[type[Exception], ...] = (LeaseLost, RunnerStopping, zk_exc.ZKError, *bus.UNAVAILABLE)
 
 _tracer = tracing.tracer(__name__)
 _T = TypeVar("_T")
@@ -409,10 +411,14 @@ class Attempt:
 
     async def _succeed(self) -> Outcome:
         s = self.state
-        await self.node.breaker.record_success()
+        try:  # a half-open breaker closes on it; if ZooKeeper fails it now, the next success closes it
+            await self.node.breaker.record_success()
+        except zk_exc.ZKError as e:
+            log.warning("breaker success not recorded task_id=%s node=%s error=%r", s.task_id, s.node, e)
         finished_at = s.record.finished_at or time.time()  # taken by `_steps`, before the release
         s.record = replace(s.record, state="succeeded", finished_at=finished_at, error=None)
-        await self.emit(AttemptObserver.before_succeeded, s)
+        # through a bus failover: a success not recorded would run the node again
+        await self.emit_patiently(AttemptObserver.before_succeeded, s)
         with _tracer.start_as_current_span("ack"):
             await _settle(self.msg.ack_sync())
         await self.emit(AttemptObserver.after_succeeded, s)
@@ -439,7 +445,10 @@ class Attempt:
         s, task = self.state, self.state.item.task
         on_fire = s.step == "post_check"
         await self.node.breaker.record_failure(f"{task.task_id} on {s.node}: {reason}", trip=on_fire)
-        s.record = replace(s.record, failures=s.record.failures + 1, error=reason, executed=False)
+        # a failed pre_check or execute_action runs every step again; anything else (outside the
+        # steps) leaves a recorded side effect recorded: the retry resumes at post_check
+        executed = s.record.executed and s.step not in ("pre_check", "execute_action")
+        s.record = replace(s.record, failures=s.record.failures + 1, error=reason, executed=executed)
         await self.emit_patiently(AttemptObserver.after_step_failed, s, reason)
         if on_fire or policy.after_failure(s.record.failures, task.retry_count) == "dead":
             outcome = await self._dead(reason)
