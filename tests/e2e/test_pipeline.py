@@ -161,9 +161,24 @@ async def test_same_task_id_runs_once_per_node(
     await publish_raw(js[1], payload)
     await wait_final(status, "twice", stack=stack)
     await publish_raw(js[1], payload)  # past the routing: the router sees the task again
-    out = stack.cli("submit", "test:sleep", "--cluster", "c1", "--task-id", "twice", "--wait")
+    out = stack.cli(  # the same task again, from the CLI
+        "submit",
+        "test:sleep",
+        "--cluster",
+        "c1",
+        "--limit",
+        "2",
+        "--arg",
+        "seconds=0.1",
+        "--task-id",
+        "twice",
+        "--wait",
+    )
     assert out.returncode == 0, out.stderr
     assert "already submitted" in out.stderr
+    other = stack.cli("submit", "test:sleep", "--cluster", "c1", "--task-id", "twice")  # another task
+    assert other.returncode == 2, other.stderr
+    assert "is already another task's" in other.stderr
     await publish_raw(
         js[1], task_json(action="test:sleep", cluster_name="c1", nodes=["n1"], task_id="marker")
     )

@@ -84,8 +84,11 @@ async def test_submit_api(stack: Stack, js: tuple[NATS, JetStreamContext], statu
     generated = str(ok["task_id"])
     given = await _request(nc, b'{"action": "test:sleep", "cluster_name": "c1", "task_id": "mine-1"}')
     assert given == {"task_id": "mine-1"}
-    duplicate = await _request(nc, b'{"action": "test:sleep", "cluster_name": "c2", "task_id": "mine-1"}')
+    duplicate = await _request(nc, b'{"action": "test:sleep", "cluster_name": "c1", "task_id": "mine-1"}')
     assert duplicate == {"task_id": "mine-1", "duplicate": True}
+    taken = await _request(nc, b'{"action": "test:sleep", "cluster_name": "c2", "task_id": "mine-1"}')
+    assert taken["field"] == "task_id", taken  # the id of another task: refused, not a duplicate
+    assert "is already another task's" in str(taken["error"])
 
     bad = {
         b'{"action": "test:sleep", "cluster_name": "c1", "limit": 0}': "limit",

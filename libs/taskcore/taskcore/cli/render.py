@@ -5,6 +5,8 @@ and plans with their waves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import sys
 import time
 from collections import Counter
@@ -101,15 +103,29 @@ def outcome(view: TaskView, console: Console) -> int:
 async def watch(status: StatusStore, task_id: str, quiet: bool = False, poll: float = 0.5) -> int:
     """Show progress until the task ends; 0 on success, 1 on failure or dead letter. Interrupted
     (Ctrl-C), it says that the task goes on without us, and how to follow or stop it."""
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    watching = asyncio.create_task(_watch(status, task_id, quiet, poll))
+    ctrl_c = asyncio.create_task(interrupted.wait())
     try:
-        return await _watch(status, task_id, quiet, poll)
-    except asyncio.CancelledError:
+        await asyncio.wait({watching, ctrl_c}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ctrl_c.cancel()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGINT)
+        if not watching.done():
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+    if watching.cancelled() or not watching.done():
         print(
             f"\ninterrupted: task {task_id} keeps running; `taskerman watch {task_id}` follows it again, "
             f"`taskerman cancel {task_id}` stops it",
             file=sys.stderr,
         )
-        raise
+        raise KeyboardInterrupt
+    return watching.result()
 
 
 async def _watch(status: StatusStore, task_id: str, quiet: bool, poll: float) -> int:
