@@ -206,20 +206,3 @@ async def test_a_zookeeper_failure_in_the_lease_wait_is_not_a_failure_and_keeps_
     assert "released" in kinds, kinds
     assert "execute_action-passed" not in kinds, kinds  # the side effect did not run again
     assert kinds[-2:] == ["post_check-passed", "succeeded"], kinds
-
-
-async def test_a_holding_attempt_waits_out_zookeeper_trouble() -> None:
-    """`_zk_patiently`: what a failed node that keeps its leases asks ZooKeeper (its breaker
-    failure, the breaker wait after the backoff) is retried through request timeouts, not turned
-    into handing the leases back."""
-    calls = 0
-
-    async def flaky() -> str:
-        nonlocal calls
-        calls += 1
-        if calls < 3:
-            raise zk_exc.TimeoutError("no answer")
-        return "answered"
-
-    assert await attempt._zk_patiently(flaky) == "answered"
-    assert calls == 3

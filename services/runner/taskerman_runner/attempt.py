@@ -444,11 +444,7 @@ class Attempt:
         has passed, the breaker is closed). Without, the item goes back with its backoff."""
         s, task = self.state, self.state.item.task
         on_fire = s.step == "post_check"
-        # through a ZooKeeper failover: a failed node keeps its leases, so trouble reaching
-        # ZooKeeper is waited out here, not a reason to hand them to the next node
-        await _zk_patiently(
-            lambda: self.node.breaker.record_failure(f"{task.task_id} on {s.node}: {reason}", trip=on_fire)
-        )
+        await self.node.breaker.record_failure(f"{task.task_id} on {s.node}: {reason}", trip=on_fire)
         # a failed pre_check or execute_action runs every step again; anything else (outside the
         # steps) leaves a recorded side effect recorded: the retry resumes at post_check
         executed = s.record.executed and s.step not in ("pre_check", "execute_action")
@@ -478,9 +474,7 @@ class Attempt:
 
         async def backoff() -> None:
             await asyncio.sleep(delay)
-            await _zk_patiently(
-                lambda: node.breaker.wait_closed(None, who=self.state.holder, on_open=self._breaker_open)
-            )
+            await node.breaker.wait_closed(None, who=self.state.holder, on_open=self._breaker_open)
 
         async with node.stops.watching(task_id) as stop_heard:
             if stop := await _patiently(lambda: node.status.stopped(task_id)):
@@ -605,21 +599,6 @@ async def _either(*events: asyncio.Event, at_most: float | None) -> None:
         for w in waits:
             w.cancel()
         await asyncio.gather(*waits, return_exceptions=True)
-
-
-async def _zk_patiently(call: Callable[[], Awaitable[_T]]) -> _T:
-    """`await call()` through ZooKeeper trouble (a request timed out, a connection lost), up to
-    PROGRESS_PATIENCE, for an attempt that holds its leases: whether they are still held is the
-    next step's verification to say (LeaseLost), not a request that failed."""
-    deadline = time.monotonic() + PROGRESS_PATIENCE
-    while True:
-        try:
-            return await call()
-        except zk_exc.ZKError as e:
-            if time.monotonic() > deadline:
-                raise
-            log.info("zookeeper request retried while holding leases error=%r", e)
-            await asyncio.sleep(PROGRESS_RETRY)
 
 
 async def _patiently(call: Callable[[], Awaitable[_T]]) -> _T:
