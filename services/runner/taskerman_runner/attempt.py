@@ -284,9 +284,13 @@ class Attempt:
             override=node.overrides.get(item.task.action),
         )
         await leases.acquire(on_blocked=self._lease_blocked)
-        breaker, (stop, pause), config = await asyncio.gather(
-            node.breaker.state(), self._stop_or_pause(), clusters.read_config(node.zk, node.cluster)
-        )
+        try:  # taken but not yet the attempt's: a failed look (or a stop) must not leave them held
+            breaker, (stop, pause), config = await asyncio.gather(
+                node.breaker.state(), self._stop_or_pause(), clusters.read_config(node.zk, node.cluster)
+            )
+        except BaseException:
+            await asyncio.shield(leases.release())
+            raise
         if breaker != "open" and not stop and not pause and not config.closed(time.time()):
             return leases
         await leases.release()
