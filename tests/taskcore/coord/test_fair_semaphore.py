@@ -148,6 +148,36 @@ async def test_cancelled_waits_leave_no_nodes_and_no_callbacks(zk: ZkSession) ->
     await sem.release(held)
 
 
+async def test_a_wait_cancelled_while_it_queues_leaves_no_waiter_behind(
+    zk: ZkSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancellation lands after the queue node was created but before its name came back
+    (the CI run's 26 waiters left by a cancelled task): the node is found by its id and deleted,
+    or it would stand at the head of the queue and keep everyone behind it waiting for ever."""
+    sem = FairSemaphore(zk, "/leases/cancel-queueing", 1)
+    held = await sem.acquire("holder")
+    create = zk.client.create
+
+    async def created_then_cancelled(path: str, *args: object, **kwargs: object) -> str:
+        name: str = await create(path, *args, **kwargs)  # type: ignore[arg-type]
+        if path.startswith(f"{sem.queue}/"):
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            await asyncio.sleep(0)
+        return name
+
+    monkeypatch.setattr(zk.client, "create", created_then_cancelled)
+    with pytest.raises(asyncio.CancelledError):
+        await sem.acquire("w")
+    monkeypatch.undo()
+    assert await sem.waiting() == 0
+    later = asyncio.create_task(sem.acquire("later"))
+    await _queued(sem, 1)
+    await sem.release(held)
+    await sem.release(await asyncio.wait_for(later, 10))
+
+
 async def _requests_per_release(zk_server: ZooKeeperServer, zk: ZkSession, path: str, waiters: int) -> float:
     sem = FairSemaphore(zk, path, 1)
     held = await sem.acquire("first")

@@ -121,7 +121,7 @@ class FairSemaphore:
                     self._check_deadline(deadline, max_wait)
                     await asyncio.sleep(RETRY_PAUSE)
         except BaseException:
-            await asyncio.shield(self._abandon(uid))
+            await asyncio.shield(self._abandon(uid, queued is None))
             raise
         finally:
             if queued is not None:
@@ -255,12 +255,17 @@ class FairSemaphore:
             marker = Slot(path=f"{self.queue}/{queued}", holder="", session_id=sid, token=0)
             await retry_while_session(self.zk, marker, lambda: self.zk.client.delete(marker.path, force=True))
 
-    async def _abandon(self, uid: str) -> None:
-        """A wait that ends without a lease: delete a holder node a cut-off take may have left."""
+    async def _abandon(self, uid: str, queueing: bool) -> None:
+        """A wait that ends without a lease: delete a holder node a cut-off take may have left and,
+        when it ended `queueing` (cancelled after the create was sent, before its name came back),
+        the queue node that create may have made: left, it would head the queue for as long as
+        our session lives and keep everyone behind it waiting."""
         with contextlib.suppress(Exception):
             name = await self._find(self.holders_path, uid)
             if name:
                 await self._delete_holder(f"{self.holders_path}/{name}")
+            if queueing and (name := await self._find(self.queue, uid)):
+                await self._dequeue(name)
 
     async def occupy(self, holder_name: str, owner: str) -> Slot:
         """Hold as `owner` at once, whatever the limit: a node that is down already counts
