@@ -3,6 +3,7 @@ nats-server and ZooKeeper: one item published as the router would, one drain, th
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,11 +12,14 @@ from typing import Any
 import msgspec
 import pytest
 from aiozk import exc as zk_exc
+from nats import errors as nats_errors
 from nats.js import JetStreamContext
 
 from taskcore.bus import audit, deadletter
 from taskcore.bus import jetstream as bus
 from taskcore.bus.tracking import StatusStore
+from taskcore.coord.leases import lease_path
+from taskcore.coord.semaphore import FairSemaphore
 from taskcore.coord.session import ZkSession
 from taskcore.core import signing, subjects
 from taskcore.core.actions import ActionRegistry
@@ -206,3 +210,32 @@ async def test_a_zookeeper_failure_in_the_lease_wait_is_not_a_failure_and_keeps_
     assert "released" in kinds, kinds
     assert "execute_action-passed" not in kinds, kinds  # the side effect did not run again
     assert kinds[-2:] == ["post_check-passed", "succeeded"], kinds
+
+
+async def test_a_failed_look_after_the_leases_were_taken_releases_them(
+    js: JetStreamContext, zk: ZkSession, settings: Settings, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The short chaos run's stuck node: the look at the task's stop and pause records right after
+    the leases were taken timed out on NATS; the leases stayed held by the live session, and the
+    item's next delivery waited for its own slot (limit 1) for ever. Now they are released with
+    the item, and the next delivery takes them and succeeds."""
+    cluster = f"{prefix}-c"
+    task = sleep_task(prefix, cluster, "look")
+    real = attempt.Attempt._stop_or_pause
+    calls = 0
+
+    async def flaky(self: attempt.Attempt) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the look after the take (the first is the lease wait's own)
+            raise nats_errors.TimeoutError
+        return await real(self)
+
+    monkeypatch.setattr(attempt.Attempt, "_stop_or_pause", flaky)
+    unsettled, status = await asyncio.wait_for(drain_one(js, zk, settings, cluster, task), 60)
+    assert unsettled == 0
+    rec = await status.get_node(task.task_id, NODE)
+    assert rec is not None
+    assert (rec.state, rec.failures, rec.attempts) == ("succeeded", 0, 1)
+    assert calls >= 3  # the look failed once, then the released item came back
+    assert not await FairSemaphore(zk, lease_path(task.task_id), 1).holder_ids()
