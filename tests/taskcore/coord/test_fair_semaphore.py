@@ -260,3 +260,47 @@ async def test_a_down_node_occupies_a_slot_whatever_the_limit(zk: ZkSession) -> 
     third = await sem.acquire("t2/n3", owner="n3", max_wait=5)
     assert down.token < third.token
     await sem.release(third)
+
+
+async def test_a_claim_keeps_its_owner_counted_after_its_session_dies(
+    zk_server: ZooKeeperServer, prefix: str, zk: ZkSession
+) -> None:
+    """A failed node's claim: its session dies, its slot stays taken; the node comes back in a new
+    session and holds again at once, past a waiter queued meanwhile; the claim ends only with
+    `unclaim`, and then the waiter gets the slot."""
+    path = "/leases/claimed"
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0) as first:
+        sem = FairSemaphore(first, path, 1)
+        held = await sem.acquire("n1")
+        await sem.claim(held, "t.n1")
+        await sem.claim(held, "t.n1")  # again: the claim is there, fine
+    sem = FairSemaphore(zk, path, 1)
+    assert len(await sem.holders()) == 1  # the session is gone, the claim still counts
+    with pytest.raises(TimeoutError):
+        await sem.acquire("n2", max_wait=0.5)
+    waiter = asyncio.create_task(sem.acquire("n2"))
+    await _queued(sem, 1)
+    owner = await sem.claimed("t.n1")
+    assert owner is not None
+    assert await sem.claimed("t.n2") is None
+    back = await sem.occupy("n1", owner)  # the node again, at once: its owner counts already
+    assert len(await sem.holders()) == 1
+    await sem.release(back)
+    await asyncio.sleep(0.3)
+    assert not waiter.done()  # released, but still claimed: the node is down until unclaimed
+    await sem.unclaim("t.n1")
+    await sem.unclaim("t.n1")  # none left: fine
+    slot = await asyncio.wait_for(waiter, 10)
+    assert held.token < slot.token
+    await sem.release(slot)
+    assert await sem.waiting() == 0
+    assert not await zk.client.exists(path)  # nothing left behind
+
+
+async def test_a_claim_is_refused_for_a_slot_no_longer_held(zk: ZkSession) -> None:
+    sem = FairSemaphore(zk, "/leases/unclaimed", 2)
+    held = await sem.acquire("n1")
+    await sem.release(held)
+    with pytest.raises(LeaseLost):
+        await sem.claim(held, "t.n1")
+    assert await sem.claimed("t.n1") is None

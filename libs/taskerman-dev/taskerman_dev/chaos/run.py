@@ -142,7 +142,6 @@ class ChaosRun:
             self._read(self.passed, Passed),
             finals,
             CLUSTERS,
-            sessions_ended=nemesis.sessions_ended,
         )
         report.faults = dict(nemesis.injected)
         return report
