@@ -267,6 +267,7 @@ class Router:
         the nodes it holds, many at a time, keeping the task claimed while the fan-out runs."""
         kept = msgspec.structs.replace(task, nodes=())  # the nodes live in the plan, not in the record
         unserved: list[str] = []
+        began = time.monotonic()
         for _ in range(3):
             entry = await self.status.get_task_entry(task.task_id)
             known, revision = entry if entry else (None, None)
@@ -295,6 +296,7 @@ class Router:
             await self.status.delete_plan(task.task_id, plan_id, chunks)  # another router was first
         else:
             raise RuntimeError(f"task {task.task_id!r}: its record kept changing while routing")
+        planned = time.monotonic()
         keepalive = asyncio.create_task(_keep_claimed(msg)) if msg is not None else None
         try:
             if fresh and unserved:
@@ -315,7 +317,14 @@ class Router:
         )
         if fresh:
             self.metrics.routed.add(1, {"cluster": task.cluster_name, "action": task.action})
-        log.info("routed task_id=%s nodes=%d published=%d", task.task_id, len(nodes), published)
+        log.info(
+            "routed task_id=%s nodes=%d published=%d plan_s=%.3f fan_out_s=%.3f",
+            task.task_id,
+            len(nodes),
+            published,
+            planned - began,
+            time.monotonic() - planned,
+        )
 
     async def _record_unserved(self, task: Task, names: list[str]) -> None:
         """Nodes no runner serves get a final record saying so, and no work item: an item that
