@@ -138,8 +138,11 @@ class FairSemaphore:
         there is nobody to be fair to."""
         client = self.zk.client
         try:
-            try:
-                if await client.get_children(self.queue):
+            try:  # the queue's stat, not its listing: a thousand waiters cost nothing to count
+                queue = await client.send(
+                    protocol.ExistsRequest(path=client.normalize_path(self.queue), watch=False)
+                )
+                if queue.stat.num_children:
                     return None
             except exc.NoNode:
                 await self._create_folders()
@@ -203,7 +206,9 @@ class FairSemaphore:
         self, queued: str, owner: str, uid: str, holder: str, deadline: float | None
     ) -> Slot | None:
         """One look: behind someone, sleep until the one just ahead leaves; at the head, take a
-        lease when the owners allow, else sleep until a holder leaves. None: look again."""
+        lease when the owners allow, else sleep until a holder leaves and read the holders again
+        (not the queue: a waiter of the head's own wait costs one listing of the queue, however
+        many holders come and go before its turn). None: look again."""
         client = self.zk.client
         max_wait = None if deadline is None else deadline - time.monotonic()
         try:
@@ -220,19 +225,22 @@ class FairSemaphore:
                 if await client.exists(f"{self.queue}/{before}", watch=True):
                     await w.wait(self._check_deadline(deadline, max_wait))
             return None
-        with watches.Watch(client, [watches.CHILDREN], self.holders_path) as w:
-            try:
-                listing = await client.send(
-                    protocol.GetChildren2Request(path=client.normalize_path(self.holders_path), watch=True)
-                )
-            except exc.NoNode:
-                await client.ensure_path(self.holders_path)
-                return None
-            owners = {holder_owner(n) for n in listing.children}
-            if may_hold(owners, owner, self.limit):
-                return await self._take(listing.stat.version, owner, uid, holder)
-            await w.wait(self._check_deadline(deadline, max_wait))
-        return None
+        while True:  # at the head: only the holders change what we wait for
+            with watches.Watch(client, [watches.CHILDREN], self.holders_path) as w:
+                try:
+                    listing = await client.send(
+                        protocol.GetChildren2Request(
+                            path=client.normalize_path(self.holders_path), watch=True
+                        )
+                    )
+                except exc.NoNode:
+                    await client.ensure_path(self.holders_path)
+                    return None
+                owners = {holder_owner(n) for n in listing.children}
+                if may_hold(owners, owner, self.limit):
+                    return await self._take(listing.stat.version, owner, uid, holder)
+                if not await w.wait(self._check_deadline(deadline, max_wait)):
+                    return None  # the backstop: the whole look again
 
     async def _take(self, version: int, owner: str, uid: str, holder: str) -> Slot | None:
         """Create our holder node, provided the holders did not change since `version`."""
