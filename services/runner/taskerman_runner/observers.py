@@ -4,6 +4,7 @@ measures (the lease wait, each step, the ack), so the attempt opens them around 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -132,17 +133,33 @@ class MetricsObserver(AttemptObserver):
 
 
 class CountersObserver(AttemptObserver):
-    """Feeds the cluster's run counters in ZooKeeper (`taskerman cluster stats`)."""
+    """Feeds the cluster's run counters in ZooKeeper (`taskerman cluster stats`). The counts of
+    one (cluster, action) are added up while a write of them is under way and go in the next one:
+    one compare-and-set in flight per counter, however many of the process's nodes finish at once
+    (a thousand nodes in one runner otherwise race each other for the one znode)."""
 
     def __init__(self, zk: ZkSession) -> None:
         self.zk = zk
+        self._pending: dict[tuple[str, str], clusters.Stats] = {}
+        self._writers: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     async def _count(self, s: AttemptState, failed: bool) -> None:
         waited = sum(s.leases.waited.values()) if s.leases else 0.0
+        key = (s.cluster, s.action)
+        self._pending[key] = clusters.added(self._pending.get(key), failed=failed, lease_wait_s=waited)
+        if key not in self._writers:  # else the write under way takes it next
+            self._writers[key] = asyncio.create_task(self._write(key))
+
+    async def _write(self, key: tuple[str, str]) -> None:
+        """Write what is pending for `key` until nothing is (the item that counted never waits)."""
         try:
-            await clusters.count(self.zk, s.cluster, s.action, failed=failed, lease_wait_s=waited)
-        except Exception as e:  # statistics never decide the outcome of an item
-            log.warning("counters not updated cluster=%s error=%r", s.cluster, e)
+            while (counts := self._pending.pop(key, None)) is not None:
+                try:
+                    await clusters.count(self.zk, *key, counts)
+                except Exception as e:  # statistics never decide the outcome of an item
+                    log.warning("counters not updated cluster=%s error=%r", key[0], e)
+        finally:
+            del self._writers[key]
 
     async def after_step_failed(self, s: AttemptState, reason: str) -> None:
         await self._count(s, failed=True)

@@ -85,8 +85,8 @@ async def test_breaker_open_status_and_reset(settings: Settings, capsys: pytest.
     async with ZkSession.from_settings(settings) as zk:
         await clusters.Breaker(zk, ODD, policy).record_failure("post_check: cluster on fire", trip=True)
         await clusters.Breaker(zk, CLUSTER, policy).record_failure("pre_check: flaky")
-        await clusters.count(zk, ODD, "test:sleep", failed=True, lease_wait_s=1.5)
-        await clusters.count(zk, ODD, "test:sleep", failed=False, lease_wait_s=0.5)
+        await clusters.count(zk, ODD, "test:sleep", clusters.added(None, failed=True, lease_wait_s=1.5))
+        await clusters.count(zk, ODD, "test:sleep", clusters.added(None, failed=False, lease_wait_s=0.5))
 
     code, out, _ = await run(settings, capsys, "breaker", "status")
     assert code == 0

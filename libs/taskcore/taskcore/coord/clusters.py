@@ -276,18 +276,23 @@ def stats_path(cluster: str, action: str) -> str:
     return f"/stats/{encode_token(cluster)}/{encode_token(action)}"
 
 
-async def count(zk: ZkSession, cluster: str, action: str, failed: bool, lease_wait_s: float) -> Stats:
-    """Add one execution (and maybe a failure) and its lease wait to the counters."""
+def added(s: Stats | None, *, failed: bool, lease_wait_s: float) -> Stats:
+    """`s` with one more execution (maybe failed) and its lease wait."""
+    return plus(s, Stats(executions=1, failures=int(failed), lease_wait_s=lease_wait_s))
 
-    def bump(s: Stats | None) -> Stats:
-        s = s or Stats()
-        return Stats(
-            executions=s.executions + 1,
-            failures=s.failures + int(failed),
-            lease_wait_s=s.lease_wait_s + lease_wait_s,
-        )
 
-    return await update_json(zk, stats_path(cluster, action), Stats, bump)
+def plus(s: Stats | None, more: Stats) -> Stats:
+    s = s or Stats()
+    return Stats(
+        executions=s.executions + more.executions,
+        failures=s.failures + more.failures,
+        lease_wait_s=s.lease_wait_s + more.lease_wait_s,
+    )
+
+
+async def count(zk: ZkSession, cluster: str, action: str, more: Stats) -> Stats:
+    """Add executions, failures and lease waits (`added`) to the cluster's counters."""
+    return await update_json(zk, stats_path(cluster, action), Stats, lambda s: plus(s, more))
 
 
 def breaker_policy(settings: Settings) -> BreakerPolicy:
