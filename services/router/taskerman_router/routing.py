@@ -13,7 +13,7 @@ import msgspec
 
 from taskcore.core import subjects
 from taskcore.core.errors import InvalidTask
-from taskcore.core.model import NodeInfo, PlannedNode, Task, Wave, WorkItem
+from taskcore.core.model import CANARY_GROUP, NodeInfo, PlannedNode, Task, Wave, WorkItem
 from taskcore.plugins import ROUTING_GROUP, Routing
 
 DEFAULT_ROUTING = "name"
@@ -146,9 +146,6 @@ def order_nodes(
     if key:
         ordered.sort(key=lambda n: n.attributes[key])
     return ordered
-
-
-CANARY_GROUP = "canary"  # as taskcore.cli.render shows it
 
 
 def waves(task: Task, nodes: Sequence[NodeInfo], concurrency: int) -> tuple[Wave, ...]:

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from taskcore.bus.tracking import StatusStore, TaskView
-from taskcore.core.model import TASK_FINISHED, Plan, Waiting, Wave
+from taskcore.core.model import CANARY_GROUP, TASK_FINISHED, Plan, Waiting, Wave
 from taskcore.obs.tracing import SpanRecord
 
 FINAL_OK = {"succeeded"}
@@ -243,9 +243,6 @@ def task_traces(spans: list[SpanRecord], task_id: str) -> dict[str, list[SpanRec
 
 def _attrs(attributes: dict[str, str]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(attributes.items())) or "-"
-
-
-CANARY_GROUP = "canary"  # the group of a canary wave (the router's routing.waves)
 
 
 def wave_lines(waves: tuple[Wave, ...], topology: str | None, indent: str = "  ") -> list[str]:

@@ -191,9 +191,13 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True):
     waiting_for: Waiting | None = None
 
 
+CANARY_GROUP = "canary"  # the group of a task's canary wave, its first (`taskerman_params.canary`)
+
+
 class Wave(msgspec.Struct, frozen=True, omit_defaults=True):
     """Nodes of a plan that may act together (at most the task's limit at once). `group` is the
-    topology value (the zone or rack) of every node in it; empty without topology."""
+    topology value (the zone or rack) of every node in it; empty without topology; CANARY_GROUP
+    for the canary wave."""
 
     nodes: tuple[str, ...]
     group: str = ""
