@@ -10,6 +10,7 @@ import argparse
 from collections.abc import Mapping
 
 from taskcore.cli.command import Subparsers
+from taskcore.cli.common import JSON_HELP
 from taskcore.core.settings import Settings
 
 # unset: the running `dev up` stack's servers (and its admin seed, with which `dlq replay` signs)
@@ -25,14 +26,16 @@ class Dev:
         dev = subparsers.add_parser(self.name, help="the local stack")
         devsub = dev.add_subparsers(dest="dev_cmd", required=True)
         dup = devsub.add_parser("up")
-        dup.add_argument("--runners", type=int, default=4)
+        dup.add_argument(
+            "--runners", type=int, default=4, help="runner processes of the demo clusters (default 4)"
+        )
         dup.add_argument(
             "--cluster-mode",
             action="store_true",
             help="3 clustered nats-servers and a 3-server ZooKeeper ensemble, streams at 3 replicas",
         )
         devsub.add_parser("down")
-        devsub.add_parser("status").add_argument("--json", action="store_true")
+        devsub.add_parser("status").add_argument("--json", action="store_true", help=JSON_HELP)
 
     def run(self, args: argparse.Namespace, settings: Settings) -> int:
         from taskerman_dev import devstack  # noqa: PLC0415 - only the dev commands need the launchers

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import msgspec
 
 from taskcore.cli.command import Subparsers
-from taskcore.cli.common import EXIT_FAILED, EXIT_OK
+from taskcore.cli.common import EXIT_FAILED, EXIT_OK, JSON_HELP
 from taskcore.core.actions import Action, ActionRegistry
 from taskcore.core.settings import Settings
 
@@ -75,7 +75,7 @@ class Actions:
     def add_parser(self, subparsers: Subparsers) -> None:
         p = subparsers.add_parser(self.name, help="installed actions: arguments, version, exclusion groups")
         p.add_argument("action", nargs="?", help="only this action (e.g. redis:restart)")
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     def run(self, args: argparse.Namespace, settings: Settings) -> int:
         registry = ActionRegistry.installed()

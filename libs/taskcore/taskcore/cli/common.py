@@ -94,13 +94,26 @@ async def connect_zookeeper(settings: Settings) -> AsyncIterator[ZkSession]:
         await session.__aexit__(None, None, None)
 
 
+# the help of arguments many commands share
+JSON_HELP = "print JSON instead of the table (for scripts)"
+TASK_ID_HELP = "the task's id, as `submit` printed it (`taskerman tasks` lists them)"
+CLUSTER_HELP = "the cluster's name, e.g. demo:web"
+SCHEDULE_HELP = "the schedule's name (`schedules list`)"
+
+
+def examples(*lines: str) -> dict[str, Any]:
+    """`add_parser` keywords that end a command's --help with examples, printed as written."""
+    text = "examples:\n" + "\n".join(f"  {line}" for line in lines)
+    return {"epilog": text, "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 # --- the task flags (`submit`, `plan`) ---------------------------------------------------------------------
 
 
 def add_task_options(p: argparse.ArgumentParser) -> None:
     """The options that describe a task."""
     p.add_argument("action", help="installed action, <pack>:<name>")
-    p.add_argument("--cluster", required=True)
+    p.add_argument("--cluster", required=True, help=CLUSTER_HELP)
     p.add_argument(
         "--limit",
         type=share,
@@ -117,8 +130,14 @@ def add_task_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node", action="append", default=[], help="target node (skips discovery); repeatable")
     p.add_argument("--arg", action="append", default=[], help="action argument key=value; repeatable")
     p.add_argument("--retries", type=int, help="retries per node before dead-lettering")
-    p.add_argument("--owner", default="")
-    p.add_argument("--task-id")
+    p.add_argument(
+        "--owner", default="", help="who the task is for, recorded with it (status, events, tasks)"
+    )
+    p.add_argument(
+        "--task-id",
+        help="a stable id (default: a new one): the same task submitted again with it is a duplicate, "
+        "a different task with it is refused",
+    )
     p.add_argument("--discovery", help="discovery plugin (default: static)")
     p.add_argument("--routing", help="routing plugin (default: name, or zone with --topology)")
     p.add_argument("--topology", choices=["zone", "rack"], help="one zone (or rack) at a time")

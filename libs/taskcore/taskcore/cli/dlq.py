@@ -30,20 +30,20 @@ class DeadLetters(ServerCommand):
         d = subparsers.add_parser(self.name, help="the dead-letter queue")
         dsub = d.add_subparsers(dest="dlq_cmd", required=True)
         dl = dsub.add_parser("list")
-        dl.add_argument("--json", action="store_true")
+        dl.add_argument("--json", action="store_true", help=common.JSON_HELP)
         dsub.add_parser("show", help="one dead letter by its ID, or every one of a task").add_argument(
             "id", help="the letter's ID (dlq list), or a task id"
         )
         dr = dsub.add_parser("replay")
-        dr.add_argument("id", type=int, nargs="?")
-        dr.add_argument("--all", action="store_true")
+        dr.add_argument("id", type=int, nargs="?", help="the letter's id, from `dlq list`")
+        dr.add_argument("--all", action="store_true", help="every letter in the queue")
         dr.add_argument(
             "--force",
             action="store_true",
             help="also replay work items a runner refused for their signature (they may be forged)",
         )
         dsub.add_parser("purge", help="remove every dead letter (admin)").add_argument(
-            "--yes", action="store_true"
+            "--yes", action="store_true", help="do not ask first"
         )
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:

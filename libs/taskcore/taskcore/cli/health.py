@@ -33,7 +33,7 @@ class HealthCheck(ServerCommand):
         h = subparsers.add_parser(
             self.name, help="is the pipeline alive: canary, queue lengths, stale runners, breakers"
         )
-        h.add_argument("--json", action="store_true")
+        h.add_argument("--json", action="store_true", help=common.JSON_HELP)
         h.add_argument(
             "--max-age",
             type=float,

@@ -24,9 +24,11 @@ class Keys:
         k = subparsers.add_parser(self.name, help="signing keys of work items: new, show")
         ksub = k.add_subparsers(dest="keys_cmd", required=True)
         new = ksub.add_parser("new", help="create a seed file (mode 0600) and print its public key")
-        new.add_argument("file", type=Path)
+        new.add_argument(
+            "file", type=Path, help="where to write the new seed (mode 0600); its public key is printed"
+        )
         show = ksub.add_parser("show", help="print the public key of a seed (or NATS creds) file")
-        show.add_argument("file", type=Path)
+        show.add_argument("file", type=Path, help="a seed file; prints its public key")
         conf = ksub.add_parser(
             "nats-config",
             help="print nats-server.conf's authorization block: each role's user and permissions",

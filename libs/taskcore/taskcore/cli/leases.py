@@ -77,7 +77,7 @@ class Leases(ServerCommand):
     def add_parser(self, subparsers: Subparsers) -> None:
         view = subparsers.add_parser(self.name, help="who holds which lease")
         view.add_argument("cluster", nargs="?", help="only this cluster")
-        view.add_argument("--json", action="store_true")
+        view.add_argument("--json", action="store_true", help=common.JSON_HELP)
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
         return await leases_cmd(args, settings)

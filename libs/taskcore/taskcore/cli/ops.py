@@ -268,7 +268,7 @@ def _add_view(parent: Subparsers, name: str, text: str) -> None:
     """A read-only view: `NAME [CLUSTER] [--json]`."""
     view = parent.add_parser(name, help=text)
     view.add_argument("cluster", nargs="?", help="only this cluster")
-    view.add_argument("--json", action="store_true")
+    view.add_argument("--json", action="store_true", help=common.JSON_HELP)
 
 
 class Cluster(ServerCommand):
@@ -280,21 +280,34 @@ class Cluster(ServerCommand):
     def add_parser(self, subparsers: Subparsers) -> None:
         c = subparsers.add_parser(self.name, help="per-cluster safety settings")
         csub = c.add_subparsers(dest="cluster_cmd", required=True)
-        b = csub.add_parser("budget", help="show or set a cluster's disruption budget")
-        b.add_argument("cluster")
+        b = csub.add_parser(
+            "budget",
+            help="show or set a cluster's disruption budget",
+            **common.examples("taskerman cluster budget demo:web 2", "taskerman cluster budget demo:web"),
+        )
+        b.add_argument("cluster", help=common.CLUSTER_HELP)
         b.add_argument("n", type=int, nargs="?", help="at most this many nodes of the cluster act at once")
         b.add_argument("--unset", action="store_true", help="remove the budget (only task limits apply)")
-        w = csub.add_parser("window", help="show or set the maintenance windows: work starts only inside one")
-        w.add_argument("cluster")
+        w = csub.add_parser(
+            "window",
+            help="show or set the maintenance windows: work starts only inside one",
+            **common.examples(
+                'taskerman cluster window demo:web "Mon-Fri 02:00-05:00 Europe/Amsterdam"',
+                "taskerman cluster window demo:web --clear",
+            ),
+        )
+        w.add_argument("cluster", help=common.CLUSTER_HELP)
         w.add_argument("windows", nargs="*", metavar="SPEC", help=f"a window, {windows.EXAMPLE}")
         w.add_argument("--clear", action="store_true", help="no windows: the cluster is always open")
         f = csub.add_parser(
-            "freeze", help="nothing new starts on the cluster until a time (running nodes finish)"
+            "freeze",
+            help="nothing new starts on the cluster until a time (running nodes finish)",
+            **common.examples('taskerman cluster freeze demo:web --until 2h --reason "release"'),
         )
-        f.add_argument("cluster")
+        f.add_argument("cluster", help=common.CLUSTER_HELP)
         f.add_argument("--until", required=True, help="a duration (90m, 2h, 3d) or 2026-12-24T18:00+01:00")
         f.add_argument("--reason", default="", help="shown to whoever waits")
-        csub.add_parser("unfreeze", help="lift a freeze").add_argument("cluster")
+        csub.add_parser("unfreeze", help="lift a freeze").add_argument("cluster", help=common.CLUSTER_HELP)
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
         if args.cluster_cmd == "window":
@@ -314,7 +327,9 @@ class Breaker(ServerCommand):
     def add_parser(self, subparsers: Subparsers) -> None:
         br = subparsers.add_parser(self.name, help="circuit breakers of clusters")
         brsub = br.add_subparsers(dest="breaker_cmd", required=True)
-        brsub.add_parser("reset", help="close a cluster's breaker").add_argument("cluster")
+        brsub.add_parser("reset", help="close a cluster's breaker").add_argument(
+            "cluster", help=common.CLUSTER_HELP
+        )
         _add_view(brsub, "status", "breaker state, reason, recent failures and counters")
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:

@@ -20,7 +20,7 @@ class Plan(ServerCommand):
             self.name, help="preview a task's nodes, order, waves and leases; runs nothing"
         )
         common.add_task_options(p)
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help=common.JSON_HELP)
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
         return await common.preview(args, settings)

@@ -51,20 +51,22 @@ class Schedules(ServerCommand):
             "list", parents=[asks], help="schedules with their state: last slot and task, paused, next slot"
         )
         ls.add_argument("name", nargs="?", help="only this schedule")
-        ls.add_argument("--json", action="store_true")
+        ls.add_argument("--json", action="store_true", help=common.JSON_HELP)
         nx = ssub.add_parser("next", parents=[asks], help="the next slot times of each schedule")
         nx.add_argument("name", nargs="?", help="only this schedule")
         nx.add_argument("-n", "--count", type=int, default=5, help="how many slots per schedule (default 5)")
-        nx.add_argument("--json", action="store_true")
+        nx.add_argument("--json", action="store_true", help=common.JSON_HELP)
         pa = ssub.add_parser("pause", help="skip the schedule's slots until resumed (not caught up later)")
-        pa.add_argument("name")
-        pa.add_argument("--reason", default="")
-        ssub.add_parser("resume", help="emit the schedule's slots again").add_argument("name")
+        pa.add_argument("name", help=common.SCHEDULE_HELP)
+        pa.add_argument("--reason", default="", help="shown by `schedules list` and in the audit trail")
+        ssub.add_parser("resume", help="emit the schedule's slots again").add_argument(
+            "name", help=common.SCHEDULE_HELP
+        )
         tr = ssub.add_parser(
             "trigger", parents=[asks], help="emit one run now (task id sched-<name>-manual-<time>)"
         )
-        tr.add_argument("name")
-        tr.add_argument("--json", action="store_true")
+        tr.add_argument("name", help=common.SCHEDULE_HELP)
+        tr.add_argument("--json", action="store_true", help=common.JSON_HELP)
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
         if args.schedules_cmd in ("list", "next"):

@@ -41,10 +41,19 @@ class Submit(ServerCommand):
     name = "submit"
 
     def add_parser(self, subparsers: Subparsers) -> None:
-        s = subparsers.add_parser(self.name, help="submit a task")
+        s = subparsers.add_parser(
+            self.name,
+            help="submit a task",
+            **common.examples(
+                "taskerman submit demo:restart --cluster demo:web --limit 2 --wait",
+                "taskerman submit demo:restart --cluster demo:web --limit 10% --canary 1 --deadline 6h",
+                "taskerman submit demo:restart --cluster demo:web --node node-1 --arg health_timeout=30",
+                "taskerman submit demo:restart --cluster demo:web --dry-run   # the plan, nothing runs",
+            ),
+        )
         common.add_task_options(s)
         s.add_argument("--wait", action="store_true", help="show progress; exit 0 on success, 1 on failure")
-        s.add_argument("--json", action="store_true")
+        s.add_argument("--json", action="store_true", help=common.JSON_HELP)
         s.add_argument(
             "--dry-run", action="store_true", help="show the plan (`taskerman plan`); submit nothing"
         )
@@ -188,9 +197,13 @@ class Status(ServerCommand):
     name = "status"
 
     def add_parser(self, subparsers: Subparsers) -> None:
-        st = subparsers.add_parser(self.name, help="a task's state and its nodes")
-        st.add_argument("task_id")
-        st.add_argument("--json", action="store_true")
+        st = subparsers.add_parser(
+            self.name,
+            help="a task's state and its nodes",
+            **common.examples("taskerman status 7f3a…", "taskerman status 7f3a… --json | jq .nodes"),
+        )
+        st.add_argument("task_id", help=common.TASK_ID_HELP)
+        st.add_argument("--json", action="store_true", help=common.JSON_HELP)
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
         nc, _js, status = await common.connect_jetstream(settings)
@@ -236,7 +249,7 @@ class Watch(ServerCommand):
 
     def add_parser(self, subparsers: Subparsers) -> None:
         w = subparsers.add_parser(self.name, help="live progress of a task; exits with its outcome")
-        w.add_argument("task_id")
+        w.add_argument("task_id", help=common.TASK_ID_HELP)
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
         nc, _js, status = await common.connect_jetstream(settings)
@@ -259,8 +272,8 @@ class Tasks(ServerCommand):
 
     def add_parser(self, subparsers: Subparsers) -> None:
         tl = subparsers.add_parser(self.name, help="recent tasks, newest first")
-        tl.add_argument("--state", choices=STATES)
-        tl.add_argument("--cluster")
+        tl.add_argument("--state", choices=STATES, help="only tasks in this state")
+        tl.add_argument("--cluster", help="only tasks of this cluster")
         tl.add_argument(
             "--rows",
             type=int,
@@ -271,7 +284,7 @@ class Tasks(ServerCommand):
         tl.add_argument(
             "--canary", action="store_true", help=f"show the heartbeat canary's {CANARY_ACTION} tasks too"
         )
-        tl.add_argument("--json", action="store_true")
+        tl.add_argument("--json", action="store_true", help=common.JSON_HELP)
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
         nc, _js, status = await common.connect_jetstream(settings)
@@ -303,9 +316,13 @@ class Cancel(ServerCommand):
     name = "cancel"
 
     def add_parser(self, subparsers: Subparsers) -> None:
-        c = subparsers.add_parser(self.name, help="stop a task: nodes not yet started will not run")
-        c.add_argument("task_id")
-        c.add_argument("--reason", default="")
+        c = subparsers.add_parser(
+            self.name,
+            help="stop a task: nodes not yet started will not run",
+            **common.examples('taskerman cancel 7f3a… --reason "wrong cluster"'),
+        )
+        c.add_argument("task_id", help=common.TASK_ID_HELP)
+        c.add_argument("--reason", default="", help="recorded with the stop and in the audit trail")
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
         nc, js, status = await common.connect_jetstream(settings)
@@ -334,7 +351,7 @@ class Pause(ServerCommand):
         p = subparsers.add_parser(
             self.name, help="pause a task: running nodes finish, nothing new starts until resume"
         )
-        p.add_argument("task_id")
+        p.add_argument("task_id", help=common.TASK_ID_HELP)
         p.add_argument("--reason", default="", help="recorded with the pause and in the audit trail")
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
@@ -369,7 +386,7 @@ class Resume(ServerCommand):
 
     def add_parser(self, subparsers: Subparsers) -> None:
         p = subparsers.add_parser(self.name, help="resume a paused task")
-        p.add_argument("task_id")
+        p.add_argument("task_id", help=common.TASK_ID_HELP)
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
         nc, js, status = await common.connect_jetstream(settings)
@@ -397,8 +414,8 @@ class Events(ServerCommand):
 
     def add_parser(self, subparsers: Subparsers) -> None:
         ev = subparsers.add_parser(self.name, help="a task's audit trail, in order")
-        ev.add_argument("task_id")
-        ev.add_argument("--json", action="store_true")
+        ev.add_argument("task_id", help=common.TASK_ID_HELP)
+        ev.add_argument("--json", action="store_true", help=common.JSON_HELP)
 
     async def exec(self, args: argparse.Namespace, settings: Settings) -> int:
         nc, js, _status = await common.connect_jetstream(settings)
@@ -427,9 +444,9 @@ class Trace(ServerCommand):
         tr = subparsers.add_parser(
             self.name, help="a task's traces as a waterfall (from the local span file)"
         )
-        tr.add_argument("task_id")
+        tr.add_argument("task_id", help=common.TASK_ID_HELP)
         tr.add_argument("--spans", type=Path, help="a spans.jsonl file (default: $TASKERMAN_HOME/traces/)")
-        tr.add_argument("--json", action="store_true")
+        tr.add_argument("--json", action="store_true", help=common.JSON_HELP)
 
     def run(self, args: argparse.Namespace, settings: Settings) -> int:
         """Without an event loop: it only reads a file."""
