@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from taskcore.bus import jetstream as bus
+from taskcore.coord import acl
 from taskcore.core.settings import Settings
 from taskcore.core.signing import Signer
 from taskerman_dev import secrets as stack_secrets
@@ -47,6 +48,17 @@ def zk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooKeeperSer
 def prefix() -> str:
     """A short unique name for this test's streams, subjects and znode chroot."""
     return "t" + secrets.token_hex(4)
+
+
+@pytest.fixture(scope="session")
+def zk_credentials(signing_keys: dict[str, Any]) -> dict[str, Any]:
+    """`ZkSession(...)` keywords of the harness' ZooKeeper identity and the stacks' ACL: a test
+    that opens its own session does so authenticated, and what it creates is closed to anyone
+    else, as on every stack (`taskcore/coord/acl.py`)."""
+    return {
+        "auth": acl.read_auth(signing_keys["zk_auth"]),
+        "acl": acl.parse(signing_keys["zk_acl"]),
+    }
 
 
 @pytest.fixture(scope="session")

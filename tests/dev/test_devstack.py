@@ -16,9 +16,12 @@ from typing import Any, TypeVar
 
 import nats
 import pytest
+from aiozk import ZKClient
+from aiozk import exc as zk_exc
 
 from taskcore.bus import permissions
 from taskcore.core import signing, subjects
+from taskcore.core.settings import Settings
 from taskcore.runtime.procs import alive
 from taskerman_dev import secrets as stack_secrets
 from taskerman_dev.launchers import free_port, free_ports
@@ -135,9 +138,11 @@ def _secure_by_default(env: dict[str, str]) -> None:
     purge the audit trail."""
     folder = Path(env["TASKERMAN_HOME"]) / "secrets"
     roles = sorted(stack_secrets.nats_seed_name(r) for r in permissions.ROLES)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["admin.nk", "router.nk", *roles])
+    zk = ["zk-reader.pw", "zk-service.pw"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["admin.nk", "router.nk", *roles, *zk])
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in folder.iterdir())
     asyncio.run(_attack(env["TASKERMAN_NATS_URL"], folder))
+    asyncio.run(_anonymous_zookeeper(Settings.from_env(env)))
     deadline = time.monotonic() + 30
     letters: list[dict[str, Any]] = []
     while time.monotonic() < deadline and not letters:
@@ -146,6 +151,19 @@ def _secure_by_default(env: dict[str, str]) -> None:
         time.sleep(0.2)
     assert len(letters) == 1
     assert letters[0]["reason"].startswith("signature: the work item is not signed")
+
+
+async def _anonymous_zookeeper(settings: Settings) -> None:
+    """What the stack made in ZooKeeper is closed to a client without its identity."""
+    client = ZKClient(settings.zk_hosts, chroot=settings.zk_chroot, session_timeout=6.0)
+    await client.session.start()
+    try:
+        with pytest.raises(zk_exc.NoAuth):
+            await client.get_children("/")
+        with pytest.raises(zk_exc.NoAuth):
+            await client.create("/planted", data=b"x")
+    finally:
+        await client.close()
 
 
 @pytest.fixture

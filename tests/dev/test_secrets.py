@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from taskcore.bus import permissions
+from taskcore.coord import acl
 from taskcore.core import signing
 from taskcore.core.settings import Settings
 from taskerman_dev import secrets
@@ -34,8 +35,11 @@ def test_generate_makes_the_keys_once_and_the_settings_trust_them(tmp_path: Path
         "TASKERMAN_ADMIN_SEED_FILE",
         "TASKERMAN_TRUSTED_ROUTER_KEYS",
         "TASKERMAN_NATS_CREDS",
+        "TASKERMAN_ZK_AUTH",
+        "TASKERMAN_ZK_ACL",
     }
     assert Settings.from_env(env).trusted_router_keys == fields["trusted_router_keys"]
+    assert Settings.from_env(env).zk_acl == fields["zk_acl"]
 
 
 def test_each_role_has_its_own_nats_user_and_children_connect_as_theirs(tmp_path: Path) -> None:
@@ -56,3 +60,20 @@ def test_each_role_has_its_own_nats_user_and_children_connect_as_theirs(tmp_path
     assert secrets.as_role(Settings(), "runner") == Settings()  # insecure: nothing to change
     with pytest.raises(ValueError, match="unknown NATS role"):
         secrets.as_role(settings, "root")
+
+
+def test_each_role_has_its_zookeeper_identity_and_the_acl_names_both(tmp_path: Path) -> None:
+    fields = secrets.generate(tmp_path)
+    assert set(secrets.ZK_IDENTITY) == set(permissions.ROLES)
+    service = acl.read_auth(fields["zk_auth"])  # the harness is admin: the services' identity
+    assert service[0] == secrets.ZK_SERVICE
+    rules = {r.id.id.split(":")[0]: r.perms for r in acl.parse(fields["zk_acl"])}
+    assert rules == {"service": 0b11111, "reader": 0b00001}  # rwcda, r
+    settings = Settings(**fields)
+    for role, identity in secrets.ZK_IDENTITY.items():
+        as_role = secrets.as_role(settings, role)
+        assert as_role.zk_auth is not None
+        assert acl.read_auth(as_role.zk_auth)[0] == identity
+        env = secrets.role_env(settings.env(), role)
+        assert acl.read_auth(Path(env[acl.AUTH_ENV]))[0] == identity
+    assert secrets.ZK_IDENTITY["operator"] == secrets.ZK_READER

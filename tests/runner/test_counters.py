@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -18,8 +19,10 @@ from taskerman_runner.observers import CountersObserver
 
 
 @pytest.fixture
-async def zk(zk_server: ZooKeeperServer, prefix: str) -> AsyncIterator[ZkSession]:
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0) as session:
+async def zk(
+    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
+) -> AsyncIterator[ZkSession]:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0, **zk_credentials) as session:
         yield session
 
 

@@ -1,8 +1,11 @@
 """The keys of a local stack (`taskerman dev up`, the demo, the tests, the benchmarks, chaos runs),
 under `<home>/secrets/`: a router seed and an admin seed that sign work items, both public keys
 trusted (`taskcore/core/signing.py`), and one NATS user seed per role (`nats-<role>.nk`), whose
-public keys the stack's nats-server is configured with (`taskcore/bus/permissions.py`). So every
-stack runs with signed work items and least privilege on the bus, and no key is ever hard-wired.
+public keys the stack's nats-server is configured with (`taskcore/bus/permissions.py`), and one
+ZooKeeper digest identity per kind of client (`zk-service.pw` for the services and admin,
+`zk-reader.pw` for operators and observers, `taskcore/coord/acl.py`). So every stack runs with
+signed work items, least privilege on the bus, ZooKeeper closed to anonymous clients, and no key
+is ever hard-wired.
 The harness itself (the tests, the checker, the benchmark driver) connects as admin; each process
 it starts connects as its own role (`role_env`).
 
@@ -11,7 +14,9 @@ it spawns, agrees on them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,7 @@ from typing import Any
 import msgspec
 
 from taskcore.bus import permissions
+from taskcore.coord import acl
 from taskcore.core import signing
 from taskcore.core.settings import Settings
 
@@ -27,6 +33,17 @@ ROUTER_SEED = "router.nk"
 ADMIN_SEED = "admin.nk"  # `taskerman dlq replay` signs the work items it republishes with it
 SIGNING_ENV = (signing.SEED_ENV, signing.ADMIN_SEED_ENV, signing.TRUSTED_ENV)
 CREDS_ENV = "TASKERMAN_NATS_CREDS"
+ZK_SERVICE, ZK_READER = "service", "reader"
+# the ZooKeeper identity of each NATS role: operators and observers only read there (budgets,
+# windows, freezes and breaker resets are the admin's)
+ZK_IDENTITY = {
+    "router": ZK_SERVICE,
+    "runner": ZK_SERVICE,
+    "scheduler": ZK_SERVICE,
+    "admin": ZK_SERVICE,
+    "operator": ZK_READER,
+    "observer": ZK_READER,
+}
 HARNESS_ROLE = "admin"
 # the role each service's script connects as
 SCRIPT_ROLES = {
@@ -56,7 +73,27 @@ def generate(home: Path) -> dict[str, Any]:
         "admin_seed_file": admin,
         "trusted_router_keys": (_key(router), _key(admin)),
         "nats_creds": folder / nats_seed_name(HARNESS_ROLE),
+        "zk_auth": folder / zk_auth_name(HARNESS_ROLE),
+        "zk_acl": (
+            acl.entry(*_zk_identity(folder, ZK_SERVICE), acl.SERVICE_PERMS),
+            acl.entry(*_zk_identity(folder, ZK_READER), acl.READER_PERMS),
+        ),
     }
+
+
+def zk_auth_name(role: str) -> str:
+    """The file of the ZooKeeper identity `role` authenticates as."""
+    return f"zk-{ZK_IDENTITY[role]}.pw"
+
+
+def _zk_identity(folder: Path, user: str) -> tuple[str, str]:
+    """(user, password) of a ZooKeeper identity, its file (`user:password`, 0600) made when missing."""
+    path = folder / f"zk-{user}.pw"
+    with contextlib.suppress(FileExistsError):  # made before (or by a process racing us): keep it
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{user}:{secrets.token_urlsafe(24)}\n")
+    return acl.read_auth(path)
 
 
 def _folder(home: Path) -> Path:
@@ -84,7 +121,10 @@ def as_role(settings: Settings, role: str) -> Settings:
     without credentials: an insecure stack)."""
     if settings.nats_creds is None:
         return settings
-    return msgspec.structs.replace(settings, nats_creds=settings.nats_creds.parent / nats_seed_name(role))
+    folder = settings.nats_creds.parent
+    nats_creds = folder / nats_seed_name(role)
+    zk_auth = folder / zk_auth_name(role) if settings.zk_auth else None
+    return msgspec.structs.replace(settings, nats_creds=nats_creds, zk_auth=zk_auth)
 
 
 def role_env(env: Mapping[str, str], role: str) -> dict[str, str]:
@@ -92,6 +132,8 @@ def role_env(env: Mapping[str, str], role: str) -> dict[str, str]:
     out = dict(env)
     if creds := out.get(CREDS_ENV, "").strip():
         out[CREDS_ENV] = str(Path(creds).parent / nats_seed_name(role))
+    if zk_auth := out.get(acl.AUTH_ENV, "").strip():
+        out[acl.AUTH_ENV] = str(Path(zk_auth).parent / zk_auth_name(role))
     return out
 
 
@@ -105,4 +147,4 @@ def command_env(env: Mapping[str, str], argv: Sequence[str]) -> dict[str, str]:
 def environ(home: Path) -> dict[str, str]:
     """`generate(home)` as the environment variables that carry it (for a process started by hand)."""
     env = Settings(**generate(home)).env()
-    return {name: env[name] for name in (*SIGNING_ENV, CREDS_ENV)}
+    return {name: env[name] for name in (*SIGNING_ENV, CREDS_ENV, acl.AUTH_ENV, acl.ACL_ENV)}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -16,6 +20,7 @@ from taskcore.coord.semaphore import FairSemaphore
 from taskcore.coord.session import ZkSession
 from taskcore.core.settings import Settings
 from taskcore.core.subjects import encode_token
+from taskerman_dev import secrets as stack_secrets
 from taskerman_dev.launchers import NatsServer, ZooKeeperServer
 
 CLUSTER = "demo:web"
@@ -202,3 +207,20 @@ async def test_nodes_marks_stale(settings: Settings, capsys: pytest.CaptureFixtu
         assert any("node-2" in line and "STALE" in line and "pid 4242" in line for line in lines)
         assert any(ODD in line for line in lines)
         assert lines[-1].startswith("3 runner(s), 1 stale")
+
+
+def test_a_reader_identity_changing_a_budget_is_told_it_takes_the_admin(settings: Settings) -> None:
+    """`cluster budget` as an operator (ZooKeeper's reader identity): refused, said in one line."""
+    env = stack_secrets.role_env({**os.environ, **settings.env()}, "operator")
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "taskerman"), "cluster", "budget", CLUSTER, "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "ZooKeeper refused it" in done.stderr
+    assert "take the admin's" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -42,8 +43,10 @@ def test_a_failed_probe_opens_for_another_cooldown_and_a_success_closes() -> Non
 
 
 @pytest.fixture
-async def breaker(zk_server: ZooKeeperServer, prefix: str) -> AsyncIterator[Breaker]:
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0) as zk:
+async def breaker(
+    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
+) -> AsyncIterator[Breaker]:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0, **zk_credentials) as zk:
         yield Breaker(zk, "pg:probe", POLICY)
 
 

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import random
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -21,8 +22,10 @@ from taskerman_dev.zkstats import packets_received
 
 
 @pytest.fixture
-async def zk(zk_server: ZooKeeperServer, prefix: str) -> AsyncIterator[ZkSession]:
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0) as session:
+async def zk(
+    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
+) -> AsyncIterator[ZkSession]:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0, **zk_credentials) as session:
         yield session
 
 
@@ -36,9 +39,9 @@ async def _queued(sem: FairSemaphore, n: int) -> None:
 
 
 async def test_two_hundred_acquirers_limit_five_in_arrival_order(
-    zk_server: ZooKeeperServer, prefix: str
+    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
 ) -> None:
-    sessions = [ZkSession(zk_server.hosts, f"/{prefix}", 6.0) for _ in range(8)]
+    sessions = [ZkSession(zk_server.hosts, f"/{prefix}", 6.0, **zk_credentials) for _ in range(8)]
     for s in sessions:
         await s.__aenter__()
     holding = 0
@@ -263,13 +266,13 @@ async def test_a_down_node_occupies_a_slot_whatever_the_limit(zk: ZkSession) -> 
 
 
 async def test_a_claim_keeps_its_owner_counted_after_its_session_dies(
-    zk_server: ZooKeeperServer, prefix: str, zk: ZkSession
+    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str, zk: ZkSession
 ) -> None:
     """A failed node's claim: its session dies, its slot stays taken; the node comes back in a new
     session and holds again at once, past a waiter queued meanwhile; the claim ends only with
     `unclaim`, and then the waiter gets the slot."""
     path = "/leases/claimed"
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0) as first:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0, **zk_credentials) as first:
         sem = FairSemaphore(first, path, 1)
         held = await sem.acquire("n1")
         await sem.claim(held, "t.n1")

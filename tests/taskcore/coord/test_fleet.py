@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -16,8 +17,10 @@ POLICY = BreakerPolicy(threshold=2, window=60.0, cooldown=0.0)
 
 
 @pytest.fixture
-async def zk(zk_server: ZooKeeperServer, prefix: str) -> AsyncIterator[ZkSession]:
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as session:
+async def zk(
+    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
+) -> AsyncIterator[ZkSession]:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0, **zk_credentials) as session:
         yield session
 
 

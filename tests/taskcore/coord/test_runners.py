@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -15,8 +16,10 @@ from taskerman_dev.launchers import ZooKeeperServer
 
 
 @pytest.fixture
-async def zk(zk_server: ZooKeeperServer, prefix: str) -> AsyncIterator[ZkSession]:
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as session:
+async def zk(
+    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
+) -> AsyncIterator[ZkSession]:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0, **zk_credentials) as session:
         yield session
 
 
@@ -28,9 +31,9 @@ async def test_a_node_without_a_runner_is_unserved(zk: ZkSession) -> None:
 
 
 async def test_an_away_note_keeps_a_node_served_for_its_grace(
-    zk: ZkSession, zk_server: ZooKeeperServer, prefix: str
+    zk_credentials: dict[str, Any], zk: ZkSession, zk_server: ZooKeeperServer, prefix: str
 ) -> None:
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as runner_zk:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0, **zk_credentials) as runner_zk:
         reg = Registration(runner_zk, "c", "cron", "1", [], away_grace=60)
         await reg.register()
         await reg.leave()

@@ -7,6 +7,7 @@ import asyncio
 import sys
 import textwrap
 import time
+from typing import Any
 
 import pytest
 
@@ -16,11 +17,13 @@ from taskcore.core.errors import LeaseLost
 from taskerman_dev.launchers import ZooKeeperServer
 
 
-async def test_twenty_acquirers_limit_three(zk_server: ZooKeeperServer, prefix: str) -> None:
+async def test_twenty_acquirers_limit_three(
+    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
+) -> None:
     holders = 0
     peak = 0
     tokens: list[int] = []
-    sessions = [ZkSession(zk_server.hosts, f"/{prefix}", 4.0) for _ in range(4)]
+    sessions = [ZkSession(zk_server.hosts, f"/{prefix}", 4.0, **zk_credentials) for _ in range(4)]
     for s in sessions:
         await s.__aenter__()
     try:
@@ -48,9 +51,9 @@ async def test_twenty_acquirers_limit_three(zk_server: ZooKeeperServer, prefix: 
 
 
 async def test_fencing_tokens_increase_and_stale_slot_fails_verify(
-    zk_server: ZooKeeperServer, prefix: str
+    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
 ) -> None:
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as zk:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0, **zk_credentials) as zk:
         sem = FairSemaphore(zk, "/leases/t", 1)
         first = await sem.acquire("a")
         await sem.release(first)
@@ -65,10 +68,12 @@ async def test_fencing_tokens_increase_and_stale_slot_fails_verify(
         assert await sem.holder_ids() == []
 
 
-async def test_ghost_create_is_found_again(zk_server: ZooKeeperServer, prefix: str) -> None:
+async def test_ghost_create_is_found_again(
+    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
+) -> None:
     """A take that landed but whose reply was lost (aiozk retries it, and the retry fails) must
     find its own holder node again, not take a second one."""
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as zk:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0, **zk_credentials) as zk:
         sem = FairSemaphore(zk, "/leases/ghost", 2)
         await zk.client.ensure_path("/leases/ghost/h")
         await zk.client.create("/leases/ghost/h/own~abc", data=b"me#abc", ephemeral=True)  # the ghost
@@ -81,11 +86,21 @@ async def test_ghost_create_is_found_again(zk_server: ZooKeeperServer, prefix: s
 HOLDER = textwrap.dedent(
     """
     import asyncio, sys
+    from pathlib import Path
     from taskcore.coord.semaphore import FairSemaphore
     from taskcore.coord.session import ZkSession
+    from taskcore.core.settings import Settings
 
     async def main():
-        async with ZkSession(sys.argv[1], sys.argv[2], 2.0) as zk:
+        hosts, chroot, auth, acl = sys.argv[1:]
+        settings = Settings(
+            zk_hosts=hosts,
+            zk_chroot=chroot,
+            zk_session_timeout=2.0,
+            zk_auth=Path(auth),
+            zk_acl=tuple(acl.split(",")),
+        )
+        async with ZkSession.from_settings(settings) as zk:
             sem = FairSemaphore(zk, "/leases/crash", 1)
             await sem.acquire("victim")
             print("held", flush=True)
@@ -97,16 +112,17 @@ HOLDER = textwrap.dedent(
 
 
 async def test_killed_holder_frees_its_slot_within_session_timeout(
-    zk_server: ZooKeeperServer, prefix: str
+    zk_credentials: dict[str, Any], signing_keys: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
 ) -> None:
+    secured = (str(signing_keys["zk_auth"]), ",".join(signing_keys["zk_acl"]))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HOLDER, zk_server.hosts, f"/{prefix}", stdout=asyncio.subprocess.PIPE
+        sys.executable, "-c", HOLDER, zk_server.hosts, f"/{prefix}", *secured, stdout=asyncio.subprocess.PIPE
     )
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 30)
         assert line.strip() == b"held"
-        async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as zk:
+        async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0, **zk_credentials) as zk:
             sem = FairSemaphore(zk, "/leases/crash", 1)
             with pytest.raises(TimeoutError):
                 await sem.acquire("waiter", max_wait=1.0)  # held by the live process
@@ -123,9 +139,11 @@ async def test_killed_holder_frees_its_slot_within_session_timeout(
         await proc.wait()
 
 
-async def test_emptied_lease_folder_is_reaped(zk_server: ZooKeeperServer, prefix: str) -> None:
+async def test_emptied_lease_folder_is_reaped(
+    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
+) -> None:
     """The last holder out deletes the per-task lease folder: finished tasks leave no garbage."""
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as zk:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0, **zk_credentials) as zk:
         sem = FairSemaphore(zk, "/leases/tasks/finished-task", 2)
         first, second = await sem.acquire("n1"), await sem.acquire("n2")
         await sem.release(first)
@@ -136,8 +154,10 @@ async def test_emptied_lease_folder_is_reaped(zk_server: ZooKeeperServer, prefix
         await sem.release(again)
 
 
-async def test_a_partly_cleaned_folder_is_cleaned_up_too(zk_server: ZooKeeperServer, prefix: str) -> None:
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0) as zk:
+async def test_a_partly_cleaned_folder_is_cleaned_up_too(
+    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
+) -> None:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 4.0, **zk_credentials) as zk:
         sem = FairSemaphore(zk, "/leases/tasks/partial", 1)
         slot = await sem.acquire("n1")
         await zk.client.delete("/leases/tasks/partial/q")  # someone else's clean-up got this far

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -16,13 +17,15 @@ from taskerman_dev.launchers import ZooKeeperServer
 
 
 @pytest.fixture
-async def zk(zk_server: ZooKeeperServer, prefix: str) -> AsyncIterator[ZkSession]:
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0) as session:
+async def zk(
+    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
+) -> AsyncIterator[ZkSession]:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0, **zk_credentials) as session:
         yield session
 
 
 async def test_abandoned_folders_are_swept_and_used_ones_kept(
-    zk: ZkSession, zk_server: ZooKeeperServer, prefix: str
+    zk_credentials: dict[str, Any], zk: ZkSession, zk_server: ZooKeeperServer, prefix: str
 ) -> None:
     abandoned = [
         lease_path("dead-task"),
@@ -31,7 +34,7 @@ async def test_abandoned_folders_are_swept_and_used_ones_kept(
         clusters.cluster_path("c1", "exclusion", "io"),
         "/global/test%3Asleep",
     ]
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0) as dying:
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0, **zk_credentials) as dying:
         for path in abandoned:  # each held when its holder's session ends, never released
             await FairSemaphore(dying, path, 1).acquire("n1", max_wait=10)
     held = FairSemaphore(zk, lease_path("live-task"), 1)

@@ -11,8 +11,11 @@ import sys
 from collections.abc import Iterable
 from importlib.metadata import entry_points
 
+from aiozk import exc as zk_exc
+
 from taskcore.cli.command import ENTRY_POINT_GROUP, Command, SettingsHook
 from taskcore.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from taskcore.coord.acl import AUTH_ENV
 from taskcore.core.errors import TaskermanError
 from taskcore.core.settings import Settings
 from taskcore.obs import tracing
@@ -66,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         return command.run(args, settings)
     except TaskermanError as e:
         print(f"taskerman: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except zk_exc.NoAuth:
+        print(
+            f"taskerman: ZooKeeper refused it: this identity ({settings.zk_auth or 'anonymous'}) may only "
+            f"read there; budgets, windows, freezes and breaker resets take the admin's (set {AUTH_ENV})",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -11,13 +11,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import msgspec
-from aiozk import ZKClient, exc
+from aiozk import ACL, ZKClient, exc, protocol
 from aiozk.states import States
 
-from taskcore.coord import watches
+from taskcore.coord import acl, watches
 from taskcore.core.errors import LeaseLost
 from taskcore.core.settings import Settings
 
@@ -34,24 +34,57 @@ class ZkSession:
     session is trusted only while connected and until `last successful round trip + session
     timeout - margin`. A process paused past that point is untrusted the moment it resumes."""
 
-    def __init__(self, hosts: str, chroot: str, session_timeout: float) -> None:
-        self.client = ZKClient(hosts, chroot=chroot, session_timeout=session_timeout)
+    def __init__(
+        self,
+        hosts: str,
+        chroot: str,
+        session_timeout: float,
+        *,
+        auth: tuple[str, str] | None = None,
+        acl: list[ACL] | None = None,
+    ) -> None:
+        """`auth` (user, password) is sent on every connection before anything else; `acl` is
+        the ACL of every znode this session creates (coord/acl.py). Neither: world-accessible."""
+        self.client = ZKClient(hosts, chroot=chroot, session_timeout=session_timeout, default_acl=acl)
         self.timeout = session_timeout
+        self.auth = auth
         self._last_ok = 0.0
         self._monitor: asyncio.Task[None] | None = None
+        if auth is not None:
+            _authenticate_each_connection(self.client, auth)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ZkSession:
-        return cls(settings.zk_hosts, settings.zk_chroot, settings.zk_session_timeout)
+        auth = acl.read_auth(settings.zk_auth) if settings.zk_auth else None
+        rules = acl.parse(settings.zk_acl) if settings.zk_acl else None
+        if auth and not rules:  # it would create what it guards open to anyone
+            raise acl.ZkAuthError(f"{acl.AUTH_ENV} is set but {acl.ACL_ENV} is not: set both, or neither")
+        return cls(settings.zk_hosts, settings.zk_chroot, settings.zk_session_timeout, auth=auth, acl=rules)
 
     async def __aenter__(self) -> Self:
         started = time.monotonic()
         watches.install(self.client)
         await self.client.start()
+        if self.auth is not None:
+            await self._check_access()
         self._last_ok = started
         self.timeout = float(self.client.session.timeout or self.timeout)
         self._monitor = asyncio.create_task(self._watch_liveness(), name="zk-liveness")
         return self
+
+    async def _check_access(self) -> None:
+        """A wrong password is not refused by ZooKeeper at the door (digest authentication only
+        names an identity): read the chroot once, so that it shows here, said plainly."""
+        try:
+            await self.client.get_data("/")
+        except exc.NoAuth:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.client.close(), self.timeout)
+            assert self.auth is not None
+            raise acl.ZkAuthError(
+                f"ZooKeeper refuses {self.auth[0]!r} access to {self.client.chroot or '/'}: check the "
+                f"password in {acl.AUTH_ENV} and that the chroot's ACL ({acl.ACL_ENV}) names that user"
+            ) from None
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -105,6 +138,37 @@ class ZkSession:
                 f"zookeeper session untrusted (state={self.client.session.state.current_state}, "
                 f"{time.monotonic() - self._last_ok:.1f}s since last round trip)"
             )
+
+
+def _not_no_auth(record: logging.LogRecord) -> bool:
+    """aiozk logs a traceback for every NoAuth answer; the caller hears of it (ZkAuthError at
+    start, exc.NoAuth from the request), said plainly: keep the log free of the traceback."""
+    return not (record.exc_info and isinstance(record.exc_info[1], exc.NoAuth))
+
+
+logging.getLogger("aiozk.session").addFilter(_not_no_auth)
+
+
+def _authenticate_each_connection(client: ZKClient, auth: tuple[str, str]) -> None:
+    """Send the digest `auth` on each new connection, right after the session is established
+    and before anything else is sent on it (aiozk keeps no credentials: without this, a session
+    that moved to another server would lose its identity). ZooKeeper answers in order, so every
+    later request on the connection is made as that identity."""
+    session = client.session
+    establish = session.establish_session
+    request = protocol.AuthRequest(type=0, scheme="digest", auth=f"{auth[0]}:{auth[1]}".encode())
+
+    async def establish_then_authenticate() -> None:
+        await establish()
+        answer = session.conn.send(request)
+        answer.add_done_callback(_log_refusal)
+
+    session.establish_session = establish_then_authenticate
+
+
+def _log_refusal(answer: asyncio.Future[Any]) -> None:
+    if not answer.cancelled() and (e := answer.exception()) is not None:
+        log.error("zookeeper refused our credentials error=%r", e)
 
 
 class Slot(msgspec.Struct, frozen=True):

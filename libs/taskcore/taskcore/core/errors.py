@@ -46,4 +46,4 @@ class ServerNotReady(TaskermanError):
 
 
 class CredentialsError(TaskermanError):
-    """NATS refused this process's credentials, or they could not be read."""
+    """NATS or ZooKeeper refused this process's credentials, or they could not be read."""

@@ -40,6 +40,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # The nkey seed file (or NATS creds file) this process connects to NATS with: its role's user
     # (bus/permissions.py). None: connect without credentials, which a secured server refuses.
     nats_creds: Path | None = None
+    # ZooKeeper digest ACLs (coord/acl.py): the file with this process's `user:password`, and the
+    # ACL of every znode it creates, entries `<user>:<digest>=<perms>`. Neither: world-accessible.
+    zk_auth: Path | None = None
+    zk_acl: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -67,6 +71,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             trusted_router_keys=_keys(env.get("TASKERMAN_TRUSTED_ROUTER_KEYS", "")),
             insecure=_flag("TASKERMAN_INSECURE", env.get("TASKERMAN_INSECURE", "")),
             nats_creds=_path(env.get("TASKERMAN_NATS_CREDS")),
+            zk_auth=_path(env.get("TASKERMAN_ZK_AUTH")),
+            zk_acl=_keys(env.get("TASKERMAN_ZK_ACL", "")),
         )
 
     def env(self) -> dict[str, str]:
@@ -90,6 +96,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "TASKERMAN_TRUSTED_ROUTER_KEYS": ",".join(self.trusted_router_keys),
             "TASKERMAN_INSECURE": "1" if self.insecure else "0",
             "TASKERMAN_NATS_CREDS": str(self.nats_creds or ""),
+            "TASKERMAN_ZK_AUTH": str(self.zk_auth or ""),
+            "TASKERMAN_ZK_ACL": ",".join(self.zk_acl),
         }
 
 

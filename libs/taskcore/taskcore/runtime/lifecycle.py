@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from taskcore.bus import jetstream as bus
 from taskcore.bus.tracking import StatusStore
 from taskcore.coord.session import ZkSession
+from taskcore.core.errors import CredentialsError
 from taskcore.core.settings import Settings
 from taskcore.obs import logs, metrics, tracing
 
@@ -49,7 +50,8 @@ async def connected(settings: Settings, name: str) -> AsyncIterator[Connections]
 
 def run(name: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     """Run `main(stop)` on uvloop. The first SIGTERM/SIGINT sets `stop` (stop taking work, finish
-    what is in hand); a second one exits at once."""
+    what is in hand); a second one exits at once. Credentials NATS or ZooKeeper refuse end the
+    process at start with the reason in one line and exit code 2 (retrying cannot help)."""
     logs.configure(name)
 
     async def wrapper() -> int:
@@ -67,4 +69,8 @@ def run(name: str, main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
             loop.add_signal_handler(sig, on_signal, sig)
         return await main(stop)
 
-    return uvloop.run(wrapper())
+    try:
+        return uvloop.run(wrapper())
+    except CredentialsError as e:
+        log.error("%s", e)
+        return 2

@@ -44,6 +44,8 @@ class Stack(msgspec.Struct, kw_only=True):
     cluster_mode: bool = False
     admin_seed_file: str | None = None  # signs `dlq replay`'s work items (taskerman_dev.secrets)
     nats_creds: str | None = None  # the admin's NATS user, for the CLI on this machine
+    zk_auth: str | None = None  # the admin's ZooKeeper identity, for the CLI (taskcore/coord/acl.py)
+    zk_acl: list[str] = []  # the ACL every znode is created with
     processes: list[StackProcess] = []
 
 
@@ -110,11 +112,12 @@ def is_running(settings: Settings) -> bool:
 
 def with_stack_servers(settings: Settings, env: Mapping[str, str]) -> Settings:
     """The settings with the running stack's NATS URLs and ZooKeeper hosts wherever `env` leaves
-    `TASKERMAN_NATS_URL` / `TASKERMAN_ZK_HOSTS` unset, so the CLI reaches a `dev up --cluster-mode`
-    stack (or one on non-default ports) without exports, its admin seed where
-    `TASKERMAN_ADMIN_SEED_FILE` is unset (`dlq replay` signs with it) and its admin NATS user where
-    `TASKERMAN_NATS_CREDS` is unset (the developer's own stack); unchanged when no stack runs under
-    home."""
+        `TASKERMAN_NATS_URL` / `TASKERMAN_ZK_HOSTS` unset, so the CLI reaches a `dev up --cluster-mode`
+        stack (or one on non-default ports) without exports, its admin seed where
+        `TASKERMAN_ADMIN_SEED_FILE` is unset (`dlq replay` signs with it) and its admin NATS user where
+        `TASKERMAN_NATS_CREDS` is unset (the developer's own stack), and its ZooKeeper identity and ACL
+    likewise; unchanged when no stack runs under
+        home."""
     if not stack_path(settings).is_file():
         return settings
     stack = load_stack(settings)
@@ -130,6 +133,10 @@ def with_stack_servers(settings: Settings, env: Mapping[str, str]) -> Settings:
         nats_creds=settings.nats_creds
         if env.get("TASKERMAN_NATS_CREDS") or not stack.nats_creds
         else Path(stack.nats_creds),
+        zk_auth=settings.zk_auth
+        if env.get("TASKERMAN_ZK_AUTH") or not stack.zk_auth
+        else Path(stack.zk_auth),
+        zk_acl=settings.zk_acl if env.get("TASKERMAN_ZK_ACL") else tuple(stack.zk_acl),
     )
 
 

@@ -109,6 +109,8 @@ class _Starter:
             cluster_mode=groups is not None,
             admin_seed_file=str(settings.admin_seed_file) if settings.admin_seed_file else None,
             nats_creds=str(settings.nats_creds) if settings.nats_creds else None,
+            zk_auth=str(settings.zk_auth) if settings.zk_auth else None,
+            zk_acl=list(settings.zk_acl),
         )
 
     def record(self, proc: StackProcess) -> None:
