@@ -96,6 +96,13 @@ def test_budget_and_exclusion_across_tasks() -> None:
     ]
     back_to_back = [run("a", "n1", 0, 1), run("b", "n2", 1, 2)]  # an end at t closes before a start at t
     assert checker.over_limit({"a": a, "b": b}, back_to_back, {CLUSTER: 1}) == []
+    # one node down in one task (failed, in its backoff) and acting in another: one budget slot
+    c, d = task("c", ("n1", "n2"), limit=2), task("d", ("n1",))
+    same_node = [run("c", "n1", 0, 1, failed=True), run("c", "n1", 5, 6, attempt=2), run("d", "n1", 2, 3)]
+    assert checker.over_limit({"c": c, "d": d}, same_node, {CLUSTER: 1}) == []
+    other_node = [*same_node, run("c", "n2", 2.5, 3.5)]
+    [found] = checker.over_limit({"c": c, "d": d}, other_node, {CLUSTER: 1})
+    assert found == f"cluster {CLUSTER}: 2 acting at 2.500, budget 1"
 
 
 def test_tokens_must_grow_across_owners_not_within_one() -> None:

@@ -8,8 +8,10 @@ The properties, each a figure of the report:
   (dead: a dead letter; skipped, cancelled, expired, unserved), counted by state;
 - duplicates: an execute_action that started after the node had already passed its post_check
   for that task (a success is final);
-- over-limit: more nodes of a task acting at one instant than its limit, of a cluster than its
-  budget, or more than one task holding an exclusion group of a cluster. A node is acting during
+- over-limit: more nodes of a task acting at one instant than its limit, more distinct nodes of
+  a cluster than its budget (the budget counts nodes, as a PodDisruptionBudget does: a node down
+  in one task that acts in another takes one slot, the runner's budget owner being the node), or
+  more than one task holding an exclusion group of a cluster. A node is acting during
   each attempt and, after an attempt whose action failed, until its next attempt starts: a failed
   node in backoff is still down, so it still counts, whatever happened to its runner meanwhile
   (killed, frozen or cut off from ZooKeeper past its session: the node's claims hold its slots);
@@ -200,7 +202,7 @@ def over_limit(
     for task_id, node, s, e in acting_windows(runs):
         t = tasks[task_id]
         by_task[task_id].append((s, e, node))
-        by_cluster[t.cluster].append((s, e, f"{task_id}/{node}"))
+        by_cluster[t.cluster].append((s, e, node))  # a budget counts nodes: one node in two tasks is one
         for g in t.groups:
             by_group[(t.cluster, g)].append((s, e, task_id))
     for task_id, windows in by_task.items():
