@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import pytest
 
 from taskcore.bus import jetstream as bus
 from taskcore.coord import acl
+from taskcore.coord.session import ZkSession
 from taskcore.core.settings import Settings
 from taskcore.core.signing import Signer
 from taskerman_dev import secrets as stack_secrets
@@ -59,6 +60,15 @@ def zk_credentials(signing_keys: dict[str, Any]) -> dict[str, Any]:
         "auth": acl.read_auth(signing_keys["zk_auth"]),
         "acl": acl.parse(signing_keys["zk_acl"]),
     }
+
+
+@pytest.fixture
+async def zk_session(
+    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
+) -> AsyncIterator[ZkSession]:
+    """An authenticated ZooKeeper session (6 s) in this test's own chroot."""
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0, **zk_credentials) as session:
+        yield session
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,6 @@ into few writes, and none is lost (real ZooKeeper)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
 
 import msgspec
 import pytest
@@ -13,17 +11,13 @@ import pytest
 from taskcore.coord import clusters
 from taskcore.coord.session import ZkSession
 from taskcore.core.model import Task, WorkItem
-from taskerman_dev.launchers import ZooKeeperServer
 from taskerman_runner.hooks import AttemptState
 from taskerman_runner.observers import CountersObserver
 
 
 @pytest.fixture
-async def zk(
-    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
-) -> AsyncIterator[ZkSession]:
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0, **zk_credentials) as session:
-        yield session
+def zk(zk_session: ZkSession) -> ZkSession:
+    return zk_session
 
 
 def finished(node: str) -> AttemptState:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -22,11 +21,8 @@ from taskerman_dev.zkstats import packets_received
 
 
 @pytest.fixture
-async def zk(
-    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
-) -> AsyncIterator[ZkSession]:
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0, **zk_credentials) as session:
-        yield session
+def zk(zk_session: ZkSession) -> ZkSession:
+    return zk_session
 
 
 async def _queued(sem: FairSemaphore, n: int) -> None:

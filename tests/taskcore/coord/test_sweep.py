@@ -4,7 +4,6 @@ releasing are deleted; a semaphore someone holds or waits in is left alone."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,11 +16,8 @@ from taskerman_dev.launchers import ZooKeeperServer
 
 
 @pytest.fixture
-async def zk(
-    zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
-) -> AsyncIterator[ZkSession]:
-    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0, **zk_credentials) as session:
-        yield session
+def zk(zk_session: ZkSession) -> ZkSession:
+    return zk_session
 
 
 async def test_abandoned_folders_are_swept_and_used_ones_kept(
