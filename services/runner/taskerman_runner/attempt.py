@@ -42,7 +42,6 @@ from taskcore.coord import clusters
 from taskcore.coord.clusters import Breaker, BreakerState, BreakerStateName
 from taskcore.coord.leases import Lease, LeaseSet
 from taskcore.coord.session import ZkSession
-from taskcore.core import subjects
 from taskcore.core.actions import Action, ActionContext
 from taskcore.core.errors import LeaseLost
 from taskcore.core.model import NodeRecord, NodeStateName, Waiting, WorkItem
@@ -111,14 +110,7 @@ class Attempt:
         await self.node.hooks.emit_through(_patiently, hook, *args, **kwargs)
 
     async def run(self, action_cls: type[Action], args: Any, conf: Any = None) -> Outcome:
-        """admit → lease wait → pre_check → execute_action → post_check → settle; then, when the
-        item has ended for good after a failure, the claims the failed node made are deleted."""
-        outcome = await self._run(action_cls, args, conf)
-        if self.state.record.failures and isinstance(outcome, ENDED):
-            await self._unclaim(action_cls)
-        return outcome
-
-    async def _run(self, action_cls: type[Action], args: Any, conf: Any) -> Outcome:
+        """admit → lease wait → pre_check → execute_action → post_check → settle."""
         s = self.state
         if ended := await self._admit():
             return ended
@@ -291,9 +283,7 @@ class Attempt:
             node=node.node,
             override=node.overrides.get(item.task.action),
         )
-        # a node that failed before may have claims (`_fail`): it holds them again at once
-        rejoin = self._claim_name if self.state.record.failures else None
-        await leases.acquire(on_blocked=self._lease_blocked, rejoin=rejoin)
+        await leases.acquire(on_blocked=self._lease_blocked)
         try:  # taken but not yet the attempt's: a failed look (or a stop) must not leave them held
             breaker, (stop, pause), config = await asyncio.gather(
                 node.breaker.state(), self._stop_or_pause(), clusters.read_config(node.zk, node.cluster)
@@ -458,8 +448,6 @@ class Attempt:
         has passed, the breaker is closed). Without, the item goes back with its backoff."""
         s, task = self.state, self.state.item.task
         on_fire = s.step == "post_check"
-        if hold and not on_fire:  # down: from here on its slots outlive the session (`run` unclaims)
-            await self._claim()
         await self.node.breaker.record_failure(f"{task.task_id} on {s.node}: {reason}", trip=on_fire)
         # a failed pre_check or execute_action runs every step again; anything else (outside the
         # steps) leaves a recorded side effect recorded: the retry resumes at post_check
@@ -482,48 +470,6 @@ class Attempt:
             await _settle(self.msg.nak(delay=delay))
         await self.emit(AttemptObserver.after_retried, s, delay)
         return Failed(s.step, reason)
-
-    @property
-    def _claim_name(self) -> str:
-        """The name of this item's claims: `<task token>.<node token>` (`.` is in neither)."""
-        return f"{subjects.encode_token(self.state.task_id)}.{subjects.encode_token(self.node.node)}"
-
-    async def _claim(self) -> None:
-        """Claim every lease held (FairSemaphore.claim). A slot already gone is logged: the
-        retry's verification finds it too and hands the item back to queue again."""
-        assert self.state.leases is not None
-        try:
-            await self.state.leases.claim(self._claim_name)
-        except (LeaseLost, zk_exc.ZKError) as e:
-            log.warning(
-                "leases not claimed task_id=%s node=%s error=%r", self.state.task_id, self.node.node, e
-            )
-
-    async def _unclaim(self, action_cls: type[Action]) -> None:
-        """Delete the item's claims under each lease it takes (through ZooKeeper's failures, up
-        to PROGRESS_PATIENCE: a claim left behind would keep a slot taken); a failure past that is
-        logged, and `taskerman leases` shows the claim that is left."""
-        node = self.node
-        # every kind of lease the item may have claimed: the budget's whatever its size now
-        leases = leases_for(
-            self.state.item,
-            action_cls,
-            1,
-            zk=node.zk,
-            cluster=node.cluster,
-            node=node.node,
-            override=node.overrides.get(self.state.action),
-        )
-        deadline = time.monotonic() + PROGRESS_PATIENCE
-        while True:
-            try:
-                await leases.unclaim(self._claim_name)
-                return
-            except zk_exc.ZKError as e:
-                if time.monotonic() > deadline:
-                    log.warning("claims left task_id=%s node=%s error=%r", self.state.task_id, node.node, e)
-                    return
-                await asyncio.sleep(PROGRESS_RETRY)
 
     async def _hold(self, delay: float) -> StopRecord | None:
         """Keep the leases through `delay`, then until the breaker is closed; a stop of the task
@@ -641,8 +587,6 @@ def _expired(deadline_s: float | None) -> StopRecord:
     detail = f"waited past the task's deadline of {deadline_s:g}s without starting"
     return StopRecord(reason=DEADLINE, detail=detail, at=time.time())
 
-
-ENDED = (Succeeded, Retired, Dead)  # the item is gone from the queue: its node holds nothing more
 
 # a canary node in one of these states will never succeed: the task stops
 CANARY_FAILED: frozenset[NodeStateName] = frozenset(

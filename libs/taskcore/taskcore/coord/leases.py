@@ -69,9 +69,6 @@ class Lease(Protocol):
     async def verify(self, slot: Slot) -> None: ...
     async def release(self, slot: Slot) -> None: ...
     async def holders(self) -> list[HolderNode]: ...
-    async def claim(self, slot: Slot, name: str) -> None: ...
-    async def rejoin(self, name: str) -> Slot | None: ...
-    async def unclaim(self, name: str) -> None: ...
 
 
 @dataclass
@@ -106,18 +103,6 @@ class QueuedLease:
     async def holders(self) -> list[HolderNode]:
         return await read_holders(self.sem.zk, self.sem.path)
 
-    async def claim(self, slot: Slot, name: str) -> None:
-        await self.sem.claim(slot, name)
-
-    async def rejoin(self, name: str) -> Slot | None:
-        """Hold at once as the owner of the claim `name`, when there is one (its owner counts
-        already, so this admits nobody new)."""
-        owner = await self.sem.claimed(name)
-        return None if owner is None else await self.sem.occupy(self.holder, owner)
-
-    async def unclaim(self, name: str) -> None:
-        await self.sem.unclaim(name)
-
 
 @dataclass
 class LeaseSet:
@@ -133,21 +118,18 @@ class LeaseSet:
         self,
         deadline: float | None = None,
         on_blocked: Callable[[Lease], Awaitable[None]] | None = None,
-        rejoin: str | None = None,
     ) -> None:
         """Take every lease, waiting as long as it takes (or TimeoutError past the monotonic
         `deadline`); whatever was taken is released when the wait ends otherwise. `on_blocked` is
         awaited with a lease that is not granted at once, before its wait begins: the attempt
-        says there which lease its node waits for. With `rejoin`, a lease with a claim of that
-        name (`claim`) is held again at once, without queueing: its owner never stopped counting."""
+        says there which lease its node waits for."""
         try:
             for lease in self.leases:
                 started = time.monotonic()
                 left = None if deadline is None else max(deadline - started, 0.001)
                 blocked = None if on_blocked is None else functools.partial(on_blocked, lease)
                 with tracing.tracer(__name__).start_as_current_span(f"lease {lease.name}"):
-                    rejoined = None if rejoin is None else await lease.rejoin(rejoin)
-                    slot = rejoined or await lease.acquire(left, blocked)
+                    slot = await lease.acquire(left, blocked)
                 self.waited[lease.name] = time.monotonic() - started
                 self.held.append((lease, slot))
             self.taken_at = time.monotonic()
@@ -185,17 +167,6 @@ class LeaseSet:
                 raise LeaseLost(
                     f"lease {lease.name} was taken by session {slot.session_id}, now {zk.session_id}"
                 )
-
-    async def claim(self, name: str) -> None:
-        """Make every held lease outlive the session (see FairSemaphore.claim): a node that is
-        down keeps its slots until `unclaim`, whatever happens to its runner's session."""
-        for lease, slot in self.held:
-            await lease.claim(slot, name)
-
-    async def unclaim(self, name: str) -> None:
-        """Delete the claims `name` made under every lease of the set (held or not)."""
-        for lease in self.leases:
-            await lease.unclaim(name)
 
     async def release(self) -> None:
         while self.held:

@@ -21,10 +21,6 @@ the head of the queue looks at the holders. Layout under `path`:
   node that is down at once and admits nobody until enough leave), and the holder node's czxid is a
   fencing token that strictly increases across successive holders.
 
-A holder may also be a claim, `h/<owner>~claim-<name>`: persistent, made while its owner holds,
-so that the owner keeps counting when the session dies (a failed node is still down). It ends
-with `unclaim` only; whoever comes back as `name` joins its owner at once (`claimed`, `occupy`).
-
 Both kinds of node carry a unique id in their name, so a create retried by aiozk after a
 connection loss is found again instead of leaving a ghost. A session that dies takes its nodes with
 it (ephemeral). The last one out deletes the emptied folders."""
@@ -51,7 +47,6 @@ log = logging.getLogger(__name__)
 BACKSTOP_SECONDS = 60.0  # a watch is the wake-up; this only guards against a lost notification
 RETRY_PAUSE = 0.2
 OWNER_SEP = "~"  # never in an encoded token (subjects.encode_token) nor in a hex uid
-CLAIM = "claim-"  # a persistent holder, `h/<owner>~claim-<name>` (see `claim`)
 
 
 def queue_key(name: str) -> tuple[int, int]:
@@ -302,50 +297,6 @@ class FairSemaphore:
         if (slot := await self._own(path, holder)) is None:
             raise LeaseLost(f"could not occupy {self.path} as {owner}")
         return slot
-
-    # --- claims -------------------------------------------------------------------------------
-
-    def _claim_path(self, owner: str, name: str) -> str:
-        return f"{self.holders_path}/{owner}{OWNER_SEP}{CLAIM}{name}"
-
-    async def claim(self, slot: Slot, name: str) -> None:
-        """Make `slot`'s hold outlive its session: a persistent holder node of the slot's owner,
-        `h/<owner>~claim-<name>`, created only while the slot is still held (one transaction), so
-        it never adds an owner. The owner keeps counting when the session dies, until `unclaim`;
-        `claimed` finds it again for whoever comes back as `name`. A claim already there is fine.
-        LeaseLost when the slot is gone already."""
-        if OWNER_SEP in name or "/" in name:
-            raise ValueError(f"claim name {name!r} must be an encoded token")
-        owner = holder_owner(slot.path.rsplit("/", 1)[1])
-        path = self._claim_path(owner, name)
-        failed: set[type[Exception]] = set()
-        for _ in range(2):  # once more after a cut-off request: what landed decides
-            txn = self.zk.client.begin_transaction()
-            txn.check_version(slot.path, 0)  # a holder node's data is never set
-            txn.create(path, data=slot.holder.encode())
-            failed = await _failures(txn) or set()
-            if not failed or (exc.NodeExists in failed and await self.claimed(name) == owner):
-                return
-            if exc.NoNode in failed or exc.BadVersion in failed:
-                raise LeaseLost(f"lease {slot.path} is gone: no claim {path}")
-        raise LeaseLost(f"claim {path} not made: {sorted(e.__name__ for e in failed)}")
-
-    async def claimed(self, name: str) -> str | None:
-        """The owner of the claim `name` made (`claim`), or None."""
-        suffix = f"{OWNER_SEP}{CLAIM}{name}"
-        with contextlib.suppress(exc.NoNode):
-            for child in await self.zk.client.get_children(self.holders_path):
-                if child.endswith(suffix):
-                    return holder_owner(child)
-        return None
-
-    async def unclaim(self, name: str) -> None:
-        """Delete the claim `name` (none is fine): its owner stops counting, unless it holds."""
-        if (owner := await self.claimed(name)) is None:
-            return
-        with contextlib.suppress(exc.NoNode):
-            await self._delete_holder(self._claim_path(owner, name))
-        await self.clean_up()
 
     # --- hold ---------------------------------------------------------------------------------
 

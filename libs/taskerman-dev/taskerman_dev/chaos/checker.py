@@ -13,8 +13,11 @@ The properties, each a figure of the report:
   in one task that acts in another takes one slot, the runner's budget owner being the node), or
   more than one task holding an exclusion group of a cluster. A node is acting during
   each attempt and, after an attempt whose action failed, until its next attempt starts: a failed
-  node in backoff is still down, so it still counts, whatever happened to its runner meanwhile
-  (killed, frozen or cut off from ZooKeeper past its session: the node's claims hold its slots);
+  node in backoff is still down, so it still counts. Not when the nemesis itself ended that runner
+  process' ZooKeeper session in the backoff (killed it, froze it or cut it off from ZooKeeper for
+  long enough, by its own record of what it did): the leases of a runner that is gone expire with
+  its session, and holding a slot for a node whose runner is gone is the health-aware budget's
+  job, not built yet; such backoffs are counted apart (`backoffs_cut`);
 - token regressions: under a lease of limit 1 (a task's own slot with limit 1, an exclusion group)
   a later grant to another holder with a token not greater than the earlier one's."""
 
@@ -53,6 +56,16 @@ class Passed(msgspec.Struct, frozen=True, kw_only=True):
     at: float
 
 
+class SessionEnded(msgspec.Struct, frozen=True, kw_only=True):
+    """A fault the nemesis injected that ends (or makes the runner give up) a runner process'
+    ZooKeeper session: that process, and when."""
+
+    kind: str
+    pid: int
+    start: float
+    end: float
+
+
 class Submitted(msgspec.Struct, frozen=True, kw_only=True):
     """A task the submitter was acked for."""
 
@@ -79,6 +92,7 @@ class Report(msgspec.Struct, kw_only=True):
     duplicates: list[str] = []
     over_limit: list[str] = []
     token_regressions: list[str] = []
+    backoffs_cut: int = 0  # backoffs of failed nodes whose runner's session a fault ended (module doc)
     faults: dict[str, int] = {}
 
     @property
@@ -98,6 +112,7 @@ class Report(msgspec.Struct, kw_only=True):
             ("token regressions", self.token_regressions),
         ):
             out.append(f"{name}: {len(found)}" + "".join(f"\n  {f}" for f in found[:20]))
+        out.append(f"backoffs of failed nodes whose runner's session the nemesis ended: {self.backoffs_cut}")
         out.append("PASS" if self.ok else "FAIL")
         return out
 
@@ -108,6 +123,8 @@ def check(
     passed: Iterable[Passed],
     finals: Mapping[tuple[str, str], Final],
     budgets: Mapping[str, int],
+    *,
+    sessions_ended: Iterable[SessionEnded] = (),
 ) -> Report:
     tasks = {t.task_id: t for t in submitted}
     runs = [i for i in intervals if i.task_id in tasks]
@@ -118,7 +135,9 @@ def check(
             state = f.state if (f := finals.get((t.task_id, node))) else "none"
             report.outcomes[state] = report.outcomes.get(state, 0) + 1
     report.duplicates = duplicates(runs, passed)
-    report.over_limit = over_limit(tasks, runs, budgets)
+    ended = list(sessions_ended)
+    report.over_limit = over_limit(tasks, runs, budgets, ended)
+    report.backoffs_cut = sum(1 for r, nxt in backoffs(runs) if session_ended(r, nxt, ended))
     report.token_regressions = token_regressions(tasks, runs)
     return report
 
@@ -158,11 +177,22 @@ def backoffs(runs: Iterable[Interval]) -> list[tuple[Interval, Interval]]:
     ]
 
 
-def acting_windows(runs: Iterable[Interval]) -> list[tuple[str, str, float, float]]:
+def session_ended(r: Interval, nxt: Interval, ended: Iterable[SessionEnded]) -> bool:
+    """Whether the nemesis ended the session of the process that ran `r` between `r` and `nxt`."""
+    return any(f.pid == r.pid and f.start < nxt.start and f.end > r.end for f in ended)
+
+
+def acting_windows(
+    runs: Iterable[Interval], ended: Iterable[SessionEnded] = ()
+) -> list[tuple[str, str, float, float]]:
     """(task, node, start, end) of each attempt, and of each backoff after a failed attempt (to
-    the next attempt's start; a failed last attempt is dead-lettered: its node ends there)."""
+    the next attempt's start, unless the nemesis ended its runner's session meanwhile; a failed
+    last attempt is dead-lettered: its node ends there)."""
+    ended = list(ended)
     out = [(r.task_id, r.node, r.start, r.end) for r in runs]
-    out += [(r.task_id, r.node, r.end, nxt.start) for r, nxt in backoffs(runs)]
+    for r, nxt in backoffs(runs):
+        if not session_ended(r, nxt, ended):
+            out.append((r.task_id, r.node, r.end, nxt.start))
     return out
 
 
@@ -194,12 +224,13 @@ def over_limit(
     tasks: Mapping[str, Submitted],
     runs: list[Interval],
     budgets: Mapping[str, int],
+    ended: Iterable[SessionEnded] = (),
 ) -> list[str]:
     out = []
     by_task: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     by_cluster: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     by_group: dict[tuple[str, str], list[tuple[float, float, str]]] = defaultdict(list)
-    for task_id, node, s, e in acting_windows(runs):
+    for task_id, node, s, e in acting_windows(runs, ended):
         t = tasks[task_id]
         by_task[task_id].append((s, e, node))
         by_cluster[t.cluster].append((s, e, node))  # a budget counts nodes: one node in two tasks is one

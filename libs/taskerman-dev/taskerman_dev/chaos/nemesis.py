@@ -13,10 +13,12 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from taskerman_dev.chaos.checker import SessionEnded
 from taskerman_dev.chaos.fleet import Service
 from taskerman_dev.chaos.proxy import ProxiedHosts
 from taskerman_dev.launchers import NatsCluster, ZooKeeperEnsemble
@@ -60,6 +62,10 @@ class Nemesis:
         self.zk = zk
         self.session_timeout = session_timeout
         self.injected: Counter[str] = Counter()
+        # what ended a runner process' ZooKeeper session (for the checker: such a runner's leases
+        # are gone, whatever it was doing); a session is given up at 75 % of its timeout
+        self.sessions_ended: list[SessionEnded] = []
+        self._gives_up = 0.75 * session_timeout
         self._partitioned = partitioned
         self._zk_cut = partitioned_zk
         self._faults: dict[str, Callable[[], Awaitable[None]]] = {
@@ -93,15 +99,25 @@ class Nemesis:
             else:
                 await asyncio.sleep(every)
 
+    def _ended(self, kind: str, service: Service, start: float, seconds: float) -> None:
+        if service.proc is not None and seconds >= self._gives_up:
+            self.sessions_ended.append(
+                SessionEnded(kind=kind, pid=service.proc.pid, start=start, end=start + seconds)
+            )
+
     async def _cut_zk(self, seconds: float) -> None:
+        self._ended("partition-runner-zk", self._partitioned, time.time(), seconds)
         await self._zk_cut.cut(seconds)
 
     async def _kill(self, service: Service) -> None:
+        if service in self.runners:
+            self._ended("runner-kill", service, time.time(), float("inf"))
         await asyncio.to_thread(service.kill)
         await asyncio.sleep(self.rng.uniform(0.5, 2.0))
         await asyncio.to_thread(service.start)
 
     async def _pause(self, service: Service, seconds: float) -> None:
+        self._ended("runner-pause", service, time.time(), seconds)
         service.pause()
         await asyncio.sleep(seconds)
         service.resume()

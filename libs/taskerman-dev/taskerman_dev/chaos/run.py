@@ -142,6 +142,7 @@ class ChaosRun:
             self._read(self.passed, Passed),
             finals,
             CLUSTERS,
+            sessions_ended=nemesis.sessions_ended,
         )
         report.faults = dict(nemesis.injected)
         return report
