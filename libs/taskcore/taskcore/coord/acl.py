@@ -1,6 +1,6 @@
 """ZooKeeper digest ACLs: who may read and change what lives under the Taskerman chroot.
 
-Every znode a Taskerman process creates (folders, holders, claims, the breaker, cluster configs,
+Every znode a Taskerman process creates (folders, holders, the breaker, cluster configs,
 registrations, the chroot itself) carries the ACL of the settings' `zk_acl`, and the process
 authenticates on every connection with the `user:password` of its `zk_auth` file. An ACL entry
 is `<user>:<digest>=<perms>`, the digest ZooKeeper's own (`base64(sha1("user:password"))`), the
