@@ -44,7 +44,7 @@ def _wait_state(pid: int, wanted: set[str], within: float = 5.0) -> str | None:
 def test_stat_of_a_running_child(sleeper: subprocess.Popen[bytes]) -> None:
     found = procs.stat(sleeper.pid)
     assert found is not None
-    assert found.state in ("R", "S")
+    assert found.state in ("R", "S", "D")  # running, sleeping, or in a disk wait (a busy CI disk)
     assert found.start_ticks == procs.start_ticks(sleeper.pid) > 0
     assert procs.alive(sleeper.pid)
     assert procs.alive(sleeper.pid, found.start_ticks)
