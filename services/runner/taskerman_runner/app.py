@@ -82,7 +82,7 @@ async def amain(args: argparse.Namespace, stop: asyncio.Event) -> int:
     else:
         log.info("work items must be signed by one of %d trusted key(s)", len(verifier.trusted))
     async with lifecycle.connected(settings, "taskerman-runner") as c:
-        stops = StopSignals(c.nc)  # one subscription and one heartbeat for every node served here
+        stops = StopSignals(c.nc, c.status.kv)  # one subscription for every node served here
         process = ProcessHeartbeat(c.zk)
         await process.start()
         workers = [

@@ -102,7 +102,7 @@ class NodeWorker:
         self.registration = Registration(
             zk, cluster, node, _version(), registry.names(), process=process, away_grace=away_grace
         )
-        self.stops = stops or StopSignals(js._nc)
+        self.stops = stops or StopSignals(js._nc, status.kv)
         self.audit = Audit(js, audit.actor(f"runner:{node}"))
         self.metrics = Instruments()
         self.guard = StepGuard(zk)  # watches the running step; `guard.abort` ends it past the grace
