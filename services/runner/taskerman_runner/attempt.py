@@ -448,7 +448,11 @@ class Attempt:
         has passed, the breaker is closed). Without, the item goes back with its backoff."""
         s, task = self.state, self.state.item.task
         on_fire = s.step == "post_check"
-        await self.node.breaker.record_failure(f"{task.task_id} on {s.node}: {reason}", trip=on_fire)
+        breaker, opened = await self.node.breaker.record_failure(
+            f"{task.task_id} on {s.node}: {reason}", trip=on_fire
+        )
+        if opened:
+            await self.emit(AttemptObserver.after_breaker_opened, s, breaker.reason)
         # a failed pre_check or execute_action runs every step again; anything else (outside the
         # steps) leaves a recorded side effect recorded: the retry resumes at post_check
         executed = s.record.executed and s.step not in ("pre_check", "execute_action")

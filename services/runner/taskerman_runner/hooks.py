@@ -108,6 +108,9 @@ class AttemptObserver:
     async def after_task_stopped(self, s: AttemptState, detail: str) -> None:
         """This node's failure stopped the whole task."""
 
+    async def after_breaker_opened(self, s: AttemptState, reason: str) -> None:
+        """This node's failure opened its cluster's breaker."""
+
 
 class Hooks:
     """Emits an attempt's hooks to its observers, in order."""

@@ -101,6 +101,9 @@ class AuditObserver(AttemptObserver):
     async def after_task_stopped(self, s: AttemptState, detail: str) -> None:
         await self._record(s, "stopped", detail)
 
+    async def after_breaker_opened(self, s: AttemptState, reason: str) -> None:
+        await self._record(s, "breaker-opened", reason)
+
 
 class MetricsObserver(AttemptObserver):
     """Counts and times attempts on the runner's instruments."""

@@ -14,10 +14,12 @@ from taskcore.core.errors import InvalidTask
 from taskcore.core.model import check_task
 from taskcore.core.settings import Settings
 from taskcore.runtime import lifecycle
+from taskerman_scheduler import webhooks
 from taskerman_scheduler.canary import MIN_EVERY, CanaryConfig, ping_task
 from taskerman_scheduler.schedule_file import ScheduleFile
 from taskerman_scheduler.scheduler import Scheduler
 from taskerman_scheduler.schedules import Schedule, ScheduleError
+from taskerman_scheduler.webhooks import Webhook
 
 log = logging.getLogger(__name__)
 EXIT_INVALID = 2
@@ -36,6 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="the router's inventory TOML: its clusters (with those of registered runners) are the ones "
         "a cluster_pattern schedule can match",
+    )
+    p.add_argument(
+        "--webhooks",
+        type=Path,
+        help="TOML file of [[webhook]] tables: who is told when tasks end, nodes are dead-lettered, "
+        "breakers open (see taskerman_scheduler/webhooks.py)",
     )
     p.add_argument("--canary-cluster", help="send a taskerman:ping task to this cluster every period")
     p.add_argument(
@@ -77,13 +85,15 @@ async def amain(
     schedules: list[Schedule],
     canary: CanaryConfig | None,
     registry: ActionRegistry,
+    hooks: dict[str, Webhook],
 ) -> int:
     async with lifecycle.connected(Settings.from_env(), "taskerman-scheduler") as c:
         log.info(
-            "scheduler started schedules=%s canary=%s inventory=%s",
+            "scheduler started schedules=%s canary=%s inventory=%s webhooks=%s",
             [s.name for s in schedules],
             f"{canary.cluster} every {canary.every:g}s" if canary else None,
             args.inventory,
+            sorted(hooks),
         )
         scheduler = Scheduler(
             c.nc,
@@ -95,6 +105,7 @@ async def amain(
             source=source,
             inventory=args.inventory,
             canary=canary,
+            webhooks=hooks,
         )
         await scheduler.run(stop)
     return 0
@@ -107,10 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         schedules = source.load() if source else []
         canary = canary_config(args, registry)
-    except (ScheduleError, ValueError) as e:
+        hooks = webhooks.load(args.webhooks) if args.webhooks else {}
+    except (ScheduleError, ValueError) as e:  # WebhookError is a ValueError
         print(f"taskerman-scheduler: {e}", file=sys.stderr)
         return EXIT_INVALID
     return lifecycle.run(
         "taskerman-scheduler",
-        lambda stop: amain(args, stop, source=source, schedules=schedules, canary=canary, registry=registry),
+        lambda stop: amain(
+            args, stop, source=source, schedules=schedules, canary=canary, registry=registry, hooks=hooks
+        ),
     )

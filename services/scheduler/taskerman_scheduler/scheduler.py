@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -39,10 +39,12 @@ from taskcore.core.errors import LeaseLost
 from taskerman_scheduler import api
 from taskerman_scheduler.canary import Canary, CanaryConfig
 from taskerman_scheduler.emission import Emitter
+from taskerman_scheduler.notifier import Notifier
 from taskerman_scheduler.schedule_file import ScheduleFile
 from taskerman_scheduler.schedules import Schedule, ScheduleError, UnknownSchedule
 from taskerman_scheduler.state import CanaryStore, StateStore
 from taskerman_scheduler.targets import KnownClusters
+from taskerman_scheduler.webhooks import Webhook
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,6 +70,7 @@ class Scheduler:
         source: ScheduleFile | None = None,
         inventory: Path | None = None,
         canary: CanaryConfig | None = None,
+        webhooks: Mapping[str, Webhook] | None = None,
         tick: float = TICK_SECONDS,
         reload_every: float = RELOAD_SECONDS,
         holder: str | None = None,
@@ -90,6 +93,7 @@ class Scheduler:
             js, zk, status, self.leader, audit=self.audit, targets=targets, tick_seconds=tick
         )
         self.canary = Canary(canary, status, CanaryStore(zk), self.emitter.emit_ping) if canary else None
+        self.notifier = Notifier(js, status, dict(webhooks)) if webhooks else None
 
     @property
     def state(self) -> StateStore:
@@ -220,6 +224,7 @@ class Scheduler:
             return asyncio.create_task(serving, name="scheduler-api")
 
         api_task = serve_api()
+        notifying = self._notify(stop)
         try:
             while not stop.is_set():
                 await self.leader.verify(slot)
@@ -229,10 +234,21 @@ class Scheduler:
                 if api_task.done():
                     log.error("schedules API stopped, restarting it error=%r", api_task.exception())
                     api_task = serve_api()
+                if notifying is not None and notifying.done():
+                    log.error("notifier stopped, restarting it error=%r", notifying.exception())
+                    notifying = self._notify(stop)
                 await _wait(stop, self.tick_seconds)
         finally:
-            api_task.cancel()
-            await asyncio.gather(api_task, return_exceptions=True)
+            for task in (api_task, notifying):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*(t for t in (api_task, notifying) if t), return_exceptions=True)
+
+    def _notify(self, stop: asyncio.Event) -> asyncio.Task[None] | None:
+        """The notifier, run by the leader for its term (one reader of the audit trail)."""
+        if self.notifier is None:
+            return None
+        return asyncio.create_task(self.notifier.run(stop), name="scheduler-notifier")
 
     async def _canary_tick(self, canary: Canary, slot: Slot) -> None:
         try:

@@ -54,6 +54,8 @@ MATRIX = [
     ("scheduler", PUB, f"{KV}.node.t1.n1", False),
     ("scheduler", SUB, "taskerman.api.submit", True),
     ("scheduler", SUB, "taskerman.api.schedules", True),
+    ("scheduler", PUB, f"{API}.CONSUMER.MSG.NEXT.EVENTS.notifier", True),  # its notifier reads events
+    ("scheduler", PUB, f"{API}.STREAM.PURGE.EVENTS", False),
     ("operator", PUB, "tasks.global", True),  # `nats pub tasks.global '<json>'` with credentials
     ("operator", PUB, "taskerman.api.submit", True),
     ("operator", PUB, f"{KV}.stop.t1", True),  # cancel

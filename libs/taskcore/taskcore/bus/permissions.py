@@ -8,7 +8,8 @@ The roles:
   dead letters and audit events, serves plan previews, hears max-deliveries advisories;
 - runner: pulls and acks work items, writes node records (and the failure count and stop record a
   failing node writes), dead letters and audit events; never publishes a task or a work item;
-- scheduler: publishes to `tasks.global`, serves the submit and schedules APIs;
+- scheduler: publishes to `tasks.global`, serves the submit and schedules APIs, reads the audit
+  trail through its own durable consumer (the notifier);
 - operator: publishes raw tasks to `tasks.global` (`nats pub tasks.global '<json>'` keeps working
   with its credentials), submits through the API, cancels, pauses and resumes, reads everything;
 - admin: everything else on the bus too (dead letters replayed or purged, streams updated), except
@@ -155,7 +156,14 @@ ROLES: dict[str, Grant] = {
     ),
     "scheduler": _with(
         READ,
-        publish=(*CREATE_STREAMS, subjects.GLOBAL, DEAD, AUDIT, f"{KV}.task.>"),
+        publish=(
+            *CREATE_STREAMS,
+            *_pull(subjects.EVENTS_STREAM),
+            subjects.GLOBAL,
+            DEAD,
+            AUDIT,
+            f"{KV}.task.>",
+        ),
         subscribe=(subjects.SUBMIT_SUBJECT, subjects.SCHEDULES_SUBJECT),
         responses=True,
     ),

@@ -131,13 +131,18 @@ class Breaker:
     async def state(self) -> BreakerStateName:
         return view_state(await self.read(), time.time(), self.policy)
 
-    async def record_failure(self, reason: str, trip: bool = False) -> BreakerState:
-        return await update_json(
-            self.zk,
-            self.path,
-            BreakerState,
-            lambda s: after_failure(s, time.time(), self.policy, reason, trip),
-        )
+    async def record_failure(self, reason: str, trip: bool = False) -> tuple[BreakerState, bool]:
+        """The state after the failure, and whether this failure opened the breaker (it was
+        closed, or half-open with its probe failing)."""
+        decided_on: list[BreakerState] = []  # the state the committed write was decided on
+
+        def change(s: BreakerState | None) -> BreakerState:
+            decided_on[:] = [s or BreakerState()]
+            return after_failure(s, time.time(), self.policy, reason, trip)
+
+        after = await update_json(self.zk, self.path, BreakerState, change)
+        opened = after.state == "open" and view_state(decided_on[0], time.time(), self.policy) != "open"
+        return after, opened
 
     async def record_success(self) -> None:
         """Close a half-open breaker (the probe succeeded); compare-and-set, so that a failure

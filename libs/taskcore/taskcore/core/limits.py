@@ -49,6 +49,7 @@ MAX_NODES = 100_000
 MAX_LIMIT = 100_000
 MAX_FAILURES = 100_000
 MAX_CANARY = 100  # canary nodes of a task: each item names them all
+MAX_NOTIFY = 8  # webhooks a task names
 MAX_SLEEP_SECONDS = 3600.0
 UNEXPECTED_STRIKES = 3
 

@@ -19,6 +19,7 @@ from taskcore.core.limits import (
     MAX_LIMIT,
     MAX_NAME_CHARS,
     MAX_NODES,
+    MAX_NOTIFY,
     MAX_OWNER_CHARS,
     MAX_TASK_ID_CHARS,
 )
@@ -30,6 +31,8 @@ ActionName = Annotated[
     str, msgspec.Meta(max_length=MAX_ACTION_CHARS, pattern=r"^[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+$")
 ]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+WEBHOOK_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+WebhookName = Annotated[str, msgspec.Meta(pattern=WEBHOOK_NAME)]
 TASK_ID_PATTERN = r"^[^\s*>]*$"
 
 
@@ -70,6 +73,9 @@ class TaskermanParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, o
     # a canary wave: the first k nodes of the plan run alone (at most `limit` at once) and must
     # all succeed before the rest start; one that fails stops the task
     canary: Annotated[int, msgspec.Meta(ge=0, le=MAX_CANARY)] = 0
+    # webhooks (by name, from the scheduler's webhooks file) told when this task ends or a node
+    # of it is dead-lettered, besides those that follow its cluster
+    notify: Annotated[tuple[WebhookName, ...], msgspec.Meta(max_length=MAX_NOTIFY)] = ()
 
 
 class Task(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
