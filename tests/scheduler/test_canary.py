@@ -90,3 +90,21 @@ async def test_canary_pings_through_the_pipeline_and_health_notices_a_stall(
     text = await _health(stack, "--max-age", "2")
     assert text.returncode == 1
     assert text.stdout.startswith("pipeline  STALE: the last ping completed ")
+    late = await _late_events(js[1], within=30)  # 3 periods without a completed ping: audited once
+    assert len(late) == 1, late
+    assert late[0].detail.startswith(f"no ping to {CLUSTER} completed for ")
+    state = await control.read_canary(zk)
+    assert state is not None
+    assert state.late_since is not None
+
+
+async def _late_events(js: JetStreamContext, within: float) -> list[audit.Event]:
+    deadline = time.monotonic() + within
+    while True:
+        events = [e for e in await audit.read(js, audit.cluster_subject(CLUSTER)) if e.kind == "canary-late"]
+        if events or time.monotonic() > deadline:
+            await asyncio.sleep(2)  # room for a second alarm that should not come
+            return [
+                e for e in await audit.read(js, audit.cluster_subject(CLUSTER)) if e.kind == "canary-late"
+            ]
+        await asyncio.sleep(0.5)

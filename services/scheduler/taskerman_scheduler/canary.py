@@ -27,8 +27,10 @@ PING_ACTION = "taskerman:ping"
 MIN_EVERY = 1.0
 MAX_OUTSTANDING = 10  # unfinished pings followed; older ones are given up (a stuck pipeline)
 PING_LIMIT = 64  # a ping disrupts nothing: many nodes of the canary cluster may run theirs at once
+LATE_PERIODS = 3  # no ping completed for this many periods: the pipeline is late (audited once)
 
 Emit = Callable[[Task, str, str], Awaitable[None]]  # (task, run label for logs, audit detail)
+Alarm = Callable[[str], Awaitable[None]]  # the pipeline is late: audited as `canary-late` (detail)
 Verify = Callable[[], Awaitable[None]]
 
 
@@ -95,14 +97,28 @@ def fold(state: CanaryState, views: Mapping[str, TaskView | None]) -> CanaryStat
     return msgspec.structs.replace(state, outstanding=tuple(outstanding))
 
 
+def late_for(state: CanaryState, now: float, watched_since: float) -> float | None:
+    """Seconds since a ping last completed (or since this process began to watch, so that a new
+    leader gives the pings their time first), when that is more than LATE_PERIODS periods; else
+    None. Pure."""
+    since = max(state.last_completed_at or 0.0, watched_since)
+    if now - since <= LATE_PERIODS * state.every:
+        return None
+    return now - since
+
+
 class Canary:
     """Run by the leader on every tick: follow the outstanding pings, send the period's ping."""
 
-    def __init__(self, config: CanaryConfig, status: StatusStore, store: CanaryStore, emit: Emit) -> None:
+    def __init__(
+        self, config: CanaryConfig, status: StatusStore, store: CanaryStore, emit: Emit, alarm: Alarm
+    ) -> None:
         self.config = config
         self.status = status
         self.store = store
         self.emit = emit
+        self.alarm = alarm
+        self.watched_since: float | None = None
 
     async def tick(self, now: float, verify: Verify) -> str | None:
         """One pass; returns the task id of a ping sent now, if any."""
@@ -122,6 +138,7 @@ class Canary:
             )
         if state.last_failed_task_id != before.last_failed_task_id:
             log.warning("canary failed task_id=%s reason=%s", state.last_failed_task_id, state.last_failure)
+        state = await self._watch_lateness(state, now)
         slot = canary_slot(now, config.every)
         sent = None
         if slot > state.last_slot:
@@ -139,6 +156,21 @@ class Canary:
         if state != before or version < 0:
             await self.store.save(state, version)
         return sent
+
+    async def _watch_lateness(self, state: CanaryState, now: float) -> CanaryState:
+        """Raise the alarm once when no ping has completed for LATE_PERIODS periods; clear it when
+        one completes again."""
+        if self.watched_since is None:
+            self.watched_since = now
+        late = late_for(state, now, self.watched_since)
+        if late is None:
+            return msgspec.structs.replace(state, late_since=None)
+        if state.late_since is None:
+            detail = f"no ping to {state.cluster} completed for {late:.0f}s (every {state.every:g}s)"
+            log.warning("canary late %s", detail)
+            await self.alarm(detail)
+            state = msgspec.structs.replace(state, late_since=now)
+        return state
 
 
 def _node_error(view: TaskView) -> str:

@@ -75,7 +75,7 @@ class Notifier:
         self.post = post or post_http
         self._followed: OrderedDict[str, _Progress] = OrderedDict()
         self._notify: OrderedDict[str, tuple[str, ...]] = OrderedDict()  # task → hooks it names
-        self._delivered: OrderedDict[tuple[int, str], set[str]] = OrderedDict()
+        self._delivered: OrderedDict[int, dict[str, set[str]]] = OrderedDict()  # seq → notice → hooks
         self._ends: OrderedDict[str, tuple[int, Notice]] = OrderedDict()  # task → the event that ended it
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -156,15 +156,14 @@ class Notifier:
         return True
 
     def _taken(self, seq: int, notice: Notice) -> set[str]:
-        key = (seq, notice.id)
-        if key not in self._delivered:
-            self._delivered[key] = set()
+        """The webhooks that took this event's notice already (while this leader lives)."""
+        if seq not in self._delivered:
+            self._delivered[seq] = {}
             _bound(self._delivered, DELIVERED_KEPT)
-        return self._delivered[key]
+        return self._delivered[seq].setdefault(notice.id, set())
 
     def _forget(self, seq: int) -> None:
-        for key in [k for k in self._delivered if k[0] == seq]:
-            del self._delivered[key]
+        self._delivered.pop(seq, None)
 
     async def _named(self, task_id: str) -> tuple[str, ...]:
         """The webhooks a task names in `taskerman_params.notify` (read once per task)."""

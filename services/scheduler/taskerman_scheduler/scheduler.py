@@ -92,7 +92,11 @@ class Scheduler:
         self.emitter = Emitter(
             js, zk, status, self.leader, audit=self.audit, targets=targets, tick_seconds=tick
         )
-        self.canary = Canary(canary, status, CanaryStore(zk), self.emitter.emit_ping) if canary else None
+        self.canary = (
+            Canary(canary, status, CanaryStore(zk), self.emitter.emit_ping, self._canary_late)
+            if canary
+            else None
+        )
         self.notifier = Notifier(js, status, dict(webhooks)) if webhooks else None
 
     @property
@@ -249,6 +253,10 @@ class Scheduler:
         if self.notifier is None:
             return None
         return asyncio.create_task(self.notifier.run(stop), name="scheduler-notifier")
+
+    async def _canary_late(self, detail: str) -> None:
+        assert self.canary is not None
+        await self.audit.record("canary-late", cluster=self.canary.config.cluster, detail=detail)
 
     async def _canary_tick(self, canary: Canary, slot: Slot) -> None:
         try:

@@ -106,6 +106,7 @@ class CanaryState(msgspec.Struct, frozen=True, kw_only=True):
     last_failed_task_id: str = ""
     last_failed_at: float | None = None
     last_failure: str = ""
+    late_since: float | None = None  # no ping completed for LATE_PERIODS periods: since when
 
 
 def paused_path(name: str) -> str:
