@@ -319,8 +319,10 @@ class FairSemaphore:
                 continue
             try:
                 sync = protocol.SyncRequest(path=client.normalize_path(slot.path))
-                await asyncio.wait_for(client.send(sync), zk.timeout / 3)
-                data, stat = await asyncio.wait_for(client.get(slot.path), zk.timeout / 3)
+                async with asyncio.timeout(zk.timeout / 3):
+                    await client.send(sync)
+                async with asyncio.timeout(zk.timeout / 3):
+                    data, stat = await client.get(slot.path)
                 break
             except exc.NoNode as e:
                 raise LeaseLost(f"lease {slot.path} is gone") from e

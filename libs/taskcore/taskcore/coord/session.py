@@ -79,7 +79,8 @@ class ZkSession:
             await self.client.get_data("/")
         except exc.NoAuth:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.client.close(), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    await self.client.close()
             assert self.auth is not None
             raise acl.ZkAuthError(
                 f"ZooKeeper refuses {self.auth[0]!r} access to {self.client.chroot or '/'}: check the "
@@ -89,12 +90,17 @@ class ZkSession:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        """Stop the liveness monitor, then close. Python 3.11's `asyncio.wait_for` returns the
+        result instead of raising when it is cancelled just as its awaitable completes: the
+        cancellation is lost. A monitor cancelled just as a ping answered then lived on and this
+        waited for it for ever (a CI teardown hang). So the recipes here time out with
+        `asyncio.timeout`, which cannot lose a cancellation, and the wait here is bounded anyway."""
         if self._monitor:
             self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+            await asyncio.wait({self._monitor}, timeout=self.timeout)  # bounded, whatever it does
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.client.close(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self.client.close()
 
     async def _watch_liveness(self) -> None:
         """Ping, and when a ping succeeds again after failing, on another session or on another
@@ -106,7 +112,8 @@ class ZkSession:
         while True:
             sent = time.monotonic()
             try:
-                await asyncio.wait_for(self.client.exists("/"), self.timeout / 3)
+                async with asyncio.timeout(self.timeout / 3):  # not wait_for: see `__aexit__`
+                    await self.client.exists("/")
                 self._last_ok = sent
                 conn = self.client.session.conn
                 if failed or self.session_id != known_session or conn is not known_conn:

@@ -97,7 +97,8 @@ class Watch:
     async def wait(self, backstop: float | None) -> bool:
         """True when the event came; False after `backstop` seconds (a backstop, not the wake-up)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._fired.wait(), backstop)
+            async with asyncio.timeout(backstop):  # not wait_for: it may swallow a cancellation
+                await self._fired.wait()
         return self._fired.is_set()
 
     def close(self) -> None:
