@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +18,7 @@ from nats.js.errors import NotFoundError
 
 from taskcore.bus.tracking import StatusStore
 from taskcore.core import subjects
+from taskerman_dev.launchers.ports import free_port
 from taskerman_scheduler import notifier, webhooks
 from tests.e2e.conftest import Stack, publish_raw, task_json, wait_final
 
@@ -57,12 +57,6 @@ class Receiver:
 
     def notices(self) -> list[dict[str, Any]]:
         return [json.loads(g["payload"])["taskerman"] for g in self.got]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def hooks_file(tmp: Path, port: int) -> Path:

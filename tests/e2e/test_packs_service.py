@@ -4,7 +4,6 @@ can only name what the node config allows."""
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -24,16 +23,10 @@ from taskcore.core.model import Task, TaskermanParams, WorkItem
 from taskcore.core.signing import Signer
 from taskcore.runtime import procs
 from taskerman_dev import demo_fleet
+from taskerman_dev.launchers.ports import free_port
 
 from .conftest import Stack, publish_raw, wait_final
 from .node_runners import kinds, node_config, runner, task, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Demo:

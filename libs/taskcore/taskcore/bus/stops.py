@@ -26,7 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 from taskcore.core import subjects
 from taskcore.core.subjects import encode_token
@@ -34,7 +34,6 @@ from taskcore.core.subjects import encode_token
 log = logging.getLogger(__name__)
 
 KINDS = ("stop", "pause")  # the key kinds a waiter hears: `<kind>.<task token>`
-KV_OPERATION = "KV-Operation"
 STORED_PAUSES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)  # reads back a change (1.6 s), then wakes anyway
 
 
@@ -80,7 +79,7 @@ class StopSignals:
         """Until the bucket holds `msg`'s change (its value, or no value for a delete), at most
         STORED_PAUSES; a read that fails ends the wait (the wake-up is a hint)."""
         key = msg.subject.removeprefix(self._prefix)
-        removal = (msg.headers or {}).get(KV_OPERATION) in ("DEL", "PURGE")
+        removal = (msg.headers or {}).get(KV_OP) in (KV_DEL, KV_PURGE)
         for pause in STORED_PAUSES:
             await asyncio.sleep(pause)
             try:

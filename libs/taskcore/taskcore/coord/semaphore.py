@@ -113,6 +113,7 @@ class FairSemaphore:
                         queued = await self._enqueue(position, uid)
                     slot = await self._turn(queued, owner_token, uid, holder, deadline)
                     if slot is not None:
+                        queued = None  # the take deleted it, in the same transaction
                         return slot
                 except _Requeue:
                     queued = None
@@ -203,50 +204,91 @@ class FairSemaphore:
         """One look: behind someone, sleep until the one just ahead leaves; at the head, take a
         lease when the owners allow, else sleep until a holder leaves and read the holders again
         (not the queue: a waiter of the head's own wait costs one listing of the queue, however
-        many holders come and go before its turn). None: look again."""
+        many holders come and go before its turn). None: look again.
+
+        The queue and the holders are read at once: the waiter that wakes is nearly always the
+        head, which needs both, so a hand-off waits one round trip less. (A waiter that turns out
+        not to be the head leaves one children watch on the holders, which fires once, to nobody.)"""
         client = self.zk.client
         max_wait = None if deadline is None else deadline - time.monotonic()
+        held = watches.Watch(client, [watches.CHILDREN], self.holders_path)
+        waiting: list[str] | BaseException
+        listing: Any  # a GetChildren2 response, or the error it met
         try:
-            waiting = await client.get_children(self.queue)
-        except exc.NoNode:
-            raise _Requeue from None
-        if queued not in waiting:  # our session was lost and its node with it
-            raise _Requeue
-        mine = queue_key(queued)
-        ahead = [n for n in waiting if queue_key(n) < mine]
-        if ahead:
-            before = max(ahead, key=queue_key)
-            with watches.Watch(client, [watches.DELETED], f"{self.queue}/{before}") as w:
-                if await client.exists(f"{self.queue}/{before}", watch=True):
-                    await w.wait(self._check_deadline(deadline, max_wait))
-            return None
-        while True:  # at the head: only the holders change what we wait for
-            with watches.Watch(client, [watches.CHILDREN], self.holders_path) as w:
-                try:
-                    listing = await client.send(
-                        protocol.GetChildren2Request(
-                            path=client.normalize_path(self.holders_path), watch=True
-                        )
-                    )
-                except exc.NoNode:
+            waiting, listing = await asyncio.gather(
+                client.get_children(self.queue), self._holders(), return_exceptions=True
+            )
+            if isinstance(waiting, exc.NoNode):
+                raise _Requeue from None
+            if isinstance(waiting, BaseException):
+                raise waiting
+            if queued not in waiting:  # our session was lost and its node with it
+                raise _Requeue
+            mine = queue_key(queued)
+            ahead = [n for n in waiting if queue_key(n) < mine]
+            if ahead:
+                held.close()
+                before = max(ahead, key=queue_key)
+                with watches.Watch(client, [watches.DELETED], f"{self.queue}/{before}") as w:
+                    if await client.exists(f"{self.queue}/{before}", watch=True):
+                        await w.wait(self._check_deadline(deadline, max_wait))
+                return None
+            while True:  # at the head: only the holders change what we wait for
+                if isinstance(listing, exc.NoNode):
                     await client.ensure_path(self.holders_path)
                     return None
+                if isinstance(listing, BaseException):
+                    raise listing
                 owners = {holder_owner(n) for n in listing.children}
                 if may_hold(owners, owner, self.limit):
-                    return await self._take(listing.stat.version, owner, uid, holder)
-                if not await w.wait(self._check_deadline(deadline, max_wait)):
+                    return await self._take(listing.stat.version, owner, uid, holder, queued)
+                if not await held.wait(self._check_deadline(deadline, max_wait)):
                     return None  # the backstop: the whole look again
+                held.close()
+                held = watches.Watch(client, [watches.CHILDREN], self.holders_path)
+                try:
+                    listing = await self._holders()
+                except exc.ZKError as e:
+                    listing = e
+        finally:
+            held.close()
 
-    async def _take(self, version: int, owner: str, uid: str, holder: str) -> Slot | None:
-        """Create our holder node, provided the holders did not change since `version`."""
+    async def _holders(self) -> Any:
+        """The holders' listing with its stat (the gate's version), setting a children watch."""
+        client = self.zk.client
+        return await client.send(
+            protocol.GetChildren2Request(path=client.normalize_path(self.holders_path), watch=True)
+        )
+
+    async def _take(
+        self, version: int, owner: str, uid: str, holder: str, queued: str | None = None
+    ) -> Slot | None:
+        """Create our holder node, provided the holders did not change since `version`, and leave
+        the queue (`queued`) in the same transaction: the waiter behind us wakes as we hold, one
+        round trip sooner, and a slot taken always means our queue node is gone. The created node's
+        stat comes back with the answer (fencing token, owning session); only an answer cut off
+        with its connection or refused costs a read of what landed."""
         client = self.zk.client
         path = f"{self.holders_path}/{owner}{OWNER_SEP}{uid}"
         txn = client.begin_transaction()
         txn.set_data(self.holders_path, b"", version=version)
         txn.create(path, data=holder.encode(), ephemeral=True)
-        if failed := await _failures(txn):  # the gate moved, or cut off: what landed decides
-            log.debug("lease take not committed path=%s errors=%s", path, failed)
-        return await self._own(path, holder)
+        if queued is not None:
+            txn.delete(f"{self.queue}/{queued}")
+        try:
+            response = await client.send(txn.request)
+        except exc.ZKError as e:  # cut off: what landed decides
+            log.debug("lease take unanswered path=%s error=%r", path, e)
+            return await self._own(path, holder)
+        if any(isinstance(r, Exception) for r in response.responses):
+            # the gate moved, our queue node is gone, or this was aiozk's resend of a take that
+            # landed before its connection dropped (the resend fails): what landed decides
+            return await self._own(path, holder)
+        created = next((r for r in response.responses if isinstance(r, protocol.Create2Response)), None)
+        if created is None:  # a server before 3.5 answers a create without its stat
+            return await self._own(path, holder)
+        stat = created.stat
+        return Slot(path=path, holder=holder, session_id=stat.ephemeral_owner, token=stat.created_zxid)
 
     async def _own(self, path: str, holder: str) -> Slot | None:
         try:
