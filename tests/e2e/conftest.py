@@ -30,6 +30,9 @@ from taskerman_dev import secrets as stack_secrets
 from taskerman_dev.launchers import NatsServer, ZooKeeperServer
 
 BIN = Path(sys.executable).parent
+# for a runner whose action outlives its test: at teardown it hands the item back after 1 s
+# instead of letting the action finish (the default grace) and being killed 10 s later
+QUICK_EXIT = {"TASKERMAN_SHUTDOWN_GRACE": "1"}
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from taskcore.core.model import Task, WorkItem
 from taskcore.core.settings import Settings
 from taskerman_router.router import Router
 
-from .conftest import Stack, away, publish_raw, task_json, wait_final
+from .conftest import QUICK_EXIT, Stack, away, publish_raw, task_json, wait_final
 
 MAX_KV_VALUE = 300 * 1024
 
@@ -126,7 +126,7 @@ async def test_a_cancel_reaches_a_hundred_waiters_at_once(
 ) -> None:
     nodes = [f"w{i:03d}" for i in range(101)]
     stack.router()
-    stack.runner("c1", nodes)
+    stack.runner("c1", nodes, extra_env=QUICK_EXIT)
     await publish_raw(js[1], sleep_task("herd", nodes, seconds=40))
     async with ZkSession.from_settings(settings) as zk:
         slot = FairSemaphore(zk, lease_path("herd"), 1)

@@ -22,7 +22,7 @@ from taskcore.bus import audit
 from taskcore.bus.tracking import PauseRecord, StatusStore
 from taskcore.core.settings import Settings
 
-from .conftest import BIN, Stack, publish_raw, task_json, wait_final
+from .conftest import BIN, QUICK_EXIT, Stack, publish_raw, task_json, wait_final
 
 
 def sleep_task(task_id: str, cluster: str, nodes: list[str], limit: int = 2, **params: Any) -> bytes:
@@ -279,7 +279,7 @@ async def test_ctrl_c_during_wait_says_the_task_keeps_running(
     stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
 ) -> None:
     stack.router()
-    stack.runner("c1", ["n1"])
+    stack.runner("c1", ["n1"], extra_env=QUICK_EXIT)
     proc = taskerman(
         stack, "submit", "test:sleep", "--cluster", "c1", "--node", "n1", "--arg", "seconds=30",
         "--task-id", "long-1", "--wait",

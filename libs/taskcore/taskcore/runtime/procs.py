@@ -130,7 +130,7 @@ def terminate(procs: Iterable[Proc], timeout: float = 10.0) -> list[int]:
     while (live := [p for p in live if _running(p)]) and time.monotonic() < deadline:
         time.sleep(POLL)
     for p in live:
-        log.warning("pid %d ignored SIGTERM for %.1fs: killing it", _pid(p), timeout)
+        log.warning("pid %d (%s) ignored SIGTERM for %.1fs: killing it", _pid(p), _name(p), timeout)
         _send(p, signal.SIGKILL)
     deadline = time.monotonic() + KILL_WAIT
     while any(_running(p) for p in live) and time.monotonic() < deadline:
@@ -140,6 +140,15 @@ def terminate(procs: Iterable[Proc], timeout: float = 10.0) -> list[int]:
 
 def _pid(p: Proc) -> int:
     return p if isinstance(p, int) else p.pid
+
+
+def _name(p: Proc) -> str:
+    """The process' command line, short, for a log line (empty once it is gone)."""
+    try:
+        raw = Path(f"/proc/{_pid(p)}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)[:120]
 
 
 def _running(p: Proc) -> bool:
