@@ -201,3 +201,31 @@ async def test_rolling_task_survives_a_nats_server_and_the_zookeeper_leader_kill
         assert done["end"] - done["start"] >= SECONDS - 0.01, done
     # The kills hit the rollout in the middle: work went on after both.
     assert max(i["end"] for i in intervals) > zk_killed_at > nats_killed_at, (intervals, zk_killed_at)
+
+
+async def test_provisioning_waits_for_a_cluster_member_not_yet_known(
+    tmp_path: Path, nats_users: dict[str, str], signing_keys: dict[str, Any]
+) -> None:
+    """Services started with a cluster that is still forming (as in compose/) provision their R3
+    streams once the third server is known: until then JetStream answers "no suitable peers for
+    placement" (the last CI's failure), which `provision` retries instead of failing the process."""
+    nats_cluster = NatsCluster(tmp_path / "nats", size=3, users=nats_users)
+    late = nats_cluster.servers[2]
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(nats_cluster.stop)
+        for member in nats_cluster.servers[:2]:
+            member.start()
+        nats_cluster.wait_ready(30)
+        settings = Settings(**signing_keys, nats_url=",".join(nats_cluster.url_list[:2]), home=tmp_path)
+        nc: NATS = await bus.connect(settings, "test")
+        try:
+            js = nc.jetstream()
+            provisioning = asyncio.create_task(bus.provision(js, settings, replicas=3))
+            await asyncio.sleep(1.5)
+            assert not provisioning.done(), provisioning  # refused placement, retrying
+            late.start()
+            await asyncio.wait_for(provisioning, 30)
+            for name in STREAMS:
+                assert (await js.stream_info(name)).config.num_replicas == 3, name
+        finally:
+            await nc.close()

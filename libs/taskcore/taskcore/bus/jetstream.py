@@ -39,6 +39,18 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
     nats.js.errors.ServiceUnavailableError,
     nats.js.errors.NoStreamResponseError,
 )
+# JetStream's answers to creating a stream: its name is taken (made meanwhile by another process, maybe
+# with another configuration), or its replicas cannot be placed yet (a server of the cluster is down, or
+# not yet known to the meta leader just after the cluster formed: retried by `provision`).
+STREAM_NAME_IN_USE = 10058
+NO_SUITABLE_PEERS = 10005
+
+
+RETRIED_PROVISIONING: tuple[type[Exception], ...] = (*UNAVAILABLE, BadRequestError)
+
+
+def _placement_pending(e: Exception) -> bool:
+    return isinstance(e, BadRequestError) and e.err_code == NO_SUITABLE_PEERS
 
 
 def server_urls(url: str) -> list[str]:
@@ -199,7 +211,9 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig, keep_re
         try:
             await js.add_stream(config)
             return
-        except BadRequestError:  # made meanwhile by another process
+        except BadRequestError as e:
+            if e.err_code != STREAM_NAME_IN_USE:
+                raise
             have = (await js.stream_info(config.name)).config
     if keep_replicas:
         config = config.evolve(num_replicas=have.num_replicas)
@@ -254,14 +268,17 @@ async def provision(
     js: JetStreamContext, settings: Settings, replicas: int | None = None, within: float = 30.0
 ) -> None:
     """`provision_once`, retried while JetStream is briefly unavailable (a stream electing a new
-    leader after a server died); the last error is raised after `within` seconds."""
+    leader after a server died) or cannot place a stream's replicas yet (a server down or not yet
+    known); the last error is raised after `within` seconds."""
     deadline = time.monotonic() + within
     delay = 0.25
     while True:
         try:
             await provision_once(js, settings, replicas)
             return
-        except UNAVAILABLE as e:
+        except RETRIED_PROVISIONING as e:
+            if not isinstance(e, UNAVAILABLE) and not _placement_pending(e):
+                raise
             if time.monotonic() + delay > deadline:
                 raise
             log.warning("provisioning retried: jetstream unavailable error=%r", e)
@@ -359,7 +376,9 @@ async def status_bucket(
         )
         try:
             return await js.create_key_value(kv_config)
-        except BadRequestError:  # made meanwhile by another process
+        except BadRequestError as e:
+            if e.err_code != STREAM_NAME_IN_USE:
+                raise
             info = await js.stream_info(KV_STREAM)
     window = min(info.config.duplicate_window or 120.0, settings.status_retention)
     config = info.config.evolve(

@@ -162,7 +162,8 @@ class NatsClusterMember(NatsServer):
 class NatsCluster(ServerGroup[NatsClusterMember]):
     """`size` nats-servers with JetStream (`sync_interval: always`) clustered over routes on one host,
     each under `home/nats-<i>`; ready when every running member is healthy and they agree on a
-    JetStream meta leader. `ports` fixes the client ports (e.g. 4222-4224); the rest are free ones."""
+    JetStream meta leader that knows each of them as a current peer. `ports` fixes the client ports
+    (e.g. 4222-4224); the rest are free ones."""
 
     what = "nats-servers"
 
@@ -233,4 +234,9 @@ class NatsCluster(ServerGroup[NatsClusterMember]):
             leaders.add(server.meta_leader())
         if len(leaders) != 1 or not leaders <= {s.server_name for s in running}:
             return f"no agreed, running JetStream meta leader: {sorted(map(str, leaders))}"
+        leader = self.member(str(leaders.pop()))
+        meta = (leader.monitor("/jsz") or {}).get("meta_cluster", {})
+        known = {r.get("name") for r in meta.get("replicas") or [] if r.get("current")} | {leader.server_name}
+        if unknown := sorted(s.server_name for s in running if s.server_name not in known):
+            return f"the meta leader does not know {unknown} yet (no placement on them)"
         return None
