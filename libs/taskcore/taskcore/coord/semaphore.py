@@ -131,21 +131,27 @@ class FairSemaphore:
     async def _uncontended(self, owner: str, uid: str, holder: str) -> Slot | None:
         """Nobody waits and the owners allow: take the lease without queueing (one write, not
         three). Safe for the same reason as at the head of the queue (the gate); fair, because
-        there is nobody to be fair to."""
+        there is nobody to be fair to. The queue's stat (not its listing: a thousand waiters cost
+        nothing to count) and the holders are read at once: the take waits two round trips, not three."""
         client = self.zk.client
+        queue_stat = protocol.ExistsRequest(path=client.normalize_path(self.queue), watch=False)
+        holders = protocol.GetChildren2Request(path=client.normalize_path(self.holders_path), watch=False)
+        queue: Any  # the responses, or the errors they met
+        listing: Any
+        queue, listing = await asyncio.gather(
+            client.send(queue_stat), client.send(holders), return_exceptions=True
+        )
         try:
-            try:  # the queue's stat, not its listing: a thousand waiters cost nothing to count
-                queue = await client.send(
-                    protocol.ExistsRequest(path=client.normalize_path(self.queue), watch=False)
-                )
-                if queue.stat.num_children:
-                    return None
-            except exc.NoNode:
+            if isinstance(queue, exc.NoNode):  # the first one here: no folders yet
                 await self._create_folders()
-            listing = await client.send(
-                protocol.GetChildren2Request(path=client.normalize_path(self.holders_path), watch=False)
-            )
-        except exc.ZKError:  # no folders yet, or a request cut off: the queue path handles it
+                listing = await client.send(holders)
+            elif isinstance(queue, BaseException):
+                raise queue
+            elif queue.stat.num_children:
+                return None
+            if isinstance(listing, BaseException):
+                raise listing
+        except exc.ZKError:  # a request cut off: the queue path handles it
             return None
         if not may_hold({holder_owner(n) for n in listing.children}, owner, self.limit):
             return None
@@ -344,7 +350,11 @@ class FairSemaphore:
 
     async def verify(self, slot: Slot) -> None:
         """Raise LeaseLost unless the session is trusted and the holder node is still ours, read
-        after a `sync` (so a follower cut off from the leader cannot vouch for it).
+        after a `sync` (so a follower cut off from the leader cannot vouch for it). The read is
+        sent right behind the sync, without waiting for it: ZooKeeper serves a session's requests in
+        order, a read queued behind a sync after the sync completes (one round trip, not two). That
+        holds on one connection; answers that came over a new one (aiozk resends what a dropped
+        connection cut off, in any order) are asked again.
 
         Nothing acts while we verify, so a failover (a dropped connection, a leader election) is
         ridden out: we ask again as long as the session that took the slot may still be alive
@@ -361,10 +371,19 @@ class FairSemaphore:
                 continue
             try:
                 sync = protocol.SyncRequest(path=client.normalize_path(slot.path))
-                async with asyncio.timeout(zk.timeout / 3):
-                    await client.send(sync)
-                async with asyncio.timeout(zk.timeout / 3):
-                    data, stat = await client.get(slot.path)
+                synced: Any  # the answers, or the errors they met
+                read: Any
+                connection = client.session.conn
+                async with asyncio.timeout(zk.timeout / 3):  # both sent at once (see the docstring)
+                    synced, read = await asyncio.gather(
+                        client.send(sync), client.get(slot.path), return_exceptions=True
+                    )
+                for answer in (synced, read):  # the sync's error first: a read without it proves nothing
+                    if isinstance(answer, BaseException):
+                        raise answer
+                if client.session.conn is not connection:  # resent after a reconnect, maybe out of order
+                    continue
+                data, stat = read
                 break
             except exc.NoNode as e:
                 raise LeaseLost(f"lease {slot.path} is gone") from e
