@@ -266,36 +266,15 @@ class Router:
         """Record the task's plan (once: the first router to commit it wins), then publish exactly
         the nodes it holds, many at a time, keeping the task claimed while the fan-out runs."""
         kept = msgspec.structs.replace(task, nodes=())  # the nodes live in the plan, not in the record
-        unserved: list[str] = []
         began = time.monotonic()
-        for _ in range(3):
-            entry = await self.status.get_task_entry(task.task_id)
-            known, revision = entry if entry else (None, None)
-            if known is not None and not same_task(known, task):
-                raise TaskIdTaken(taken(task.task_id, known))
-            if known is not None and known.state == "routed" and known.plan_id:
-                nodes, fresh = await self.status.plan(known), False
-                break
-            nodes = await self._plan(task)
-            unserved = await self.planner.unserved(task, [n.name for n in nodes], self.unserved_wait)
-            plan_id = uuid.uuid4().hex[:16]
-            chunks = await self.status.put_plan(task.task_id, plan_id, nodes)
-            now = time.time()
-            record = TaskRecord(
-                task=kept,
-                state="routed",
-                node_count=len(nodes),
-                created_at=known.created_at if known else now,
-                routed_at=now,
-                plan_id=plan_id,
-                plan_chunks=chunks,
-            )
-            if await self.status.commit_task(task.task_id, record, revision):
-                fresh = True
-                break
-            await self.status.delete_plan(task.task_id, plan_id, chunks)  # another router was first
-        else:
-            raise RuntimeError(f"task {task.task_id!r}: its record kept changing while routing")
+        # planned while the record is read: nearly every task is new, and a plan made in vain
+        # (a redelivery, a taken id) only costs its reads
+        planning = asyncio.create_task(self._plan_served(task))
+        try:
+            nodes, fresh, unserved = await self._commit_plan(task, kept, planning)
+        finally:
+            planning.cancel()
+            await asyncio.gather(planning, return_exceptions=True)
         planned = time.monotonic()
         keepalive = asyncio.create_task(_keep_claimed(msg)) if msg is not None else None
         try:
@@ -325,6 +304,42 @@ class Router:
             planned - began,
             time.monotonic() - planned,
         )
+
+    async def _commit_plan(
+        self, task: Task, kept: Task, planning: asyncio.Task[tuple[list[PlannedNode], list[str]]]
+    ) -> tuple[list[PlannedNode], bool, list[str]]:
+        """The task's nodes, whether this router committed its plan (fresh), and the unserved
+        ones: the plan of a record routed already (a redelivery, another router), else `planning`'s,
+        committed with the record unless another router commits first."""
+        for _ in range(3):
+            entry = await self.status.get_task_entry(task.task_id)
+            known, revision = entry if entry else (None, None)
+            if known is not None and not same_task(known, task):
+                raise TaskIdTaken(taken(task.task_id, known))
+            if known is not None and known.state == "routed" and known.plan_id:
+                return await self.status.plan(known), False, []
+            nodes, unserved = await planning
+            plan_id = uuid.uuid4().hex[:16]
+            chunks = await self.status.put_plan(task.task_id, plan_id, nodes)
+            now = time.time()
+            record = TaskRecord(
+                task=kept,
+                state="routed",
+                node_count=len(nodes),
+                created_at=known.created_at if known else now,
+                routed_at=now,
+                plan_id=plan_id,
+                plan_chunks=chunks,
+            )
+            if await self.status.commit_task(task.task_id, record, revision):
+                return nodes, True, unserved
+            await self.status.delete_plan(task.task_id, plan_id, chunks)  # another router was first
+        raise RuntimeError(f"task {task.task_id!r}: its record kept changing while routing")
+
+    async def _plan_served(self, task: Task) -> tuple[list[PlannedNode], list[str]]:
+        """The task's planned nodes and those of them no runner serves."""
+        nodes = await self._plan(task)
+        return nodes, await self.planner.unserved(task, [n.name for n in nodes], self.unserved_wait)
 
     async def _record_unserved(self, task: Task, names: list[str]) -> None:
         """Nodes no runner serves get a final record saying so, and no work item: an item that

@@ -30,6 +30,19 @@ async def test_a_node_without_a_runner_is_unserved(zk: ZkSession) -> None:
     assert await runners.unserved(zk, "other", ["a"], time.time()) == ["a"]  # per cluster
 
 
+async def test_many_names_are_answered_from_one_listing_as_few_are_one_by_one(zk: ZkSession) -> None:
+    """Past LOOKUPS_UP_TO names `unserved` lists the registry instead of looking each up: the same
+    answer, in the order asked."""
+    names = [f"n{i:02d}" for i in range(runners.LOOKUPS_UP_TO + 4)]
+    for name in names[::2]:
+        await Registration(zk, "c", name, "1", []).register()
+    now = time.time()
+    expected = names[1::2]
+    assert await runners.unserved(zk, "c", names[::-1], now) == expected[::-1]  # one listing
+    few = names[: runners.LOOKUPS_UP_TO]
+    assert await runners.unserved(zk, "c", few, now) == [n for n in expected if n in few]  # lookups
+
+
 async def test_an_away_note_keeps_a_node_served_for_its_grace(
     zk_credentials: dict[str, Any], zk: ZkSession, zk_server: ZooKeeperServer, prefix: str
 ) -> None:

@@ -35,6 +35,7 @@ PROCESS_ROOT = "/registry-processes"
 AWAY_ROOT = "/registry-away"
 NODE_LOCKS_ROOT = "/registry-locks"
 AWAY_READS = 256  # away notes read at once by `unserved` (aiozk pipelines them on one connection)
+LOOKUPS_UP_TO = 16  # `unserved` looks these up one by one rather than list a cluster's registry
 
 
 class RunnerInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -223,10 +224,18 @@ async def _process_beat(zk: ZkSession, process: str) -> float | None:
 async def unserved(zk: ZkSession, cluster: str, names: list[str], now: float) -> list[str]:
     """The names, in order, that have neither a registered runner nor a valid away note. Two
     listings and one read per away note, AWAY_READS of them in flight at once (one at a time,
-    10,000 away nodes cost a round trip each: seconds of a fan-out)."""
+    10,000 away nodes cost a round trip each: seconds of a fan-out). Up to LOOKUPS_UP_TO names are
+    looked up one by one, at once, instead of listing the cluster's registry: a one-node task on
+    a fleet of thousands reads one small answer, not a thousand names."""
     ctok = encode_token(cluster)
-    registered = set(await children(zk, f"/registry/{ctok}"))
-    missing = [n for n in names if encode_token(n) not in registered]
+    if len(names) <= LOOKUPS_UP_TO:
+        found = await asyncio.gather(
+            *(zk.client.exists(f"/registry/{ctok}/{encode_token(n)}") for n in names)
+        )
+        missing = [n for n, there in zip(names, found, strict=True) if not there]
+    else:
+        registered = set(await children(zk, f"/registry/{ctok}"))
+        missing = [n for n in names if encode_token(n) not in registered]
     if not missing:
         return []
     notes = set(await children(zk, f"{AWAY_ROOT}/{ctok}"))
@@ -241,8 +250,8 @@ async def unserved(zk: ZkSession, cluster: str, names: list[str], now: float) ->
                 return msgspec.json.decode(data, type=AwayNote).until > now
         return False
 
-    found = await asyncio.gather(*(away(n) for n in missing))
-    return [n for n, is_away in zip(missing, found, strict=True) if not is_away]
+    notes_found = await asyncio.gather(*(away(n) for n in missing))
+    return [n for n, is_away in zip(missing, notes_found, strict=True) if not is_away]
 
 
 async def live_nodes(zk: ZkSession, cluster: str) -> list[str]:
