@@ -333,13 +333,14 @@ async def _purge_cluster(js: JetStreamContext, cluster: str) -> None:
 # ---- ZooKeeper cost -----------------------------------------------------------------------------
 
 
-async def zk_cost(stack: Stack, waiters: int, hand_offs: int = 20) -> dict[str, Any]:
+async def zk_cost(stack: Stack, waiters: int, hand_offs: int = 20, idle_s: float = 5.0) -> dict[str, Any]:
+    """ZooKeeper requests per hand-off of a limit-1 semaphore with `waiters` queued, and per waiting
+    node per second over `idle_s` seconds of waiting (the sessions' own pings taken out)."""
     hand_offs = min(hand_offs, waiters - 1)  # each hand-off needs one more waiter
     sessions = [ZkSession.from_settings(stack.settings) for _ in range(10)]
     for s in sessions:
         await s.__aenter__()
     try:
-        idle_s = 5.0
         base = packets_received(stack.zk.hosts)
         await asyncio.sleep(idle_s)
         pings = packets_received(stack.zk.hosts) - base  # the sessions' own liveness pings, no waiter
@@ -403,7 +404,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             }
             report("runner memory", out["runner_memory"])
             if "zk" not in args.skip:
-                out["zookeeper"] = [await zk_cost(stack, w) for w in ((10, 50) if quick else (50, 950))]
+                idle_s = 1.0 if quick else 5.0
+                waiters = (10, 50) if quick else (50, 950)
+                out["zookeeper"] = [await zk_cost(stack, w, idle_s=idle_s) for w in waiters]
                 for row in out["zookeeper"]:
                     report("zookeeper", row)
             if "dispatch" not in args.skip:
