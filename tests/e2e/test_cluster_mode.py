@@ -197,7 +197,12 @@ async def test_rolling_task_survives_a_nats_server_and_the_zookeeper_leader_kill
     intervals = [i for i in stack.intervals() if i["task_id"] == task_id]
     assert max_concurrency(intervals) <= LIMIT, intervals
     for node in NODES:  # each node's successful attempt is a complete interval under its own grant
-        [done] = [i for i in intervals if i["node"] == node and i["token"] == view.nodes[node].token]
+        # (the last under it: a step cut while ZooKeeper could not vouch for the session runs again
+        # in place when the leases turn out to be still held, under the same grant)
+        done = max(
+            (i for i in intervals if i["node"] == node and i["token"] == view.nodes[node].token),
+            key=lambda i: i["start"],
+        )
         assert done["end"] - done["start"] >= SECONDS - 0.01, done
     # The kills hit the rollout in the middle: work went on after both.
     assert max(i["end"] for i in intervals) > zk_killed_at > nats_killed_at, (intervals, zk_killed_at)

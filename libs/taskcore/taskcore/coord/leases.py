@@ -149,9 +149,10 @@ class LeaseSet:
             return
         if len(self.held) != len(self.leases):
             raise LeaseLost("not all leases are held")
-        await asyncio.gather(
-            *(lease.verify(slot) for lease, slot in self.held)
-        )  # one wait, not one per lease
+        checks = [lease.verify(slot) for lease, slot in self.held]
+        for outcome in await asyncio.gather(*checks, return_exceptions=True):  # one wait, not one per lease
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     def tokens(self) -> dict[str, int]:
         return {lease.name: slot.token for lease, slot in self.held}
