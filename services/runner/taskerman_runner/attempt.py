@@ -234,7 +234,7 @@ class Attempt:
     def _canary_watch(self) -> contextlib.AbstractAsyncContextManager[asyncio.Event]:
         """Changes of the task's node records, heard while a node waits for its canary."""
         if self._behind_canary():
-            return self.node.stops.watching_nodes(self.state.task_id)
+            return self.node.stops.watching_nodes(self.state.task_id, self.state.item.canary)
         return contextlib.nullcontext(asyncio.Event())
 
     async def _canary(self) -> list[str] | StopRecord:

@@ -127,3 +127,26 @@ async def test_a_refused_write_still_wakes_the_waiters(connections: list[NATS], 
         await asyncio.wait_for(heard.wait(), 30)
     assert await reader.paused(task_id) == first
     await signals.close()
+
+
+async def test_a_canary_waiter_is_woken_by_its_canary_nodes_records_only(
+    connections: list[NATS], prefix: str
+) -> None:
+    """The waiters behind a canary hear the records of the canary nodes, not each other's notes:
+    with a thousand of them in one process, each note would otherwise wake all of them."""
+    writer_nc, waiter_nc, _ = connections
+    writer, reader = await _store(writer_nc), await _store(waiter_nc)
+    signals = StopSignals(waiter_nc, reader.kv)
+    task_id = f"{prefix}-canary"
+    async with signals.watching_nodes(task_id, ["c-1"]) as heard:
+        await waiter_nc.flush()
+        for i in range(5):  # the other waiters write what they wait for
+            await writer.put_node(task_id, f"n-{i}", NodeRecord(state="pending"))
+        await writer_nc.flush()
+        await asyncio.sleep(0.5)  # every note has arrived, and would have been read back by now
+        assert not heard.is_set()
+        await writer.put_node(task_id, "c-1", NodeRecord(state="succeeded"))
+        await asyncio.wait_for(heard.wait(), 30)
+        assert (await reader.get_node(task_id, "c-1")) == NodeRecord(state="succeeded")
+    assert signals.waiting() == 0
+    await signals.close()

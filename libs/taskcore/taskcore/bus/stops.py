@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from nats.aio.client import Client as NATS
@@ -46,7 +47,9 @@ class StopSignals:
         self._waiters: dict[str, set[asyncio.Event]] = {}  # by task token
         self._subs: list[Subscription] = []
         self._prefix = f"$KV.{subjects.STATUS_BUCKET}."
-        self._node_waiters: dict[str, set[asyncio.Event]] = {}  # by task token
+        # by task token: each waiter's event with the node tokens whose records it waits on
+        self._node_waiters: dict[str, dict[asyncio.Event, frozenset[str]]] = {}
+        self._node_watched: dict[str, Counter[str]] = {}  # by task token: node token → its waiters
         self._node_subs: dict[str, Subscription] = {}
         self._node_lock = asyncio.Lock()
         self._waking: set[asyncio.Task[None]] = set()
@@ -111,32 +114,44 @@ class StopSignals:
                     del self._waiters[token]
 
     @contextlib.asynccontextmanager
-    async def watching_nodes(self, task_id: str) -> AsyncIterator[asyncio.Event]:
-        """An event set whenever a node record of the task changes, while the block runs: for the
-        nodes that wait for the task's canary. One subscription per task while anyone waits (a
-        canary's nodes are few, the waiters for them many), gone with the last waiter."""
+    async def watching_nodes(self, task_id: str, nodes: Iterable[str]) -> AsyncIterator[asyncio.Event]:
+        """An event set whenever the record of one of `nodes` (of the task) changes, while the block
+        runs: for the nodes that wait for the task's canary. One subscription per task while anyone
+        waits (a canary's nodes are few, the waiters for them many), gone with the last waiter. The
+        subscription hears every node record of the task (the waiters' own notes too); a change of
+        a record nobody here waits on is dropped at once, without a read-back or a wake-up: a
+        thousand waiters writing what they wait for would otherwise wake each other a million times."""
         token = encode_token(task_id)
         event = asyncio.Event()
-        waiters = self._node_waiters.setdefault(token, set())
-        waiters.add(event)
+        waiters = self._node_waiters.setdefault(token, {})
+        waiters[event] = watched = frozenset(encode_token(n) for n in nodes)
+        counts = self._node_watched.setdefault(token, Counter())
+        counts.update(watched)
         try:
             async with self._node_lock:  # one subscription per task, whoever comes first
                 if token not in self._node_subs:
 
                     async def wake(msg: Msg) -> None:
-                        self._wake_when_stored(msg, lambda: self._node_waiters.get(token, ()))
+                        node = msg.subject.rsplit(".", 1)[1]
+                        if self._node_watched.get(token, Counter())[node] > 0:
+                            self._wake_when_stored(msg, lambda: self._node_waiters_of(token, node))
 
                     subject = f"{self._prefix}node.{token}.>"
                     self._node_subs[token] = await self.nc.subscribe(subject, cb=wake)
             yield event
         finally:
-            waiters.discard(event)
+            waiters.pop(event, None)
+            counts.subtract(watched)
             async with self._node_lock:
                 if not waiters and self._node_waiters.get(token) is waiters:
                     del self._node_waiters[token]
+                    self._node_watched.pop(token, None)
                     if sub := self._node_subs.pop(token, None):
                         with contextlib.suppress(Exception):
                             await sub.unsubscribe()
+
+    def _node_waiters_of(self, task_token: str, node_token: str) -> list[asyncio.Event]:
+        return [e for e, watched in self._node_waiters.get(task_token, {}).items() if node_token in watched]
 
     def waiting(self) -> int:
         """How many waits are registered (tests watch this return to zero)."""
