@@ -213,7 +213,8 @@ async def test_provisioning_waits_for_a_cluster_member_not_yet_known(
 ) -> None:
     """Services started with a cluster that is still forming (as in compose/) provision their R3
     streams once the third server is known: until then JetStream answers "no suitable peers for
-    placement" (the last CI's failure), which `provision` retries instead of failing the process."""
+    placement", which `provision` retries instead of failing the process (taken for "made
+    meanwhile", it was read back as a missing stream: NotFound, seen in CI)."""
     nats_cluster = NatsCluster(tmp_path / "nats", size=3, users=nats_users)
     late = nats_cluster.servers[2]
     with contextlib.ExitStack() as cleanup:
