@@ -234,4 +234,4 @@ async def test_provisioning_waits_for_a_cluster_member_not_yet_known(
             for name in STREAMS:
                 assert (await js.stream_info(name)).config.num_replicas == 3, name
         finally:
-            await nc.close()
+            await bus.close(nc)

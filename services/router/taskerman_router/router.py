@@ -265,13 +265,12 @@ class Router:
     async def _route(self, task: Task, msg: Msg | None = None) -> None:
         """Record the task's plan (once: the first router to commit it wins), then publish exactly
         the nodes it holds, many at a time, keeping the task claimed while the fan-out runs."""
-        kept = msgspec.structs.replace(task, nodes=())  # the nodes live in the plan, not in the record
         began = time.monotonic()
         # planned while the record is read: nearly every task is new, and a plan made in vain
         # (a redelivery, a taken id) only costs its reads
         planning = asyncio.create_task(self._plan_served(task))
         try:
-            nodes, fresh, unserved = await self._commit_plan(task, kept, planning)
+            nodes, fresh, unserved = await self._commit_plan(task, planning)
         finally:
             planning.cancel()
             await asyncio.gather(planning, return_exceptions=True)
@@ -306,11 +305,12 @@ class Router:
         )
 
     async def _commit_plan(
-        self, task: Task, kept: Task, planning: asyncio.Task[tuple[list[PlannedNode], list[str]]]
+        self, task: Task, planning: asyncio.Task[tuple[list[PlannedNode], list[str]]]
     ) -> tuple[list[PlannedNode], bool, list[str]]:
         """The task's nodes, whether this router committed its plan (fresh), and the unserved
         ones: the plan of a record routed already (a redelivery, another router), else `planning`'s,
         committed with the record unless another router commits first."""
+        kept = msgspec.structs.replace(task, nodes=())  # the nodes live in the plan, not in the record
         for _ in range(3):
             entry = await self.status.get_task_entry(task.task_id)
             known, revision = entry if entry else (None, None)

@@ -46,11 +46,9 @@ STREAM_NAME_IN_USE = 10058
 NO_SUITABLE_PEERS = 10005
 
 
-RETRIED_PROVISIONING: tuple[type[Exception], ...] = (*UNAVAILABLE, BadRequestError)
-
-
-def _placement_pending(e: Exception) -> bool:
-    return isinstance(e, BadRequestError) and e.err_code == NO_SUITABLE_PEERS
+def _not_ready(e: Exception) -> bool:
+    """JetStream cannot do it yet: unavailable, or unable to place a stream's replicas."""
+    return isinstance(e, UNAVAILABLE) or (isinstance(e, BadRequestError) and e.err_code == NO_SUITABLE_PEERS)
 
 
 def server_urls(url: str) -> list[str]:
@@ -276,12 +274,10 @@ async def provision(
         try:
             await provision_once(js, settings, replicas)
             return
-        except RETRIED_PROVISIONING as e:
-            if not isinstance(e, UNAVAILABLE) and not _placement_pending(e):
+        except Exception as e:
+            if not _not_ready(e) or time.monotonic() + delay > deadline:
                 raise
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning("provisioning retried: jetstream unavailable error=%r", e)
+            log.warning("provisioning retried: jetstream not ready error=%r", e)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 

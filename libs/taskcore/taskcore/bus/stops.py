@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from nats.aio.client import Client as NATS
@@ -49,7 +48,6 @@ class StopSignals:
         self._prefix = f"$KV.{subjects.STATUS_BUCKET}."
         # by task token: each waiter's event with the node tokens whose records it waits on
         self._node_waiters: dict[str, dict[asyncio.Event, frozenset[str]]] = {}
-        self._node_watched: dict[str, Counter[str]] = {}  # by task token: node token → its waiters
         self._node_subs: dict[str, Subscription] = {}
         self._node_lock = asyncio.Lock()
         self._waking: set[asyncio.Task[None]] = set()
@@ -124,16 +122,14 @@ class StopSignals:
         token = encode_token(task_id)
         event = asyncio.Event()
         waiters = self._node_waiters.setdefault(token, {})
-        waiters[event] = watched = frozenset(encode_token(n) for n in nodes)
-        counts = self._node_watched.setdefault(token, Counter())
-        counts.update(watched)
+        waiters[event] = frozenset(encode_token(n) for n in nodes)
         try:
             async with self._node_lock:  # one subscription per task, whoever comes first
                 if token not in self._node_subs:
 
                     async def wake(msg: Msg) -> None:
                         node = msg.subject.rsplit(".", 1)[1]
-                        if self._node_watched.get(token, Counter())[node] > 0:
+                        if self._node_waiters_of(token, node):
                             self._wake_when_stored(msg, lambda: self._node_waiters_of(token, node))
 
                     subject = f"{self._prefix}node.{token}.>"
@@ -141,11 +137,9 @@ class StopSignals:
             yield event
         finally:
             waiters.pop(event, None)
-            counts.subtract(watched)
             async with self._node_lock:
                 if not waiters and self._node_waiters.get(token) is waiters:
                     del self._node_waiters[token]
-                    self._node_watched.pop(token, None)
                     if sub := self._node_subs.pop(token, None):
                         with contextlib.suppress(Exception):
                             await sub.unsubscribe()
