@@ -40,10 +40,11 @@ class BackupArgs(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RedisBackup(Action):
-    """BGSAVE and wait until it completes (`rdb_bgsave_in_progress:0`, LASTSAVE advanced, last status
-    ok); copy the dump into `backup_dir` as `redis-<node>-<UTC time>.rdb`, with a `.sha256` beside it
-    (`sha256sum -c` reads it). post_check re-reads the copy against its checksum, runs `check_rdb` on
-    it and only then prunes this node's copies beyond `keep`."""
+    """BGSAVE and wait until a save forked after the request completes (`rdb_saves` past its count,
+    `rdb_bgsave_in_progress:0`, last status ok); copy the dump into `backup_dir` as
+    `redis-<node>-<UTC time>.rdb`, with a `.sha256` beside it (`sha256sum -c` reads it). post_check
+    re-reads the copy against its checksum, runs `check_rdb` on it and only then prunes this node's
+    copies beyond `keep`."""
 
     name = "redis:backup"
     version = "1.0"
@@ -131,23 +132,34 @@ async def dump_path(conn: RedisConnection, conf: RedisConfig) -> Path:
 
 
 async def bgsave(conn: RedisConnection, until: float, ctx: ActionContext) -> None:
-    """BGSAVE and wait for it: no save in progress, LASTSAVE past the one before, last status ok."""
-    while (await conn.info("persistence")).get("rdb_bgsave_in_progress") == "1":  # someone else's save
-        if time.monotonic() > until:
-            raise ActionFailed("execute_action", "a BGSAVE already in progress did not finish in time")
-        await asyncio.sleep(POLL)
-    before = await conn.lastsave()
-    # LASTSAVE counts whole seconds: start in a later second than the last save, so ours advances it
-    if (wait := before + 1 - time.time()) > 0:
-        await asyncio.sleep(wait)
-    ctx.checkpoint()
-    await conn.call("BGSAVE", "SCHEDULE")  # SCHEDULE: wait for a running AOF rewrite instead of failing
+    """BGSAVE and wait for it: a save forked after the request (INFO's `rdb_saves` counts the forks)
+    has finished, with status ok. No clock is compared: LASTSAVE counts whole seconds and is set at
+    startup too, so a save in the second of the one before cannot be told from it."""
+    while True:
+        info = await wait_for_no_save(conn, until)
+        ctx.checkpoint()
+        try:  # SCHEDULE: wait for a running AOF rewrite instead of failing
+            await conn.call("BGSAVE", "SCHEDULE")
+            break
+        except RedisReplyError as e:  # a save forked between the two requests: wait for it, ask again
+            if "in progress" not in str(e):
+                raise
+    forked = int(info.get("rdb_saves", "0"))
     while True:
         info = await conn.info("persistence")
-        if info.get("rdb_bgsave_in_progress") == "0" and await conn.lastsave() > before:
+        if int(info.get("rdb_saves", "0")) > forked and info.get("rdb_bgsave_in_progress") == "0":
             if (status := info.get("rdb_last_bgsave_status")) != "ok":
                 raise ActionFailed("execute_action", f"BGSAVE failed: rdb_last_bgsave_status={status}")
             return
         if time.monotonic() > until:
             raise ActionFailed("execute_action", "BGSAVE did not complete in time")
         await asyncio.sleep(POLL)
+
+
+async def wait_for_no_save(conn: RedisConnection, until: float) -> dict[str, str]:
+    """INFO persistence once no RDB save (someone else's) is in progress."""
+    while (info := await conn.info("persistence")).get("rdb_bgsave_in_progress") == "1":
+        if time.monotonic() > until:
+            raise ActionFailed("execute_action", "a BGSAVE already in progress did not finish in time")
+        await asyncio.sleep(POLL)
+    return info

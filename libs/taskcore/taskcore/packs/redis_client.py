@@ -59,7 +59,7 @@ Reply = str | int | bytes | list[Any] | None
 
 
 class RedisConnection:
-    """One connection speaking RESP2: enough for PING, INFO, CONFIG GET, BGSAVE, LASTSAVE, SHUTDOWN."""
+    """One connection speaking RESP2: enough for PING, INFO, CONFIG GET, BGSAVE, SHUTDOWN."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str) -> None:
         self.reader, self.writer, self.where = reader, writer, where
@@ -110,12 +110,6 @@ class RedisConnection:
         if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[1], bytes):
             raise RedisReplyError(f"{self.where}: CONFIG GET {name} answered {reply!r}")
         return reply[1].decode()
-
-    async def lastsave(self) -> int:
-        reply = await self.call("LASTSAVE")
-        if not isinstance(reply, int):
-            raise RedisReplyError(f"{self.where}: LASTSAVE answered {reply!r}")
-        return reply
 
 
 @contextlib.asynccontextmanager
