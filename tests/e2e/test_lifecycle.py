@@ -352,12 +352,15 @@ async def test_runner_killed_after_the_side_effect_resumes_with_post_check_only(
 async def test_runner_killed_while_a_failed_node_holds_its_slot_in_backoff(
     stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
 ) -> None:
-    """Limit 1: n1 fails and keeps its slot through a 5 s backoff; its runner is killed -9 then
-    and restarted at once. The slot dies with the old session (not the new runner's to wait for),
-    n1 takes it again and retries, and the others follow, one at a time."""
+    """Limit 1: n1 fails and keeps its slot through a 5 s backoff; its runner is killed -9 then.
+    The failed node is still down: its down markers keep the slot after the old session is gone,
+    so n2 and n3, served again at once by a new runner, do not start (past the session timeout and
+    the redelivery) until n1's own runner is back, retries and succeeds. Fails without the markers:
+    n2 takes the slot once the old session expires."""
     stack.router()
     victim = stack.runner("c1", ["n1", "n2", "n3"])
-    args = {"seconds": 0.3, "fail_nodes": ["n1"], "fail_attempts": 1}
+    # a second each: n1 is queued (first in the plan) before whichever node came first is done
+    args = {"seconds": 1.0, "fail_nodes": ["n1"], "fail_attempts": 1}
     await publish_raw(
         js[1],
         sleep_task(
@@ -372,8 +375,17 @@ async def test_runner_killed_while_a_failed_node_holds_its_slot_in_backoff(
     await wait_for(in_backoff)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    stack.runner("c1", ["n1", "n2", "n3"])
+    stack.runner("c1", ["n2", "n3"])
+    await asyncio.sleep(4.0 + 6.0 + 2.0)  # the old session's timeout, a redelivery, and some
+    failed_at = next(i["end"] for i in stack.intervals() if i["task_id"] == "held" and i["node"] == "n1")
+    assert not [i for i in stack.intervals() if i["task_id"] == "held" and i["start"] > failed_at]
+    stack.runner("c1", ["n1"])
     view = await wait_final(status, "held", within=60, stack=stack)
     assert view.state == "succeeded", view
     assert (view.nodes["n1"].attempts, view.nodes["n1"].failures) == (2, 1)
-    assert max_concurrency(stack.intervals()) == 1  # the failed n1 counted as acting, then each other
+    runs = [i for i in stack.intervals() if i["task_id"] == "held"]
+    n1_done = max(i["end"] for i in runs if i["node"] == "n1")
+    later = [i for i in runs if i["node"] != "n1" and i["start"] > failed_at]
+    assert later  # the others ran after n1 failed
+    assert all(i["start"] >= n1_done for i in later)  # n1 counted as down until it succeeded
+    assert max_concurrency(stack.intervals()) == 1

@@ -110,7 +110,15 @@ class Attempt:
         await self.node.hooks.emit_through(_patiently, hook, *args, **kwargs)
 
     async def run(self, action_cls: type[Action], args: Any, conf: Any = None) -> Outcome:
-        """admit → lease wait → pre_check → execute_action → post_check → settle."""
+        """admit → lease wait → pre_check → execute_action → post_check → settle. An item that
+        ends (succeeded, dead-lettered, retired) after a failed attempt, here or in a runner before
+        us, clears the down markers its failures left (`LeaseSet.mark_down`)."""
+        outcome = await self._run(action_cls, args, conf)
+        if isinstance(outcome, Succeeded | Dead | Retired) and self.state.record.failures:
+            await self._clear_down(action_cls)
+        return outcome
+
+    async def _run(self, action_cls: type[Action], args: Any, conf: Any) -> Outcome:
         s = self.state
         if ended := await self._admit():
             return ended
@@ -468,12 +476,44 @@ class Attempt:
         attributes = {"delay_s": delay, "failures": s.record.failures, "holding": hold}
         with _tracer.start_as_current_span("retry", attributes=attributes):
             if hold:
+                await self._mark_down(delay)
                 await self.emit(AttemptObserver.after_retried, s, delay)
                 stop = await self._hold(delay)
                 return await self._retire(stop) if stop else None
             await _settle(self.msg.nak(delay=delay))
         await self.emit(AttemptObserver.after_retried, s, delay)
         return Failed(s.step, reason)
+
+    async def _mark_down(self, delay: float) -> None:
+        """The failed node keeps its place even if this runner dies in the backoff: down markers
+        on every lease, lasting the backoff, a redelivery (ack_wait) and a session timeout, twice
+        over. Without them (ZooKeeper failing now) the node still holds through its session."""
+        assert self.state.leases is not None
+        settings = self.node.settings
+        until = time.time() + 2 * (delay + settings.ack_wait + settings.zk_session_timeout)
+        try:
+            await self.state.leases.mark_down(until)
+        except zk_exc.ZKError as e:
+            log.warning(
+                "down markers not made task_id=%s node=%s error=%r", self.state.task_id, self.node.node, e
+            )
+
+    async def _clear_down(self, action_cls: type[Action]) -> None:
+        """Delete the item's down markers on every lease it takes (left, they expire)."""
+        node, s = self.node, self.state
+        try:
+            leases = leases_for(
+                s.item,
+                action_cls,
+                1,  # the budget's size does not matter here, only its path
+                zk=node.zk,
+                cluster=node.cluster,
+                node=node.node,
+                override=node.overrides.get(s.item.task.action),
+            )
+            await asyncio.shield(leases.clear_down())
+        except Exception as e:
+            log.warning("down markers not cleared task_id=%s node=%s error=%r", s.task_id, s.node, e)
 
     async def _hold(self, delay: float) -> StopRecord | None:
         """Keep the leases through `delay`, then until the breaker is closed; a stop of the task

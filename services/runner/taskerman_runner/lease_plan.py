@@ -42,7 +42,8 @@ def leases_for(
     )
     global_limit = override.global_limit if override.global_limit is not None else action_cls.global_limit
     slot = FairSemaphore(zk, lease_path(task.task_id), task.resolved_limit)
-    leases: list[Lease] = [QueuedLease("task", slot, holder, position=position)]
+    mine = subjects.encode_token(node)  # a task's slot counts nodes: a failed node's retry joins its marker
+    leases: list[Lease] = [QueuedLease("task", slot, holder, mine, position=position)]
     topology = task.taskerman_params.topology
     if topology:
         zone = item.attributes.get(topology)
@@ -62,5 +63,5 @@ def leases_for(
         leases.append(QueuedLease(f"global:{task.action}", sem, shared, owner=owner))
     if budget:  # counted by node: a node that is down (health.py) holds its own slot already
         sem = FairSemaphore(zk, clusters.cluster_path(cluster, "budget"), budget)
-        leases.append(QueuedLease("budget", sem, shared, owner=subjects.encode_token(node)))
+        leases.append(QueuedLease("budget", sem, shared, owner=mine))
     return LeaseSet(leases)

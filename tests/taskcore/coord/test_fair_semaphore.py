@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 from typing import Any
 
 import pytest
@@ -231,7 +232,7 @@ async def test_a_lease_set_reports_the_lease_it_waits_for_once_before_queueing(z
         holders = [h.holder for h in await lease.holders()]
         reports.append((lease.name, holders, await full.waiting()))
 
-    leases = LeaseSet([QueuedLease("free", free, "me"), QueuedLease("full", full, "me")])
+    leases = LeaseSet([QueuedLease("free", free, "me", "me"), QueuedLease("full", full, "me", "me")])
     waiting = asyncio.create_task(leases.acquire(on_blocked=blocked))
     await _queued(full, 1)
     assert reports == [("full", [taken.holder], 0)]  # once, for the full one, before it queued
@@ -259,3 +260,72 @@ async def test_a_down_node_occupies_a_slot_whatever_the_limit(zk: ZkSession) -> 
     third = await sem.acquire("t2/n3", owner="n3", max_wait=5)
     assert down.token < third.token
     await sem.release(third)
+
+
+async def test_a_down_marker_holds_the_slot_after_its_session_is_gone(
+    zk: ZkSession, zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
+) -> None:
+    """A failed node's runner dies in the backoff: its marker keeps the slot, the node's retry
+    (another session, same owner) joins it at once although another waiter queued before it, and
+    the slot is free for the others only once the retry clears the markers."""
+    sem = FairSemaphore(zk, "/leases/down", 1)
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0, **zk_credentials) as dying:
+        failed = await FairSemaphore(dying, "/leases/down", 1).acquire("n1", owner="n1")
+        await FairSemaphore(dying, "/leases/down", 1).mark_down(failed, time.time() + 60)
+    other = asyncio.create_task(sem.acquire("n2", owner="n2", max_wait=30))
+    await _queued(sem, 1)
+    await asyncio.sleep(0.3)
+    assert not other.done()  # the marker counts: the limit of 1 is spent
+    retry = await sem.acquire("n1", owner="n1", max_wait=2)  # joins, ahead of n2's wait
+    assert retry.token > failed.token
+    assert not other.done()
+    await sem.release(retry)
+    await asyncio.sleep(0.3)
+    assert not other.done()  # released, but the node is still marked down
+    await sem.clear_down("n1", "n1")
+    slot = await asyncio.wait_for(other, 10)
+    await sem.release(slot)
+    assert not await zk.client.exists("/leases/down")  # nothing left behind
+
+
+async def test_a_down_marker_expires_and_a_waiter_is_woken_by_its_expiry(zk: ZkSession) -> None:
+    """A marker nobody clears (the node's runner never came back) counts until it expires; the
+    waiter it held back is woken then, not by the 60 s backstop, and the expired marker is gone."""
+    sem = FairSemaphore(zk, "/leases/expiry", 1)
+    failed = await sem.acquire("n1", owner="n1")
+    await sem.mark_down(failed, time.time() + 2)
+    await sem.release(failed)  # the ephemeral holder goes; the marker stays
+    assert set(await sem.holders()) == {"n1"}
+    started = time.monotonic()
+    slot = await sem.acquire("n2", owner="n2", max_wait=20)
+    assert 0.5 < time.monotonic() - started < 15
+    assert set(await sem.holders()) == {"n2"}
+    assert await zk.client.get_children("/leases/expiry/h") == [slot.path.rsplit("/", 1)[1]]
+    await sem.release(slot)
+
+
+async def test_a_lease_set_replaces_its_markers_and_clears_them(zk: ZkSession) -> None:
+    """Each failure's markers replace the last ones (never a moment without); `clear_down` removes
+    the item's markers on every lease, and only its own."""
+    task = FairSemaphore(zk, "/leases/set-task", 2)
+    budget = FairSemaphore(zk, "/leases/set-budget", 2)
+    others = await budget.acquire("t9/n2", owner="n2")
+    await budget.mark_down(others, time.time() + 60)  # another node's marker: not ours to clear
+    leases = LeaseSet([QueuedLease("task", task, "n1", "n1"), QueuedLease("budget", budget, "t1/n1", "n1")])
+    await leases.acquire()
+    await leases.mark_down(time.time() + 60)
+    first = list(leases.down)
+    await leases.mark_down(time.time() + 90)
+    names = set(await zk.client.get_children("/leases/set-task/h")) | set(
+        await zk.client.get_children("/leases/set-budget/h")
+    )
+    assert not {p.rsplit("/", 1)[1] for p in first} & names  # the first markers are gone
+    assert {p.rsplit("/", 1)[1] for p in leases.down} <= names
+    await leases.release()
+    assert set(await task.holders()) == {"n1"}
+    assert set(await budget.holders()) == {"n1", "n2"}
+    await leases.clear_down()
+    assert set(await budget.holders()) == {"n2"}
+    assert not await zk.client.exists("/leases/set-task")
+    await budget.release(others)
+    await budget.clear_down("t9/n2", "n2")

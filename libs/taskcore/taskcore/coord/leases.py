@@ -1,11 +1,12 @@
 """The leases a work item holds while its node acts, all of one recipe (coord/semaphore.py), and
 the set of them an item takes in the one global order.
 
-Kinds: a task's own m-of-n slot (every holder its own owner, served in plan order), its topology
+Kinds: a task's own m-of-n slot (owner = the node, served in plan order), its topology
 lease (owner = the node's zone, so the nodes of one zone share it; plan order), exclusion groups
 (owner = task, one task of the group per cluster), global leases (owner = cluster, at most N
-clusters at once) and the cluster's disruption budget (every holder its own owner). Cluster-wide
-leases serve in arrival order."""
+clusters at once) and the cluster's disruption budget (owner = the node). Cluster-wide leases
+serve in arrival order. A failed node keeps every lease it held with down markers until its retry
+ends (`LeaseSet.mark_down`)."""
 
 from __future__ import annotations
 
@@ -69,17 +70,20 @@ class Lease(Protocol):
     async def verify(self, slot: Slot) -> None: ...
     async def release(self, slot: Slot) -> None: ...
     async def holders(self) -> list[HolderNode]: ...
+    async def mark_down(self, slot: Slot, until: float) -> str: ...
+    async def clear_down(self, keep: Sequence[str] = ()) -> None: ...
 
 
 @dataclass
 class QueuedLease:
-    """One lease of the fair semaphore: `owner` None makes the holder its own owner (m-of-n);
-    `position` is the holder's place in the queue (0: arrival order)."""
+    """One lease of the fair semaphore, held by `holder` as `owner` (an encoded token: every
+    holder of one owner counts once); `position` is the holder's place in the queue (0: arrival
+    order)."""
 
     name: str
     sem: FairSemaphore
     holder: str
-    owner: str | None = None
+    owner: str
     position: int = 0
 
     @property
@@ -103,6 +107,12 @@ class QueuedLease:
     async def holders(self) -> list[HolderNode]:
         return await read_holders(self.sem.zk, self.sem.path)
 
+    async def mark_down(self, slot: Slot, until: float) -> str:
+        return await self.sem.mark_down(slot, until)
+
+    async def clear_down(self, keep: Sequence[str] = ()) -> None:
+        await self.sem.clear_down(self.holder, self.owner, keep)
+
 
 @dataclass
 class LeaseSet:
@@ -113,6 +123,7 @@ class LeaseSet:
     held: list[tuple[Lease, Slot]] = field(default_factory=list)
     waited: dict[str, float] = field(default_factory=dict)
     taken_at: float | None = None  # monotonic, when the last lease was granted; None once verified
+    down: list[str] = field(default_factory=list)  # the down markers made last (`mark_down`)
 
     async def acquire(
         self,
@@ -169,6 +180,21 @@ class LeaseSet:
                 raise LeaseLost(
                     f"lease {lease.name} was taken by session {slot.session_id}, now {zk.session_id}"
                 )
+
+    async def mark_down(self, until: float) -> None:
+        """The node is down (its action failed) until its retry, expected before `until` (epoch
+        seconds): every held lease gets a down marker, which holds the node's place even if our
+        session goes (a runner dead in the backoff); the markers made before are deleted after
+        the new ones exist, so the place is never left open. `release` leaves them: they go when
+        the item ends (`clear_down`) or expire."""
+        made = await asyncio.gather(*(lease.mark_down(slot, until) for lease, slot in self.held))
+        self.down = list(made)
+        await self.clear_down(keep=self.down)
+
+    async def clear_down(self, keep: Sequence[str] = ()) -> None:
+        """Delete this item's down markers on every lease (a runner before us may have made them),
+        but those in `keep`."""
+        await asyncio.gather(*(lease.clear_down(keep) for lease in self.leases))
 
     async def release(self) -> None:
         while self.held:

@@ -21,6 +21,15 @@ the head of the queue looks at the holders. Layout under `path`:
   node that is down at once and admits nobody until enough leave), and the holder node's czxid is a
   fencing token that strictly increases across successive holders.
 
+A node whose action failed is presumed down until its next attempt, and keeps its place with
+`down` markers: `h/<owner>~<uid>@<until>`, persistent holders of the same owner beside its
+ephemeral ones (`mark_down`), counted as holders until `until` (epoch seconds) even after the
+session that made them is gone, so a runner that dies in a failed node's backoff leaves the slot
+held for the node. A waiter whose owner holds (a marker, or a holder of another of its items) joins
+at once, from anywhere in the queue: it adds no owner, so it takes nobody's turn, and the failed
+node's retry never waits behind the waiters its marker holds back. The retry's end clears them
+(`clear_down`); an expired one counts for nothing and is deleted by whoever sees it.
+
 Both kinds of node carry a unique id in their name, so a create retried by aiozk after a
 connection loss is found again instead of leaving a ghost. A session that dies takes its nodes with
 it (ephemeral). The last one out deletes the emptied folders."""
@@ -32,7 +41,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -47,6 +56,8 @@ log = logging.getLogger(__name__)
 BACKSTOP_SECONDS = 60.0  # a watch is the wake-up; this only guards against a lost notification
 RETRY_PAUSE = 0.2
 OWNER_SEP = "~"  # never in an encoded token (subjects.encode_token) nor in a hex uid
+DOWN_SEP = "@"  # before a down marker's expiry; never in an encoded token nor in a hex uid
+EXPIRY_SLACK = 0.05  # a waiter held back by a marker looks again this long after it expires
 
 
 def queue_key(name: str) -> tuple[int, int]:
@@ -58,6 +69,28 @@ def queue_key(name: str) -> tuple[int, int]:
 def holder_owner(name: str) -> str:
     """The owner part of a holder node `<owner>~<uid>`."""
     return name.split(OWNER_SEP, 1)[0]
+
+
+def down_until(name: str) -> float | None:
+    """The expiry (epoch seconds) of a down marker `<owner>~<uid>@<until>`; None for a holder."""
+    _, sep, until = name.rpartition(DOWN_SEP)
+    return float(until) if sep else None
+
+
+def expired(name: str, now: float) -> bool:
+    """A down marker past its expiry: it counts for nothing."""
+    until = down_until(name)
+    return until is not None and until <= now
+
+
+def live_owners(names: Iterable[str], now: float) -> set[str]:
+    """The owners holding, among holder names: down markers count until they expire."""
+    return {holder_owner(n) for n in names if not expired(n, now)}
+
+
+def next_expiry(names: Iterable[str], now: float) -> float | None:
+    """When the first down marker still counting expires (None: no such marker)."""
+    return min((u for n in names if (u := down_until(n)) is not None and u > now), default=None)
 
 
 def may_hold(owners: set[str], owner: str, limit: int) -> bool:
@@ -129,10 +162,11 @@ class FairSemaphore:
                 await asyncio.shield(self._dequeue(queued))
 
     async def _uncontended(self, owner: str, uid: str, holder: str) -> Slot | None:
-        """Nobody waits and the owners allow: take the lease without queueing (one write, not
-        three). Safe for the same reason as at the head of the queue (the gate); fair, because
-        there is nobody to be fair to. The queue's stat (not its listing: a thousand waiters cost
-        nothing to count) and the holders are read at once: the take waits two round trips, not three."""
+        """Nobody waits and the owners allow, or our owner holds already: take the lease without
+        queueing (one write, not three). Safe for the same reason as at the head of the queue (the
+        gate); fair, because there is nobody to be fair to, or because joining our owner adds no
+        owner. The queue's stat (not its listing: a thousand waiters cost nothing to count) and
+        the holders are read at once: the take waits two round trips, not three."""
         client = self.zk.client
         queue_stat = protocol.ExistsRequest(path=client.normalize_path(self.queue), watch=False)
         holders = protocol.GetChildren2Request(path=client.normalize_path(self.holders_path), watch=False)
@@ -147,17 +181,24 @@ class FairSemaphore:
                 listing = await client.send(holders)
             elif isinstance(queue, BaseException):
                 raise queue
-            elif queue.stat.num_children:
-                return None
             if isinstance(listing, BaseException):
                 raise listing
         except exc.ZKError:  # a request cut off: the queue path handles it
             return None
-        if not may_hold({holder_owner(n) for n in listing.children}, owner, self.limit):
+        waiters = 0 if isinstance(queue, exc.NoNode) else queue.stat.num_children
+        owners = await self._owners(listing.children)
+        if owner not in owners and (waiters or len(owners) >= self.limit):
             return None
         with contextlib.suppress(exc.ZKError):
             return await self._take(listing.stat.version, owner, uid, holder)
         return None
+
+    async def _owners(self, names: list[str]) -> set[str]:
+        """The owners holding; expired down markers seen on the way are deleted."""
+        now = time.time()
+        if stale := [n for n in names if expired(n, now)]:
+            await self.drop_expired(stale)
+        return live_owners(names, now)
 
     def _check_deadline(self, deadline: float | None, max_wait: float | None) -> float:
         """Seconds to wait at most before looking again (the backstop, or less before the deadline)."""
@@ -230,8 +271,11 @@ class FairSemaphore:
                 raise waiting
             if queued not in waiting:  # our session was lost and its node with it
                 raise _Requeue
-            mine = queue_key(queued)
-            ahead = [n for n in waiting if queue_key(n) < mine]
+            if isinstance(listing, BaseException) or owner not in await self._owners(listing.children):
+                mine = queue_key(queued)
+                ahead = [n for n in waiting if queue_key(n) < mine]
+            else:
+                ahead = []  # our owner holds: join it now, from wherever we stand
             if ahead:
                 held.close()
                 before = max(ahead, key=queue_key)
@@ -245,11 +289,14 @@ class FairSemaphore:
                     return None
                 if isinstance(listing, BaseException):
                     raise listing
-                owners = {holder_owner(n) for n in listing.children}
+                owners = await self._owners(listing.children)
                 if may_hold(owners, owner, self.limit):
                     return await self._take(listing.stat.version, owner, uid, holder, queued)
-                if not await held.wait(self._check_deadline(deadline, max_wait)):
-                    return None  # the backstop: the whole look again
+                wait = self._check_deadline(deadline, max_wait)
+                if (until := next_expiry(listing.children, time.time())) is not None:
+                    wait = min(wait, max(until - time.time(), 0.0) + EXPIRY_SLACK)  # a marker expires
+                if not await held.wait(wait):
+                    return None  # the backstop (or a marker's expiry): the whole look again
                 held.close()
                 held = watches.Watch(client, [watches.CHILDREN], self.holders_path)
                 try:
@@ -346,6 +393,48 @@ class FairSemaphore:
             raise LeaseLost(f"could not occupy {self.path} as {owner}")
         return slot
 
+    # --- down markers (the module docstring) --------------------------------------------------
+
+    async def mark_down(self, slot: Slot, until: float) -> str:
+        """Hold on as `slot`'s owner until `until` (epoch seconds) even if its session goes: a
+        persistent marker of the same owner (so the owners do not change, and no gate is bumped).
+        Returns the marker's path."""
+        owner = holder_owner(slot.path.rsplit("/", 1)[1])
+        path = f"{self.holders_path}/{owner}{OWNER_SEP}{uuid.uuid4().hex}{DOWN_SEP}{until:.0f}"
+        await self.zk.client.create(path, data=slot.holder.encode())
+        return path
+
+    async def clear_down(self, holder_name: str, owner: str, keep: Iterable[str] = ()) -> None:
+        """Delete the down markers `holder_name` left as `owner` (a process before us may have),
+        but those in `keep`."""
+        client = self.zk.client
+        keep = set(keep)
+        try:
+            names = await client.get_children(self.holders_path)
+        except exc.NoNode:
+            return
+        mine = [
+            path
+            for n in names
+            if down_until(n) is not None
+            and holder_owner(n) == owner
+            and (path := f"{self.holders_path}/{n}") not in keep
+        ]
+        for path in mine:
+            with contextlib.suppress(exc.NoNode):
+                if (await client.get_data(path)).decode(errors="replace").rsplit("#", 1)[0] == holder_name:
+                    await client.delete(path)
+        if mine and not keep:
+            await self.clean_up()
+
+    async def drop_expired(self, names: Iterable[str]) -> None:
+        """Delete the expired down markers among the holder `names` (a racing deleter is fine)."""
+        now = time.time()
+        for name in names:
+            if expired(name, now):
+                with contextlib.suppress(exc.NoNode):
+                    await self.zk.client.delete(f"{self.holders_path}/{name}")
+
     # --- hold ---------------------------------------------------------------------------------
 
     async def verify(self, slot: Slot) -> None:
@@ -432,7 +521,10 @@ class FairSemaphore:
         client = self.zk.client
         out: dict[str, list[str]] = {}
         with contextlib.suppress(exc.NoNode):
+            now = time.time()
             for name in sorted(await client.get_children(self.holders_path)):
+                if expired(name, now):
+                    continue
                 with contextlib.suppress(exc.NoNode):
                     data = await client.get_data(f"{self.holders_path}/{name}")
                     out.setdefault(holder_owner(name), []).append(data.decode())
@@ -452,13 +544,14 @@ class FairSemaphore:
 
 class HolderNode(msgspec.Struct, frozen=True, kw_only=True):
     """A holder as `read_holders` finds it: its owner (an encoded token), holder id, znode name,
-    fencing token and creation time (epoch seconds)."""
+    fencing token and creation time (epoch seconds); a down marker's expiry (epoch seconds)."""
 
     owner: str
     holder: str
     znode: str
     token: int
     since: float
+    down_until: float | None = None
 
 
 async def read_holders(zk: ZkSession, path: str) -> list[HolderNode]:
@@ -470,7 +563,10 @@ async def read_holders(zk: ZkSession, path: str) -> list[HolderNode]:
         names = sorted(await client.get_children(folder))
     except exc.NoNode:
         return out
+    now = time.time()
     for name in names:
+        if expired(name, now):
+            continue
         with contextlib.suppress(exc.NoNode):
             data, stat = await client.get(f"{folder}/{name}")
             out.append(
@@ -480,6 +576,7 @@ async def read_holders(zk: ZkSession, path: str) -> list[HolderNode]:
                     znode=name,
                     token=stat.created_zxid,
                     since=stat.created / 1000,  # ctime is in milliseconds
+                    down_until=down_until(name),
                 )
             )
     return out

@@ -2,17 +2,19 @@
 go with their session, but its folders are plain znodes (`coord/semaphore.py`): when the last
 holder dies without releasing, nobody is left to delete them, and one folder per task would pile
 up for ever. `sweep` finds every semaphore folder the recipes create and deletes those nobody waits
-in or holds, with the semaphore's own all-or-nothing `clean_up` (a newcomer racing it recreates
-them, as after any clean-up). Reads first: a folder in use costs two reads, never a write."""
+in or holds (an expired down marker holds nothing and is deleted first), with the semaphore's own
+all-or-nothing `clean_up` (a newcomer racing it recreates them, as after any clean-up). Reads
+first: a folder in use costs two reads, never a write."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 from taskcore.coord.fleet import CLUSTERS_ROOT, children
 from taskcore.coord.leases import TASK_LEASES_ROOT
 from taskcore.coord.runners import NODE_LOCKS_ROOT
-from taskcore.coord.semaphore import FairSemaphore
+from taskcore.coord.semaphore import FairSemaphore, expired
 from taskcore.coord.session import ZkSession
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,11 @@ async def sweep(zk: ZkSession) -> int:
     deleted = 0
     for path in await semaphore_folders(zk):
         sem = FairSemaphore(zk, path, 1)
-        if await children(zk, sem.queue) or await children(zk, sem.holders_path):
+        holders = await children(zk, sem.holders_path)
+        now = time.time()
+        if stale := [n for n in holders if expired(n, now)]:  # down markers nobody cleared
+            await sem.drop_expired(stale)
+        if await children(zk, sem.queue) or len(holders) > len(stale):
             continue
         await sem.clean_up()
         if not await zk.client.exists(path):
