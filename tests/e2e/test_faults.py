@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -84,25 +85,28 @@ def complete(interval: dict[str, Any], seconds: float) -> bool:
     return bool(interval["end"] - interval["start"] >= seconds - 0.01)
 
 
+async def two_runners_one_slot(
+    stack: Stack, js: JetStreamContext, task_id: str, seconds: float, workqueue_args: dict[str, Any]
+) -> dict[str, subprocess.Popen[bytes]]:
+    """A router, a runner each for n1 and n2, and a task of `seconds` on both under limit 1; the
+    runner processes by node."""
+    stack.router({CLUSTER: ["n1", "n2"]})
+    procs = {"n1": stack.runner(CLUSTER, ["n1"]), "n2": stack.runner(CLUSTER, ["n2"])}
+    params = {"action_args": {"seconds": seconds}, "workqueue_args": workqueue_args}
+    await publish_raw(
+        js,
+        task_json(
+            action="test:sleep", cluster_name=CLUSTER, limit=1, task_id=task_id, taskerman_params=params
+        ),
+    )
+    return procs
+
+
 async def test_paused_holder_loses_its_slot_and_acts_no_more(
     stack: Stack, settings: Settings, js: tuple[NATS, JetStreamContext], status: StatusStore
 ) -> None:
     task_id = "pause-1"
-    stack.router({CLUSTER: ["n1", "n2"]})
-    procs = {"n1": stack.runner(CLUSTER, ["n1"]), "n2": stack.runner(CLUSTER, ["n2"])}
-    await publish_raw(
-        js[1],
-        task_json(
-            action="test:sleep",
-            cluster_name=CLUSTER,
-            limit=1,
-            task_id=task_id,
-            taskerman_params={
-                "action_args": {"seconds": PAUSE_SLEEP},
-                "workqueue_args": {"retry_count": 2, "backoff": 0.5},
-            },
-        ),
-    )
+    procs = await two_runners_one_slot(stack, js[1], task_id, PAUSE_SLEEP, {"retry_count": 2, "backoff": 0.5})
     [first] = await eventually(running(status, task_id, ["n1", "n2"]), 30, "a node running", stack)
     other = "n2" if first == "n1" else "n1"
     await asyncio.sleep(1.0)  # well inside execute_action
@@ -149,6 +153,44 @@ async def test_paused_holder_loses_its_slot_and_acts_no_more(
         "released back" in line and f"node={first}" in line and "untrusted" in line
         for line in runner_log.splitlines()
     ), logs
+
+
+async def test_a_holder_whose_session_went_while_it_acted_keeps_its_place_until_it_ran_again(
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    """Limit 1. The acting node's runner is frozen past its session timeout while nobody waits
+    (the other node's runner was killed): the node may be half-done, so when its runner wakes and
+    hands the item back, it takes its place back with down markers. Its runner is frozen again
+    before its retry, and the other node, served by a new runner, does not start until the frozen
+    node has run again. Fails without the markers: the other node takes the free slot at once."""
+    task_id = "acted-lost"
+    procs = await two_runners_one_slot(stack, js[1], task_id, 3.0, {"retry_count": 0})
+    [first] = await eventually(running(status, task_id, ["n1", "n2"]), 30, "a node running", stack)
+    other = "n2" if first == "n1" else "n1"
+    procs[other].send_signal(signal.SIGKILL)  # its item comes back after ack_wait, to a new runner
+    procs[other].wait()
+    frozen = procs[first]
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(PAUSE_FOR)  # twice the session timeout: the slot's ephemeral node is gone
+        frozen.send_signal(signal.SIGCONT)
+
+        async def handed_back() -> bool | None:
+            rec = await status.get_node(task_id, first)
+            return True if rec is not None and rec.state == "retrying" else None
+
+        await eventually(handed_back, 30, f"{first} handed back", stack)
+        frozen.send_signal(signal.SIGSTOP)  # down again before its retry
+        stack.runner(CLUSTER, [other])
+        await asyncio.sleep(PAUSE_FOR)  # the new runner is up and its item redelivered
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    view = await wait_final(status, task_id, within=60, stack=stack)
+    assert view.state == "succeeded", stack.logs()
+    assert (view.nodes[first].attempts, view.nodes[first].failures) == (2, 0)
+    runs = sorted((i for i in stack.intervals() if i["task_id"] == task_id), key=lambda i: i["start"])
+    assert [(i["node"], i["attempt"]) for i in runs] == [(first, 1), (first, 2), (other, 1)], runs
+    assert runs[2]["start"] >= runs[1]["end"]  # the node counted as acting until it ran again
 
 
 async def test_zookeeper_killed_and_restarted_mid_rollout(

@@ -10,6 +10,8 @@ stays claimed with in-progress acks, which JetStream does not count as deliverie
 wait for days and still run. A success once recorded is final: a redelivery only acks it; so is
 a side effect: execute_action's success is recorded before post_check starts, and an attempt that
 did not settle (its runner died, its lease or its bus went away) resumes with post_check alone.
+A node that failed, or whose attempt was handed back after its action began, keeps its place with
+down markers until its next attempt (`_mark_down`).
 
 The node's tracking record is read once, at admission, and changed here only; every transition is
 emitted as a hook (see hooks.py), and the observers keep the record, the audit trail, the metrics
@@ -111,10 +113,11 @@ class Attempt:
 
     async def run(self, action_cls: type[Action], args: Any, conf: Any = None) -> Outcome:
         """admit → lease wait → pre_check → execute_action → post_check → settle. An item that
-        ends (succeeded, dead-lettered, retired) after a failed attempt, here or in a runner before
-        us, clears the down markers its failures left (`LeaseSet.mark_down`)."""
+        ends (succeeded, dead-lettered, retired) after an earlier attempt, here or in a runner
+        before us, clears the down markers it may have left (`LeaseSet.mark_down`)."""
         outcome = await self._run(action_cls, args, conf)
-        if isinstance(outcome, Succeeded | Dead | Retired) and self.state.record.failures:
+        record = self.state.record
+        if isinstance(outcome, Succeeded | Dead | Retired) and (record.failures or record.attempts > 1):
             await self._clear_down(action_cls)
         return outcome
 
@@ -148,6 +151,8 @@ class Attempt:
                     if ended := await self._fail(f"{type(e).__name__}: {e}", hold=hold):
                         return ended
         except RELEASED_BACK as e:
+            if s.acted:  # the node may be down: it keeps its place until its redelivery
+                await self._mark_down(RELEASE_DELAY)
             return await self._release(e)
         except asyncio.CancelledError:
             await _settle(self.msg.nak())
@@ -392,6 +397,7 @@ class Attempt:
         for step_fn in steps[2:] if s.record.executed else steps:
             s.step = step_fn.__name__
             await s.leases.verify(self.node.zk)
+            s.acted = s.acted or step_fn != action.pre_check
             with _tracer.start_as_current_span(s.step):
                 await self.node.guard.run(step_fn(ctx), ctx, s.step, time_limit)
             if step_fn == action.execute_action:
@@ -485,18 +491,36 @@ class Attempt:
         return Failed(s.step, reason)
 
     async def _mark_down(self, delay: float) -> None:
-        """The failed node keeps its place even if this runner dies in the backoff: down markers
-        on every lease, lasting the backoff, a redelivery (ack_wait) and a session timeout, twice
-        over. Without them (ZooKeeper failing now) the node still holds through its session."""
+        """The node keeps its place even if this runner dies before its next attempt: down markers
+        on every lease, lasting `delay`, a redelivery (ack_wait) and a session timeout, twice over.
+        Made after a failure (the backoff) and when an attempt that acted is handed back (its
+        session went while the action ran: the slots may already be gone, so the markers are made
+        through the new session, ZooKeeper retried for up to a session timeout). Without them
+        (ZooKeeper failing throughout) the node holds only as long as its session does."""
         assert self.state.leases is not None
         settings = self.node.settings
         until = time.time() + 2 * (delay + settings.ack_wait + settings.zk_session_timeout)
-        try:
-            await self.state.leases.mark_down(until)
-        except zk_exc.ZKError as e:
-            log.warning(
-                "down markers not made task_id=%s node=%s error=%r", self.state.task_id, self.node.node, e
-            )
+        give_up = time.monotonic() + settings.zk_session_timeout
+        while True:
+            try:
+                if lost := await self.state.leases.mark_down(until):
+                    log.warning(
+                        "place taken while the session was gone task_id=%s node=%s leases=%s",
+                        self.state.task_id,
+                        self.node.node,
+                        ",".join(lost),
+                    )
+                return
+            except zk_exc.ZKError as e:
+                if time.monotonic() > give_up:
+                    log.warning(
+                        "down markers not made task_id=%s node=%s error=%r",
+                        self.state.task_id,
+                        self.node.node,
+                        e,
+                    )
+                    return
+                await asyncio.sleep(PROGRESS_RETRY)
 
     async def _clear_down(self, action_cls: type[Action]) -> None:
         """Delete the item's down markers on every lease it takes (left, they expire)."""

@@ -288,6 +288,28 @@ async def test_a_down_marker_holds_the_slot_after_its_session_is_gone(
     assert not await zk.client.exists("/leases/down")  # nothing left behind
 
 
+async def test_a_node_whose_session_went_while_it_acted_takes_its_place_back_unless_taken(
+    zk: ZkSession, zk_credentials: dict[str, Any], zk_server: ZooKeeperServer, prefix: str
+) -> None:
+    """The session that held the slot is gone (the runner froze past its timeout while acting):
+    marking the node down through a new session takes the place back while it is free (a waiter
+    then waits for the node's retry), and makes nothing once somebody else holds it."""
+    sem = FairSemaphore(zk, "/leases/reclaim", 1)
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0, **zk_credentials) as dying:
+        acted = await FairSemaphore(dying, "/leases/reclaim", 1).acquire("n1", owner="n1")
+    assert await sem.mark_down(acted, time.time() + 60) is not None  # free: the place is back
+    with pytest.raises(TimeoutError):
+        await sem.acquire("n2", owner="n2", max_wait=0.5)
+    await sem.clear_down("n1", "n1")
+    async with ZkSession(zk_server.hosts, f"/{prefix}", 6.0, **zk_credentials) as dying:
+        acted = await FairSemaphore(dying, "/leases/reclaim", 1).acquire("n1", owner="n1")
+    other = await sem.acquire("n2", owner="n2", max_wait=10)  # took the place meanwhile
+    assert await sem.mark_down(acted, time.time() + 60) is None
+    assert set(await sem.holders()) == {"n2"}  # no second owner beside the limit of 1
+    await sem.release(other)
+    assert not await zk.client.exists("/leases/reclaim")
+
+
 async def test_a_down_marker_expires_and_a_waiter_is_woken_by_its_expiry(zk: ZkSession) -> None:
     """A marker nobody clears (the node's runner never came back) counts until it expires; the
     waiter it held back is woken then, not by the 60 s backstop, and the expired marker is gone."""

@@ -70,7 +70,7 @@ class Lease(Protocol):
     async def verify(self, slot: Slot) -> None: ...
     async def release(self, slot: Slot) -> None: ...
     async def holders(self) -> list[HolderNode]: ...
-    async def mark_down(self, slot: Slot, until: float) -> str: ...
+    async def mark_down(self, slot: Slot, until: float) -> str | None: ...
     async def clear_down(self, keep: Sequence[str] = ()) -> None: ...
 
 
@@ -107,7 +107,7 @@ class QueuedLease:
     async def holders(self) -> list[HolderNode]:
         return await read_holders(self.sem.zk, self.sem.path)
 
-    async def mark_down(self, slot: Slot, until: float) -> str:
+    async def mark_down(self, slot: Slot, until: float) -> str | None:
         return await self.sem.mark_down(slot, until)
 
     async def clear_down(self, keep: Sequence[str] = ()) -> None:
@@ -181,15 +181,17 @@ class LeaseSet:
                     f"lease {lease.name} was taken by session {slot.session_id}, now {zk.session_id}"
                 )
 
-    async def mark_down(self, until: float) -> None:
-        """The node is down (its action failed) until its retry, expected before `until` (epoch
-        seconds): every held lease gets a down marker, which holds the node's place even if our
-        session goes (a runner dead in the backoff); the markers made before are deleted after
-        the new ones exist, so the place is never left open. `release` leaves them: they go when
-        the item ends (`clear_down`) or expire."""
+    async def mark_down(self, until: float) -> list[str]:
+        """The node is down (its action failed, or its session went while it acted) until its
+        retry, expected before `until` (epoch seconds): every held lease gets a down marker, which
+        holds the node's place even if our session goes (a runner dead in the backoff); the
+        markers made before are deleted after the new ones exist, so the place is never left open.
+        `release` leaves them: they go when the item ends (`clear_down`) or expire. Returns the
+        names of the leases whose place somebody else took meanwhile (no marker there)."""
         made = await asyncio.gather(*(lease.mark_down(slot, until) for lease, slot in self.held))
-        self.down = list(made)
+        self.down = [m for m in made if m is not None]
         await self.clear_down(keep=self.down)
+        return [lease.name for (lease, _), m in zip(self.held, made, strict=True) if m is None]
 
     async def clear_down(self, keep: Sequence[str] = ()) -> None:
         """Delete this item's down markers on every lease (a runner before us may have made them),

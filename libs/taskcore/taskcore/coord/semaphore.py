@@ -23,11 +23,13 @@ the head of the queue looks at the holders. Layout under `path`:
 
 A node whose action failed is presumed down until its next attempt, and keeps its place with
 `down` markers: `h/<owner>~<uid>@<until>`, persistent holders of the same owner beside its
-ephemeral ones (`mark_down`), counted as holders until `until` (epoch seconds) even after the
-session that made them is gone, so a runner that dies in a failed node's backoff leaves the slot
-held for the node. A waiter whose owner holds (a marker, or a holder of another of its items) joins
-at once, from anywhere in the queue: it adds no owner, so it takes nobody's turn, and the failed
-node's retry never waits behind the waiters its marker holds back. The retry's end clears them
+ephemeral ones (`mark_down`, through the gate as a take), counted as holders until `until` (epoch
+seconds) even after the session that made them is gone, so a runner that dies in a failed node's
+backoff leaves the slot held for the node; a node whose session went while it acted takes its
+place back with them, unless somebody took it meanwhile. A waiter whose owner holds (a marker,
+or a holder of another of its items) joins at once, from anywhere in the queue: it adds no owner,
+so it takes nobody's turn, and the failed node's retry never waits behind the waiters its marker
+holds back. The retry's end clears them
 (`clear_down`); an expired one counts for nothing and is deleted by whoever sees it.
 
 Both kinds of node carry a unique id in their name, so a create retried by aiozk after a
@@ -395,14 +397,33 @@ class FairSemaphore:
 
     # --- down markers (the module docstring) --------------------------------------------------
 
-    async def mark_down(self, slot: Slot, until: float) -> str:
+    async def mark_down(self, slot: Slot, until: float) -> str | None:
         """Hold on as `slot`'s owner until `until` (epoch seconds) even if its session goes: a
-        persistent marker of the same owner (so the owners do not change, and no gate is bumped).
-        Returns the marker's path."""
+        persistent marker of the same owner. Made while the owners allow it (our owner holds: the
+        slot, or a marker before; or there is room), in one transaction with a write of the gate
+        at the version of the listing that decided it, as a take is: so a node whose session went
+        while it acted takes its place back only if nobody took it meanwhile. Returns the marker's
+        path; None when the place was taken."""
         owner = holder_owner(slot.path.rsplit("/", 1)[1])
-        path = f"{self.holders_path}/{owner}{OWNER_SEP}{uuid.uuid4().hex}{DOWN_SEP}{until:.0f}"
-        await self.zk.client.create(path, data=slot.holder.encode())
-        return path
+        uid = uuid.uuid4().hex
+        path = f"{self.holders_path}/{owner}{OWNER_SEP}{uid}{DOWN_SEP}{until:.0f}"
+        client = self.zk.client
+        request = protocol.GetChildren2Request(path=client.normalize_path(self.holders_path), watch=False)
+        while True:
+            try:
+                listing = await client.send(request)
+            except exc.NoNode:  # the last one out deleted the folders: nobody holds
+                await self._create_folders()
+                continue
+            if any(uid in n for n in listing.children):  # a create cut off with its answer landed
+                return path
+            if not may_hold(await self._owners(listing.children), owner, self.limit):
+                return None
+            txn = client.begin_transaction()
+            txn.set_data(self.holders_path, b"", version=listing.stat.version)
+            txn.create(path, data=slot.holder.encode())
+            if await _failures(txn) is None:
+                return path  # else the gate moved or the answer was cut off: the listing decides
 
     async def clear_down(self, holder_name: str, owner: str, keep: Iterable[str] = ()) -> None:
         """Delete the down markers `holder_name` left as `owner` (a process before us may have),
