@@ -5,26 +5,23 @@ nothing lost, and nobody acting once its session could have expired.
 
 What happens in the pause test, step by step (from the runner and ZooKeeper logs; session timeout 4 s,
 trust window 3 s = timeout minus a 25% margin):
- 1. Runner A takes the slot of the task's semaphore (fencing token = its holder node's czxid, T1)
-    and starts its 8 s sleep; runner B fetches its item, finds the slot taken and waits at the head
-    of the queue on a children watch, keeping its item claimed with in-progress acks.
- 2. A is SIGSTOPped. ZooKeeper hears nothing from it; 4 s after A's last ping (~3.9 s after the stop)
-    it expires the session ("Expiring session 0x…, timeout of 4000ms exceeded") and deletes A's
-    ephemeral holder node. A's own trust window had closed a second earlier, at last round trip + 3 s.
- 3. B's watch fires, B creates its own holder node (token T2 > T1) and starts its own 8 s sleep
-    (~40 ms after the expiry).
- 4. A is SIGCONTed ~8 s after the stop, while B is mid-sleep. A's event loop first runs its overdue
-    timers: the sleep's checkpoint (or the runner's guard) finds the last ZooKeeper round trip ~8 s old,
-    far past the 3 s trust window, and raises LeaseLost before any further step. The witness interval
-    of A's first attempt ends at its last checkpoint before the stop. The runner logs
-    "released back task_id=… node=n1 step=execute_action error=zookeeper session untrusted
-    (state=connected, 8.4s since last round trip)", naks the item with a 2 s delay and marks the node
-    `retrying`. aiozk still says "connected": the server closed the connection during the pause, and
-    only the next write fails ("Exception during write", "Aborting connection"); ZooKeeper answers the
-    reconnect with "Invalid session 0x…, probably expired", and aiozk opens a new session. A's release
-    then finds its own holder node gone and deletes nothing of B's.
- 5. The item comes back to A, which waits for the slot until B finishes and releases it, takes the slot
-    (token T3 > T2) and runs its sleep again from scratch: attempt 2, no failure counted.
+ 1. Runner A takes the slot of the task's semaphore (fencing token = its holder node's czxid, T1),
+    marks its node down (a persistent marker of owner A's node, lasting 2 x (ack_wait + session
+    timeout)) and starts its 8 s sleep; runner B fetches its item, finds the slot taken and waits at
+    the head of the queue on a children watch, keeping its item claimed with in-progress acks.
+ 2. A is SIGSTOPped. ZooKeeper hears nothing from it; 4 s after A's last ping it expires the session
+    and deletes A's ephemeral holder node. A's own trust window had closed a second earlier.
+ 3. B's watch fires and B reads the holders: A's node still holds through its marker (it may be
+    half-done), so B waits on.
+ 4. A is SIGCONTed ~8 s after the stop. The sleep's checkpoint (or the runner's guard) finds the last
+    ZooKeeper round trip ~8 s old, far past the trust window, and raises LeaseLost before any further
+    step. The witness interval of A's first attempt ends at its last checkpoint before the stop. A
+    renews its markers through the new session aiozk opened, logs "released back task_id=… node=n1
+    step=execute_action error=zookeeper session untrusted (…)", naks the item with a 2 s delay and
+    marks the node `retrying`.
+ 5. The item comes back to A, whose node holds (its markers): it joins at once, takes the slot (token
+    T2 > T1) and runs its sleep again from scratch: attempt 2, no failure counted. Its success
+    releases the slot and the markers in one transaction; then B takes the slot (T3 > T2) and runs.
 """
 
 from __future__ import annotations
@@ -102,7 +99,7 @@ async def two_runners_one_slot(
     return procs
 
 
-async def test_paused_holder_loses_its_slot_and_acts_no_more(
+async def test_paused_holder_acts_no_more_and_keeps_its_place(
     stack: Stack, settings: Settings, js: tuple[NATS, JetStreamContext], status: StatusStore
 ) -> None:
     task_id = "pause-1"
@@ -114,13 +111,11 @@ async def test_paused_holder_loses_its_slot_and_acts_no_more(
     stopped_at = time.time()
     paused.send_signal(signal.SIGSTOP)
     try:
-        # The paused holder's session expires, its ephemeral slot goes, the other node takes over.
-        await eventually(running(status, task_id, [other]), 20, f"{other} taking over", stack)
-        await asyncio.sleep(max(0.5, stopped_at + PAUSE_FOR - time.time()))
+        await asyncio.sleep(PAUSE_FOR)  # the paused holder's session expires meanwhile
     finally:
         paused.send_signal(signal.SIGCONT)
     resumed_at = time.time()
-    view = await wait_final(status, task_id, within=45, stack=stack)
+    view = await wait_final(status, task_id, within=60, stack=stack)
     logs = stack.logs()
     runner_log = (stack.tmp / "taskerman-runner.log").read_text()  # both runners log here, with pids
 
@@ -132,18 +127,17 @@ async def test_paused_holder_loses_its_slot_and_acts_no_more(
     assert paused.poll() is None  # the paused runner survived its lost session
 
     intervals = sorted((i for i in stack.intervals() if i["task_id"] == task_id), key=lambda i: i["start"])
-    assert [(i["node"], i["attempt"]) for i in intervals] == [(first, 1), (other, 1), (first, 2)], intervals
-    cut, took_over, rerun = intervals
+    assert [(i["node"], i["attempt"]) for i in intervals] == [(first, 1), (first, 2), (other, 1)], intervals
+    cut, rerun, after = intervals
     assert max_concurrency(intervals) <= 1, intervals
     # The paused holder did nothing after the stop: its interval ends at its last checkpoint before it.
     assert cut["end"] <= stopped_at + SLACK, (cut, stopped_at)
     assert not complete(cut, PAUSE_SLEEP)
-    # The other node acted during the pause, and was still acting when the paused one resumed.
-    assert took_over["start"] < resumed_at < took_over["end"], (took_over, resumed_at)
-    # The rerun came only after the slot was granted again; fencing tokens grow with every grant.
-    assert rerun["start"] >= took_over["end"]
-    assert complete(took_over, PAUSE_SLEEP)
+    # Its node kept its place through the pause: the other started only after the rerun had ended.
+    assert rerun["start"] >= resumed_at - SLACK, (rerun, resumed_at)
+    assert after["start"] >= rerun["end"], (after, rerun)
     assert complete(rerun, PAUSE_SLEEP)
+    assert complete(after, PAUSE_SLEEP)
     tokens = [i["token"] for i in intervals]
     assert tokens == sorted(tokens)
     assert len(set(tokens)) == len(tokens), tokens
@@ -160,9 +154,9 @@ async def test_a_holder_whose_session_went_while_it_acted_keeps_its_place_until_
 ) -> None:
     """Limit 1. The acting node's runner is frozen past its session timeout while nobody waits
     (the other node's runner was killed): the node may be half-done, so when its runner wakes and
-    hands the item back, it takes its place back with down markers. Its runner is frozen again
-    before its retry, and the other node, served by a new runner, does not start until the frozen
-    node has run again. Fails without the markers: the other node takes the free slot at once."""
+    hands the item back, it renews its down markers. Its runner is frozen again before its retry,
+    and the other node, served by a new runner, does not start until the frozen node has run
+    again. Fails without the markers: the other node takes the free slot at once."""
     task_id = "acted-lost"
     procs = await two_runners_one_slot(stack, js[1], task_id, 3.0, {"retry_count": 0})
     [first] = await eventually(running(status, task_id, ["n1", "n2"]), 30, "a node running", stack)

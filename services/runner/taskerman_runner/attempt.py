@@ -10,8 +10,10 @@ stays claimed with in-progress acks, which JetStream does not count as deliverie
 wait for days and still run. A success once recorded is final: a redelivery only acks it; so is
 a side effect: execute_action's success is recorded before post_check starts, and an attempt that
 did not settle (its runner died, its lease or its bus went away) resumes with post_check alone.
-A node that failed, or whose attempt was handed back after its action began, keeps its place with
-down markers until its next attempt (`_mark_down`).
+A node keeps its place with down markers from the moment it may be disrupted (before
+execute_action, `_mark_acting`) until it succeeds, or, after a failure or a hand-back, until its
+next attempt (`_mark_down`): a runner that freezes, dies or is cut off meanwhile leaves the place
+held for the node.
 
 The node's tracking record is read once, at admission, and changed here only; every transition is
 emitted as a hook (see hooks.py), and the observers keep the record, the audit trail, the metrics
@@ -126,6 +128,7 @@ class Attempt:
         if ended := await self._admit():
             return ended
         keepalive = asyncio.create_task(self._keep_claim())
+        passed = False  # every step passed: the leases go back with the markers made while acting
         try:
             with _tracer.start_as_current_span("lease wait"):
                 leases = await self._lease_wait(action_cls)
@@ -138,6 +141,7 @@ class Attempt:
                 ctx = await self._start(args, conf)
                 try:
                     await self._steps(action_cls(), ctx, self._step_timeout(action_cls))
+                    passed = True
                     break
                 except LeaseLost:
                     blips += 1
@@ -164,7 +168,7 @@ class Attempt:
         finally:
             keepalive.cancel()
             if s.leases is not None:
-                await asyncio.shield(s.leases.release())
+                await asyncio.shield(s.leases.release(ended=passed))
         return await self._succeed()
 
     async def reject(self, reason: str) -> Outcome:
@@ -394,10 +398,13 @@ class Attempt:
         s = self.state
         assert s.leases is not None
         steps = (action.pre_check, action.execute_action, action.post_check)
+        marked = False  # each attempt marks the node down once, before its side effect
         for step_fn in steps[2:] if s.record.executed else steps:
             s.step = step_fn.__name__
             await s.leases.verify(self.node.zk)
-            s.acted = s.acted or step_fn != action.pre_check
+            if step_fn != action.pre_check and not marked:
+                await self._mark_acting(time_limit)
+                marked = True
             with _tracer.start_as_current_span(s.step):
                 await self.node.guard.run(step_fn(ctx), ctx, s.step, time_limit)
             if step_fn == action.execute_action:
@@ -490,13 +497,27 @@ class Attempt:
         await self.emit(AttemptObserver.after_retried, s, delay)
         return Failed(s.step, reason)
 
+    async def _mark_acting(self, time_limit: float | None) -> None:
+        """From here on the node may be disrupted: down markers on every lease before the side
+        effect starts, lasting the step's time limit, a redelivery and a session timeout, twice
+        over, so that the node keeps its place even if its runner freezes or is cut off from
+        ZooKeeper while it acts (its session, and its slots with it, may then go at any moment).
+        They go with the leases when every step passed (`LeaseSet.release`)."""
+        s, settings = self.state, self.node.settings
+        assert s.leases is not None
+        horizon = (time_limit or 0.0) + settings.ack_wait + settings.zk_session_timeout
+        if lost := await s.leases.mark_down(time.time() + 2 * horizon):
+            raise LeaseLost(f"lease(s) {', '.join(lost)} taken by another node before acting")
+        s.acted = True
+
     async def _mark_down(self, delay: float) -> None:
         """The node keeps its place even if this runner dies before its next attempt: down markers
-        on every lease, lasting `delay`, a redelivery (ack_wait) and a session timeout, twice over.
-        Made after a failure (the backoff) and when an attempt that acted is handed back (its
-        session went while the action ran: the slots may already be gone, so the markers are made
-        through the new session, ZooKeeper retried for up to a session timeout). Without them
-        (ZooKeeper failing throughout) the node holds only as long as its session does."""
+        on every lease, lasting `delay`, a redelivery (ack_wait) and a session timeout, twice over,
+        replacing those made before. Made after a failure (the backoff) and when an attempt that
+        acted is handed back (its session went while the action ran: its slots are gone, but the
+        markers made before it acted hold its place, and the new ones are made through the new
+        session, ZooKeeper retried for up to a session timeout). Without them (ZooKeeper failing
+        throughout) the node holds as long as the markers made before it acted do."""
         assert self.state.leases is not None
         settings = self.node.settings
         until = time.time() + 2 * (delay + settings.ack_wait + settings.zk_session_timeout)

@@ -35,7 +35,7 @@ class AttemptState:
     leases: LeaseSet | None = None
     step: str = "lease wait"  # where the attempt is: "lease wait", then each step in turn
     began: float = 0.0  # time.monotonic() when the steps began
-    acted: bool = False  # execute_action began (or had run): the node may be disrupted
+    acted: bool = False  # marked down before execute_action (or a resumed post_check): it may be disrupted
 
     @property
     def task_id(self) -> str:

@@ -336,13 +336,13 @@ async def test_a_lease_set_replaces_its_markers_and_clears_them(zk: ZkSession) -
     leases = LeaseSet([QueuedLease("task", task, "n1", "n1"), QueuedLease("budget", budget, "t1/n1", "n1")])
     await leases.acquire()
     await leases.mark_down(time.time() + 60)
-    first = list(leases.down)
+    first = list(leases.down.values())
     await leases.mark_down(time.time() + 90)
     names = set(await zk.client.get_children("/leases/set-task/h")) | set(
         await zk.client.get_children("/leases/set-budget/h")
     )
     assert not {p.rsplit("/", 1)[1] for p in first} & names  # the first markers are gone
-    assert {p.rsplit("/", 1)[1] for p in leases.down} <= names
+    assert {p.rsplit("/", 1)[1] for p in leases.down.values()} <= names
     await leases.release()
     assert set(await task.holders()) == {"n1"}
     assert set(await budget.holders()) == {"n1", "n2"}

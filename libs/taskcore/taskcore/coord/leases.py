@@ -68,10 +68,11 @@ class Lease(Protocol):
         self, max_wait: float | None, on_blocked: Callable[[], Awaitable[None]] | None = None
     ) -> Slot: ...
     async def verify(self, slot: Slot) -> None: ...
-    async def release(self, slot: Slot) -> None: ...
+    async def release(self, slot: Slot, down: Sequence[str] = ()) -> None: ...
     async def holders(self) -> list[HolderNode]: ...
     async def mark_down(self, slot: Slot, until: float) -> str | None: ...
     async def clear_down(self, keep: Sequence[str] = ()) -> None: ...
+    async def drop_down(self, paths: Sequence[str]) -> None: ...
 
 
 @dataclass
@@ -101,8 +102,8 @@ class QueuedLease:
     async def verify(self, slot: Slot) -> None:
         await self.sem.verify(slot)
 
-    async def release(self, slot: Slot) -> None:
-        await self.sem.release(slot)
+    async def release(self, slot: Slot, down: Sequence[str] = ()) -> None:
+        await self.sem.release(slot, down)
 
     async def holders(self) -> list[HolderNode]:
         return await read_holders(self.sem.zk, self.sem.path)
@@ -112,6 +113,9 @@ class QueuedLease:
 
     async def clear_down(self, keep: Sequence[str] = ()) -> None:
         await self.sem.clear_down(self.holder, self.owner, keep)
+
+    async def drop_down(self, paths: Sequence[str]) -> None:
+        await self.sem.delete_markers(paths)
 
 
 @dataclass
@@ -123,7 +127,7 @@ class LeaseSet:
     held: list[tuple[Lease, Slot]] = field(default_factory=list)
     waited: dict[str, float] = field(default_factory=dict)
     taken_at: float | None = None  # monotonic, when the last lease was granted; None once verified
-    down: list[str] = field(default_factory=list)  # the down markers made last (`mark_down`)
+    down: dict[str, str] = field(default_factory=dict)  # lease name → its marker made last (`mark_down`)
 
     async def acquire(
         self,
@@ -184,13 +188,17 @@ class LeaseSet:
     async def mark_down(self, until: float) -> list[str]:
         """The node is down (its action failed, or its session went while it acted) until its
         retry, expected before `until` (epoch seconds): every held lease gets a down marker, which
-        holds the node's place even if our session goes (a runner dead in the backoff); the
-        markers made before are deleted after the new ones exist, so the place is never left open.
-        `release` leaves them: they go when the item ends (`clear_down`) or expire. Returns the
+        holds the node's place even if our session goes (a runner dead in the backoff, or frozen
+        while it acts); the markers this set made before are deleted after the new ones exist, so
+        the place is never left open. `release` leaves them unless the item ended well; else they
+        go when the item ends (`clear_down`) or expire. Returns the
         names of the leases whose place somebody else took meanwhile (no marker there)."""
         made = await asyncio.gather(*(lease.mark_down(slot, until) for lease, slot in self.held))
-        self.down = [m for m in made if m is not None]
-        await self.clear_down(keep=self.down)
+        before = self.down
+        self.down = {lease.name: m for (lease, _), m in zip(self.held, made, strict=True) if m is not None}
+        await asyncio.gather(
+            *(lease.drop_down([before[lease.name]]) for lease in self.leases if lease.name in before)
+        )
         return [lease.name for (lease, _), m in zip(self.held, made, strict=True) if m is None]
 
     async def clear_down(self, keep: Sequence[str] = ()) -> None:
@@ -198,10 +206,14 @@ class LeaseSet:
         but those in `keep`."""
         await asyncio.gather(*(lease.clear_down(keep) for lease in self.leases))
 
-    async def release(self) -> None:
+    async def release(self, ended: bool = False) -> None:
+        """Give every lease back, in reverse order. The down markers stay (the node may be down;
+        they go when the item ends, `clear_down`), unless the item `ended` well: then the markers
+        made last go with each lease, in the same transaction."""
+        down, self.down = (self.down, {}) if ended else ({}, self.down)
         while self.held:
             lease, slot = self.held.pop()
             try:
-                await lease.release(slot)
+                await lease.release(slot, [down[lease.name]] if lease.name in down else [])
             except Exception as e:  # releases retry while our session lives; this is past that
                 log.warning("lease release failed lease=%s error=%r", lease.name, e)

@@ -21,15 +21,15 @@ the head of the queue looks at the holders. Layout under `path`:
   node that is down at once and admits nobody until enough leave), and the holder node's czxid is a
   fencing token that strictly increases across successive holders.
 
-A node whose action failed is presumed down until its next attempt, and keeps its place with
-`down` markers: `h/<owner>~<uid>@<until>`, persistent holders of the same owner beside its
-ephemeral ones (`mark_down`, through the gate as a take), counted as holders until `until` (epoch
-seconds) even after the session that made them is gone, so a runner that dies in a failed node's
-backoff leaves the slot held for the node; a node whose session went while it acted takes its
-place back with them, unless somebody took it meanwhile. A waiter whose owner holds (a marker,
-or a holder of another of its items) joins at once, from anywhere in the queue: it adds no owner,
-so it takes nobody's turn, and the failed node's retry never waits behind the waiters its marker
-holds back. The retry's end clears them
+A node that acts, or whose action failed, is presumed down until it succeeds or its next attempt,
+and keeps its place with `down` markers: `h/<owner>~<uid>@<until>`, persistent holders of the same
+owner beside its ephemeral ones (`mark_down`, through the gate as a take, only while the owners
+allow), counted as holders until `until` (epoch seconds) even after the session that made them is
+gone, so a runner that freezes while its node acts, or dies in a failed node's backoff, leaves the
+slot held for the node. A release may take markers along in its transaction. A waiter whose
+owner holds (a marker, or a holder of another of its items) joins at once, from anywhere in the
+queue: it adds no owner, so it takes nobody's turn, and the failed node's retry never waits behind
+the waiters its marker holds back. The retry's end clears them
 (`clear_down`); an expired one counts for nothing and is deleted by whoever sees it.
 
 Both kinds of node carry a unique id in their name, so a create retried by aiozk after a
@@ -504,23 +504,42 @@ class FairSemaphore:
             raise LeaseLost(f"lease {slot.path} now belongs to someone else")
         zk.check()
 
-    async def release(self, slot: Slot) -> None:
-        """Give the lease back (a lease already gone is fine); the last one out removes the folders."""
+    async def release(self, slot: Slot, down: Iterable[str] = ()) -> None:
+        """Give the lease back (a lease already gone is fine), and with it the `down` markers (by
+        path) in the same transaction, so the next holder wakes once; the last one out removes the
+        folders."""
+        down = list(down)
+        released = False
 
         async def delete() -> None:
+            nonlocal released
             data, stat = await self.zk.client.get(slot.path)
             if data == slot.holder.encode() and stat.created_zxid == slot.token:
-                await self._delete_holder(slot.path)
+                await self._delete_holder(slot.path, down)
+                released = True
 
         await retry_while_session(self.zk, slot, delete)
+        if down and not released:  # the holder was gone (its session with it): the markers alone
+            await self.delete_markers(down)
         await self.clean_up()
 
-    async def _delete_holder(self, path: str) -> None:
+    async def _delete_holder(self, path: str, down: list[str] | None = None) -> None:
         txn = self.zk.client.begin_transaction()
         txn.delete(path)
+        for marker in down or ():
+            txn.delete(marker)
         txn.set_data(self.holders_path, b"")  # bump the gate: a take decided before this retries
-        if failed := await _failures(txn):
+        if (failed := await _failures(txn)) and down and exc.NoNode in failed:
+            await self.delete_markers(down)  # one is gone (expired, deleted): the rest, then ours
+            await self._delete_holder(path)
+        elif failed:
             raise next(iter(failed))()  # e.g. NoNode: gone already (the release accepts that)
+
+    async def delete_markers(self, paths: Iterable[str]) -> None:
+        """Delete down markers by path (one gone already is fine)."""
+        for path in paths:
+            with contextlib.suppress(exc.NoNode):
+                await self.zk.client.delete(path)
 
     async def clean_up(self) -> None:
         """Delete the folders when nobody waits or holds (a racing newcomer recreates them). The
