@@ -28,6 +28,7 @@ from taskcore.coord.clusters import BreakerPolicy, BreakerStateName
 from taskcore.coord.leases import TASK_LEASES_ROOT
 from taskcore.coord.runners import RunnerInfo
 from taskcore.coord.schedule_control import CANARY_PATH, CanaryState
+from taskcore.coord.semaphore import live_owners
 from taskcore.coord.session import ZkSession, read_json
 from taskcore.core import subjects
 from taskcore.core.errors import InvalidName
@@ -247,18 +248,20 @@ class FleetSampler:
         return stale_samples(found, now)
 
     async def _lease_holders(self, zk: ZkSession) -> Samples:
-        """Holders of each task's lease (`<root>/<task token>/h/*`) summed per cluster of
-        the task (from the status bucket, remembered while the task holds slots); clusters with a
+        """Places held in each task's lease (owners of `<root>/<task token>/h/*`, a node's
+        down marker counting with its holder as one, until it expires) summed per cluster of the
+        task (from the status bucket, remembered while the task holds slots); clusters with a
         registered runner and none held read 0."""
         held: dict[str, int] = {}
+        now = time.time()
         for token in await fleet.children(zk, TASK_LEASES_ROOT):
             try:
                 task_id = subjects.decode_token(token)  # `<token>~topology` is not a task slot
             except InvalidName:
                 continue
-            holders = await fleet.children(zk, f"{TASK_LEASES_ROOT}/{token}/h")
-            if holders:
-                held[task_id] = len(holders)
+            owners = live_owners(await fleet.children(zk, f"{TASK_LEASES_ROOT}/{token}/h"), now)
+            if owners:
+                held[task_id] = len(owners)
         for task_id in self._task_clusters.keys() - held.keys():
             del self._task_clusters[task_id]
         per_cluster = dict.fromkeys(self._runner_clusters, 0)
