@@ -186,13 +186,13 @@ class LeaseSet:
                 )
 
     async def mark_down(self, until: float) -> list[str]:
-        """The node is down (its action failed, or its session went while it acted) until its
-        retry, expected before `until` (epoch seconds): every held lease gets a down marker, which
-        holds the node's place even if our session goes (a runner dead in the backoff, or frozen
-        while it acts); the markers this set made before are deleted after the new ones exist, so
-        the place is never left open. `release` leaves them unless the item ended well; else they
-        go when the item ends (`clear_down`) or expire. Returns the
-        names of the leases whose place somebody else took meanwhile (no marker there)."""
+        """The node may be half-done until `until` (epoch seconds): it is about to act, its action
+        failed and its retry is due, or its session went while it acted. Every held lease gets a
+        down marker, which holds the node's place even if our session goes (a runner dead in the
+        backoff, or frozen while it acts); the markers this set made before are deleted after the
+        new ones exist, so the place is never left open. `release` leaves them unless the item
+        ended well; else they go when the item ends (`clear_down`) or expire. Returns the names of
+        the leases whose place somebody else took meanwhile (no marker there)."""
         made = await asyncio.gather(*(lease.mark_down(slot, until) for lease, slot in self.held))
         before = self.down
         self.down = {lease.name: m for (lease, _), m in zip(self.held, made, strict=True) if m is not None}
