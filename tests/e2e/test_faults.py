@@ -17,11 +17,12 @@ trust window 3 s = timeout minus a 25% margin):
     ZooKeeper round trip ~8 s old, far past the trust window, and raises LeaseLost before any further
     step. The witness interval of A's first attempt ends at its last checkpoint before the stop. A
     renews its markers through the new session aiozk opened, logs "released back task_id=… node=n1
-    step=execute_action error=zookeeper session untrusted (…)", naks the item with a 2 s delay and
-    marks the node `retrying`.
- 5. The item comes back to A, whose node holds (its markers): it joins at once, takes the slot (token
-    T2 > T1) and runs its sleep again from scratch: attempt 2, no failure counted. Its success
-    releases the slot and the markers in one transaction; then B takes the slot (T3 > T2) and runs.
+    step=execute_action error=zookeeper session untrusted (…)" and marks the node `retrying`. It
+    keeps the item claimed (no nak: the node's next item must not come first) and, 2 s later, waits
+    for its leases again in place.
+ 5. A's node holds (its markers): it joins at once, takes the slot (token T2 > T1) and runs its sleep
+    again from scratch: attempt 2, no failure counted. Its success releases the slot and the markers
+    in one transaction; then B takes the slot (T3 > T2) and runs.
 """
 
 from __future__ import annotations
@@ -185,6 +186,37 @@ async def test_a_holder_whose_session_went_while_it_acted_keeps_its_place_until_
     runs = sorted((i for i in stack.intervals() if i["task_id"] == task_id), key=lambda i: i["start"])
     assert [(i["node"], i["attempt"]) for i in runs] == [(first, 1), (first, 2), (other, 1)], runs
     assert runs[2]["start"] >= runs[1]["end"]  # the node counted as acting until it ran again
+
+
+async def test_a_node_handed_back_after_it_acted_runs_again_before_its_next_item(
+    stack: Stack, js: tuple[NATS, JetStreamContext], status: StatusStore
+) -> None:
+    """One runner, one node, two tasks on it, the second queued behind the first. The runner is
+    frozen past its session while the first acts, so the first is handed back; it runs again in
+    place before the second (one item at a time per node: had the first gone back to JetStream, the
+    second would come first, and the half-done node would act in it while its down markers, kept
+    for the first, run out). Fails with a nak: the second runs between the first's two attempts."""
+    stack.router({CLUSTER: ["n1"]})
+    runner = stack.runner(CLUSTER, ["n1"])
+    for task_id, seconds in (("handed-1", 3.0), ("handed-2", 0.5)):
+        params = {"action_args": {"seconds": seconds}, "workqueue_args": {"retry_count": 0}}
+        await publish_raw(
+            js[1],
+            task_json(action="test:sleep", cluster_name=CLUSTER, task_id=task_id, taskerman_params=params),
+        )
+    await eventually(running(status, "handed-1", ["n1"]), 30, "the first task running", stack)
+    runner.send_signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(PAUSE_FOR)  # twice the session timeout: the session is gone
+    finally:
+        runner.send_signal(signal.SIGCONT)
+    views = [await wait_final(status, t, within=60, stack=stack) for t in ("handed-1", "handed-2")]
+    assert [v.state for v in views] == ["succeeded", "succeeded"], stack.logs()
+    assert (views[0].nodes["n1"].attempts, views[0].nodes["n1"].failures) == (2, 0)
+    runs = sorted((i for i in stack.intervals() if i["node"] == "n1"), key=lambda i: i["start"])
+    order = [(i["task_id"], i["attempt"]) for i in runs]
+    assert order == [("handed-1", 1), ("handed-1", 2), ("handed-2", 1)], runs
+    assert complete(runs[1], 3.0)
 
 
 async def test_zookeeper_killed_and_restarted_mid_rollout(

@@ -124,17 +124,58 @@ class Attempt:
         return outcome
 
     async def _run(self, action_cls: type[Action], args: Any, conf: Any) -> Outcome:
-        s = self.state
         if ended := await self._admit():
             return ended
         keepalive = asyncio.create_task(self._keep_claim())
+        try:
+            handbacks = 0
+            while True:
+                try:
+                    return await self._lease_and_act(action_cls, args, conf)
+                except RELEASED_BACK as e:
+                    handbacks += 1
+                    if not self._stays(e, handbacks):
+                        return await self._release(e)
+                    self.node.guard.acting = None  # a shutdown now hands it back at once
+                    try:  # the record says so; for people, the hold goes on if it is not written
+                        await self._release(e, settle=False)
+                    except Exception as unsaid:
+                        log.warning("hand-back in place not recorded error=%r", unsaid)
+                    await asyncio.sleep(RELEASE_DELAY)
+        except asyncio.CancelledError:
+            await _settle(self.msg.nak())
+            raise
+        finally:
+            keepalive.cancel()
+
+    def _stays(self, error: Exception, handbacks: int) -> bool:
+        """Whether an attempt handed back after it acted waits for its leases again in place rather
+        than going back to JetStream: the node may be half-done and holds its place with down
+        markers, so it retakes them at once, and meanwhile its runner must not take up another of
+        its items (one at a time per node): that item could wait for the very place the markers
+        hold, or outlast them. Not in cron mode, nor when the runner stops; after MAX_BLIPS
+        hand-backs in place the item goes back."""
+        return (
+            self.state.acted
+            and self.node.retry_in_place
+            and not isinstance(error, RunnerStopping)
+            and handbacks <= MAX_BLIPS
+        )
+
+    async def _lease_and_act(self, action_cls: type[Action], args: Any, conf: Any) -> Outcome:
+        """One hold of the leases: wait for them, then the steps, retried in place after a
+        failure while they are held; they go back at the end, with the markers made while acting
+        if every step passed. An end that is not the action's (RELEASED_BACK) is raised, after an
+        attempt that acted marks the node down through the new session (`_mark_down`)."""
+        s = self.state
         passed = False  # every step passed: the leases go back with the markers made while acting
+        leases: LeaseSet | None = None
         try:
             with _tracer.start_as_current_span("lease wait"):
-                leases = await self._lease_wait(action_cls)
-            if isinstance(leases, StopRecord):  # stopped while we waited
-                return await self._retire(leases)
-            s.leases = leases
+                waited = await self._lease_wait(action_cls)
+            if isinstance(waited, StopRecord):  # stopped while we waited
+                return await self._retire(waited)
+            s.leases = leases = waited
             await self.emit(AttemptObserver.after_lease_taken, s)
             blips = 0
             while True:
@@ -154,21 +195,19 @@ class Attempt:
                     hold = self.node.retry_in_place
                     if ended := await self._fail(f"{type(e).__name__}: {e}", hold=hold):
                         return ended
-        except RELEASED_BACK as e:
-            if s.acted:  # the node may be down: it keeps its place until its redelivery
+        except RELEASED_BACK:
+            if s.acted and leases is not None:  # the node may be down: it keeps its place
                 await self._mark_down(RELEASE_DELAY)
-            return await self._release(e)
+            raise
         except asyncio.CancelledError:
-            await _settle(self.msg.nak())
             raise
         except Exception as e:
             failed = await self._fail(f"{type(e).__name__}: {e}", hold=False)
             assert failed is not None  # without `hold` a failure always ends the attempt
             return failed
         finally:
-            keepalive.cancel()
-            if s.leases is not None:
-                await asyncio.shield(s.leases.release(ended=passed))
+            if leases is not None:
+                await asyncio.shield(leases.release(ended=passed))
         return await self._succeed()
 
     async def reject(self, reason: str) -> Outcome:
@@ -449,12 +488,15 @@ class Attempt:
         await self.emit(AttemptObserver.after_succeeded, s)
         return Succeeded()
 
-    async def _release(self, error: Exception) -> Outcome:
+    async def _release(self, error: Exception, *, settle: bool = True) -> Outcome:
+        """The attempt ends without the action's failure: the item goes back after RELEASE_DELAY,
+        or, without `settle`, stays claimed here for another hold (`_stays`)."""
         s = self.state
         reason = f"{type(error).__name__}: {error}"
         s.record = replace(s.record, state="retrying", error=reason, waiting_for=None)
         await self.emit(AttemptObserver.before_released, s, error)
-        await _settle(self.msg.nak(delay=RELEASE_DELAY))
+        if settle:
+            await _settle(self.msg.nak(delay=RELEASE_DELAY))
         await self.emit(AttemptObserver.after_released, s, error)
         return Released(s.step, reason)
 

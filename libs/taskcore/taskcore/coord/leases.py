@@ -196,9 +196,9 @@ class LeaseSet:
         made = await asyncio.gather(*(lease.mark_down(slot, until) for lease, slot in self.held))
         before = self.down
         self.down = {lease.name: m for (lease, _), m in zip(self.held, made, strict=True) if m is not None}
-        await asyncio.gather(
-            *(lease.drop_down([before[lease.name]]) for lease in self.leases if lease.name in before)
-        )
+        replaced = [lease for lease in self.leases if lease.name in before and lease.name in self.down]
+        await asyncio.gather(*(lease.drop_down([before[lease.name]]) for lease in replaced))
+        self.down |= {name: m for name, m in before.items() if name not in self.down}  # still holding
         return [lease.name for (lease, _), m in zip(self.held, made, strict=True) if m is None]
 
     async def clear_down(self, keep: Sequence[str] = ()) -> None:
