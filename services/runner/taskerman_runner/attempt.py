@@ -131,7 +131,8 @@ class Attempt:
             handbacks = 0
             while True:
                 try:
-                    return await self._lease_and_act(action_cls, args, conf)
+                    ended = await self._lease_and_act(action_cls, args, conf)
+                    break
                 except RELEASED_BACK as e:
                     handbacks += 1
                     if not self._stays(e, handbacks):
@@ -147,6 +148,8 @@ class Attempt:
             raise
         finally:
             keepalive.cancel()
+        # None: every step passed; the success is settled once, outside the hand-backs
+        return ended if ended is not None else await self._succeed()
 
     def _stays(self, error: Exception, handbacks: int) -> bool:
         """Whether an attempt handed back after it acted waits for its leases again in place rather
@@ -162,11 +165,12 @@ class Attempt:
             and handbacks <= MAX_BLIPS
         )
 
-    async def _lease_and_act(self, action_cls: type[Action], args: Any, conf: Any) -> Outcome:
+    async def _lease_and_act(self, action_cls: type[Action], args: Any, conf: Any) -> Outcome | None:
         """One hold of the leases: wait for them, then the steps, retried in place after a
         failure while they are held; they go back at the end, with the markers made while acting
-        if every step passed. An end that is not the action's (RELEASED_BACK) is raised, after an
-        attempt that acted marks the node down through the new session (`_mark_down`)."""
+        if every step passed (then None: the success is `_run`'s to settle). An end that is not
+        the action's (RELEASED_BACK) is raised, after an attempt that acted marks the node down
+        through the new session (`_mark_down`)."""
         s = self.state
         passed = False  # every step passed: the leases go back with the markers made while acting
         leases: LeaseSet | None = None
@@ -199,16 +203,14 @@ class Attempt:
             if s.acted and leases is not None:  # the node may be down: it keeps its place
                 await self._mark_down(RELEASE_DELAY)
             raise
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
+        except Exception as e:  # not a cancellation: the item's nak is `_run`'s
             failed = await self._fail(f"{type(e).__name__}: {e}", hold=False)
             assert failed is not None  # without `hold` a failure always ends the attempt
             return failed
         finally:
             if leases is not None:
                 await asyncio.shield(leases.release(ended=passed))
-        return await self._succeed()
+        return None
 
     async def reject(self, reason: str) -> Outcome:
         """A decodable item this node will not run: dead-letter it at once, never spin through

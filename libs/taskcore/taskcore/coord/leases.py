@@ -194,12 +194,16 @@ class LeaseSet:
         ended well; else they go when the item ends (`clear_down`) or expire. Returns the names of
         the leases whose place somebody else took meanwhile (no marker there)."""
         made = await asyncio.gather(*(lease.mark_down(slot, until) for lease, slot in self.held))
-        before = self.down
-        self.down = {lease.name: m for (lease, _), m in zip(self.held, made, strict=True) if m is not None}
-        replaced = [lease for lease in self.leases if lease.name in before and lease.name in self.down]
-        await asyncio.gather(*(lease.drop_down([before[lease.name]]) for lease in replaced))
-        self.down |= {name: m for name, m in before.items() if name not in self.down}  # still holding
-        return [lease.name for (lease, _), m in zip(self.held, made, strict=True) if m is None]
+        lost, stale = [], []
+        for (lease, _), marker in zip(self.held, made, strict=True):
+            if marker is None:
+                lost.append(lease.name)  # a marker made before, if any, no longer counts
+                continue
+            if (old := self.down.get(lease.name)) is not None:
+                stale.append((lease, old))
+            self.down[lease.name] = marker
+        await asyncio.gather(*(lease.drop_down([old]) for lease, old in stale))
+        return lost
 
     async def clear_down(self, keep: Sequence[str] = ()) -> None:
         """Delete this item's down markers on every lease (a runner before us may have made them),
